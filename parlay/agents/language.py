@@ -1,0 +1,152 @@
+"""The bots' small command of English: saying and reading offers, values and agreement.
+
+Bots speak the same text protocol a model does, so what they understand of a partner comes
+from the words alone. ``read_offer`` finds who gets what in a message ("I'll take the books,
+you can have the rest"), ``read_values`` finds stated values ("hats are worth 3 to me"),
+``is_acceptance`` spots "deal"/"agreed". The ``say_*`` functions phrase the same facts in
+varied words, chosen with the caller's random generator.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from parlay.games.dond import ITEMS, Counts
+
+_WORD_NUM = {"one": 1, "two": 2, "three": 3, "four": 4, "a": 1, "an": 1, "no": 0, "zero": 0}
+_MENTION = re.compile(
+    r"\b(?P<q>\d+|one|two|three|four|zero|no|an?|the|both|all(?: of)?(?: the)?|every)\s+"
+    r"(?P<item>book|hat|ball)(?P<pl>e?s)?\b",
+    re.IGNORECASE,
+)
+_SUBJECT = re.compile(r"\b(?P<who>i|me|my|mine|you|your|yours)\b", re.IGNORECASE)
+_REST = re.compile(r"\b(the rest|everything else|all the rest|the others|what'?s left|the remaining)\b", re.I)
+_ACCEPT = re.compile(r"\b(deal|agreed|agree|accept|sounds good|works for me|it'?s a deal|fine by me)\b", re.I)
+_REFUSE = re.compile(r"\b(no deal|not|don'?t|can'?t|won'?t|reject|no way|too little|too much)\b", re.I)
+_VALUE_PATTERNS = [
+    re.compile(r"\b(?:each |a |every )?(?P<item>book|hat|ball)(?:e?s)?\s+(?:are|is)\s+worth\s+(?P<v>\d+)", re.I),
+    re.compile(r"\b(?P<item>book|hat|ball)(?:e?s)?\s*[:=]\s*(?P<v>\d+)", re.I),
+    re.compile(r"\b(?P<v>\d+)\s+points?\s+(?:for|per)\s+(?:each\s+|a\s+|every\s+)?(?P<item>book|hat|ball)", re.I),
+]
+
+
+def _quantity(q: str, plural: bool, available: int) -> int:
+    q = q.lower()
+    if q.isdigit():
+        return int(q)
+    if q in _WORD_NUM:
+        return _WORD_NUM[q]
+    if q == "both":
+        return 2
+    if q == "the":
+        return available if plural else 1
+    return available  # all, all the, every
+
+
+def read_offer(text: str, counts: Counts) -> tuple[Counts, Counts] | None:
+    """(what the speaker keeps, what the listener gets) stated in ``text``, or None.
+
+    Each item mention belongs to the nearest subject before it ("I …" / "you …" / "give me …").
+    Items nobody mentions go to the side that said "the rest", else to the side not mentioned.
+    """
+    speaker: dict[int, int] = {}
+    listener: dict[int, int] = {}
+    rest_side: str | None = None
+    subjects = [(m.start(), m["who"].lower()) for m in _SUBJECT.finditer(text)]
+
+    def side_at(pos: int) -> str | None:
+        before = [who for start, who in subjects if start < pos]
+        if not before:
+            return None
+        return "speaker" if before[-1] in ("i", "me", "my", "mine") else "listener"
+
+    for m in _MENTION.finditer(text):
+        side = side_at(m.start())
+        if side is None:
+            continue
+        i = ITEMS.index(m["item"].lower())
+        n = _quantity(m["q"], bool(m["pl"]), counts[i])
+        target = speaker if side == "speaker" else listener
+        target[i] = target.get(i, 0) + n
+    for m in _REST.finditer(text):
+        rest_side = side_at(m.start()) or rest_side
+    if not speaker and not listener:
+        return None
+    keep = []
+    for i, c in enumerate(counts):
+        if i in speaker and i in listener:
+            if speaker[i] + listener[i] != c:
+                return None
+            keep.append(speaker[i])
+        elif i in speaker:
+            keep.append(speaker[i])
+        elif i in listener:
+            keep.append(c - listener[i])
+        elif rest_side is not None:
+            keep.append(c if rest_side == "speaker" else 0)
+        else:
+            keep.append(0 if speaker else c)  # unmentioned goes to the side not mentioned
+        if not 0 <= keep[-1] <= c:
+            return None
+    kept = tuple(keep)
+    return kept, tuple(c - k for c, k in zip(counts, kept, strict=True))  # type: ignore[return-value]
+
+
+def read_values(text: str) -> dict[int, int]:
+    """Item index → value, for every value the speaker states about themselves."""
+    found: dict[int, int] = {}
+    for pattern in _VALUE_PATTERNS:
+        for m in pattern.finditer(text):
+            found.setdefault(ITEMS.index(m["item"].lower()), int(m["v"]))
+    return found
+
+
+def is_acceptance(text: str) -> bool:
+    return bool(_ACCEPT.search(text)) and not _REFUSE.search(text)
+
+
+# --------------------------------------------------------------------------- saying things
+
+
+def items_phrase(kept: Counts) -> str:
+    """(2, 0, 1) → '2 books and 1 ball'; nothing → 'nothing'."""
+    parts = [f"{n} {item}{'' if n == 1 else 's'}" for n, item in zip(kept, ITEMS, strict=True) if n > 0]
+    if not parts:
+        return "nothing"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+_OFFERS = [
+    "How about I take {mine} and you get {yours}?",
+    "I'd like {mine}; you can have {yours}.",
+    "What if you take {yours} and I keep {mine}?",
+    "My offer: I get {mine}, you get {yours}.",
+    "Let me suggest this: I keep {mine} and you take {yours}.",
+    "Could I have {mine}? Then you would get {yours}.",
+]
+_ACCEPTS = [
+    "Deal. I take {mine} and you take {yours}.",
+    "Agreed: I get {mine}, you get {yours}.",
+    "That works for me. So I keep {mine} and you get {yours}.",
+    "Sounds good, it's a deal: I take {mine}, you take {yours}.",
+]
+_REFUSALS = ["That doesn't work for me.", "I can't accept that.", "That's too little for me.", "Not quite."]
+_VALUE_INTROS = ["For me, ", "My values: ", "To be open with you, for me ", "Here is what matters to me: "]
+
+
+def say_offer(rng: np.random.Generator, mine: Counts, yours: Counts, refusal: bool = False) -> str:
+    text = _OFFERS[rng.integers(len(_OFFERS))].format(mine=items_phrase(mine), yours=items_phrase(yours))
+    if refusal:
+        text = f"{_REFUSALS[rng.integers(len(_REFUSALS))]} {text}"
+    return text
+
+
+def say_accept(rng: np.random.Generator, mine: Counts, yours: Counts) -> str:
+    return _ACCEPTS[rng.integers(len(_ACCEPTS))].format(mine=items_phrase(mine), yours=items_phrase(yours))
+
+
+def say_values(rng: np.random.Generator, values: Counts) -> str:
+    parts = [f"{item}s are worth {v}" for v, item in zip(values, ITEMS, strict=True)]
+    return _VALUE_INTROS[rng.integers(len(_VALUE_INTROS))] + ", ".join(parts[:-1]) + " and " + parts[-1] + "."

@@ -1,0 +1,210 @@
+"""The ``parlay`` command."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from parlay import __version__
+from parlay.agents import AgentError, load_agent
+from parlay.episode import EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
+from parlay.evaluate import compute_metrics
+from parlay.games import ContextFileError, RuleError, objective, read_selfplay_file
+from parlay.lewis import LewisFormatError, import_file
+from parlay.protocol import DEFAULT_MAX_MESSAGES
+from parlay.rollout import plan_games, play_games
+
+app = typer.Typer(
+    help="parlay: self-play for language-model negotiators in Deal or No Deal.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+USER_ERRORS = (RuleError, ContextFileError, EpisodeFileError, AgentError, LewisFormatError, FileNotFoundError)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Report a user's mistake in one line and exit with status 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        console.print(f"parlay {__version__}")
+        raise typer.Exit()
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+
+
+METRIC_ROWS = [
+    ("games", "games", "{:d}"),
+    ("agreement_rate", "agreement rate", "{:.1%}"),
+    ("mean_reward", "mean reward", "{:.2f}"),
+    ("reward_ceiling", "reward ceiling", "{:.2f}"),
+    ("mean_raw_score", "mean raw score", "{:.2f}"),
+    ("mean_raw_score_agreed", "raw score (agreed)", "{:.2f}"),
+    ("pareto_rate", "Pareto-optimal", "{:.1%}"),
+    ("pareto_rate_agreed", "Pareto-optimal (agreed)", "{:.1%}"),
+    ("welfare_ratio", "welfare ratio", "{:.3f}"),
+    ("error_rate", "error rate", "{:.1%}"),
+    ("abort_rate", "abort rate", "{:.1%}"),
+    ("failure_rate", "failure rate", "{:.1%}"),
+    ("messages_per_game", "messages / game", "{:.1f}"),
+    ("tokens_per_game", "tokens / game", "{:.1f}"),
+    ("vocabulary_size", "vocabulary", "{:d}"),
+    ("ngram_entropy_2", "2-gram entropy (bits)", "{:.2f}"),
+    ("ngram_entropy_5", "5-gram entropy (bits)", "{:.2f}"),
+]
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label, fmt in METRIC_ROWS:
+        table.add_row(label, fmt.format(metrics[key]))
+    return table
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("deals {task.fields[deals]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+
+
+@app.command()
+@user_errors
+def play(
+    a: Annotated[str, typer.Option("--a", help="Agent spec of player A, e.g. bot:hard.")] = "bot:hard",
+    b: Annotated[str, typer.Option("--b", help="Agent spec of player B.")] = "bot:conceder",
+    n: Annotated[int, typer.Option("-n", "--games", min=1, help="Number of games.")] = 100,
+    objective_spec: Annotated[
+        str, typer.Option("--objective", help="cooperative, semi-competitive, competitive, or λ in [-1, 1].")
+    ] = "semi-competitive",
+    seed: Annotated[int, typer.Option(help="Seed for contexts, first speakers and sampling.")] = 0,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write episodes to this JSONL file.")] = None,
+    contexts: Annotated[
+        Path | None, typer.Option(help="Lewis selfplay.txt-format context file (default: sample uniformly).")
+    ] = None,
+    max_messages: Annotated[int, typer.Option(min=1, help="Messages before a game ends without a deal.")] = (
+        DEFAULT_MAX_MESSAGES
+    ),
+    human: Annotated[bool, typer.Option("--human", help="Play side A yourself, in this terminal.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+) -> None:
+    """Play games between two agents and print their metrics."""
+    obj = objective(objective_spec)
+    agent_a = load_agent("human" if human else a)
+    agent_b = load_agent(b)
+    ctxs = read_selfplay_file(contexts) if contexts else None
+    games = plan_games(n, seed, ctxs)
+    writer = EpisodeWriter(output) if output else None
+    deals = 0
+    try:
+        with _progress() as progress:
+            task = progress.add_task(f"{agent_a.spec} vs {agent_b.spec}", total=n, deals=0)
+
+            def advance(ep: Any) -> None:
+                nonlocal deals
+                deals += ep.agreed
+                progress.update(task, advance=1, deals=deals)
+
+            episodes = play_games(agent_a, agent_b, games, obj, max_messages, writer=writer, on_episode=advance)
+    finally:
+        if writer:
+            writer.close()
+    metrics = compute_metrics(episodes)
+    if as_json:
+        console.print_json(json.dumps(metrics))
+    else:
+        console.print(metrics_table(metrics, f"{agent_a.spec} vs {agent_b.spec}, {obj.name}, {n} games"))
+    if output:
+        err.print(f"episodes written to {output}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    files: Annotated[list[Path], typer.Argument(help="Episodes JSONL file(s).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Every metric of DESIGN.md over the episodes in FILES."""
+    episodes = []
+    for path in files:
+        report = ReadReport()
+        episodes += read_episodes(path, report)
+        if report.truncated_tail:
+            err.print(f"[yellow]warning:[/] {path}: the last line was truncated and was skipped")
+    if not episodes:
+        raise EpisodeFileError(f"{', '.join(map(str, files))}: no episodes to evaluate")
+    metrics = compute_metrics(episodes)
+    if as_json:
+        console.print_json(json.dumps(metrics))
+    else:
+        console.print(metrics_table(metrics, ", ".join(map(str, files))))
+
+
+@app.command("import-lewis")
+@user_errors
+def import_lewis(
+    file: Annotated[Path, typer.Argument(help="A Lewis et al. 2017 train/val/test.txt-format file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Episodes JSONL to write.")],
+) -> None:
+    """Import human Deal or No Deal dialogues as semi-competitive episodes."""
+    result = import_file(file)
+    for label, items in (
+        ("lines that could not be read", [f"line {n}: {why}" for n, why in result.bad_lines]),
+        ("lines whose other side is missing", [f"line {n}" for n in result.unpaired]),
+    ):
+        if items:
+            err.print(f"[yellow]{len(items)} {label}[/]; first: " + "; ".join(items[:3]), highlight=False)
+    if not result.episodes:
+        raise LewisFormatError(f"{file}: no dialogue could be imported")
+    write_episodes(output, result.episodes)
+    err.print(f"{len(result.episodes)} dialogues written to {output}")
+
+
+def run() -> None:
+    """Entry point; keeps a Ctrl-C quiet."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,122 @@
+"""Play many games at once between two agents (or one agent with itself).
+
+Each step gathers the pending turn of every unfinished game, sends all requests meant for one
+agent in a single ``act`` call, and applies the replies through the game core; a rejected
+reply is simply asked for again at the next step, with the feedback in the conversation.
+Finished games are written out at once. Everything random derives from one seed: per game a
+seed (context draw, first speaker) and per attempt a seed handed to the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from parlay.agents.base import Agent, Reply, TurnRequest
+from parlay.episode import Episode, EpisodeWriter
+from parlay.games.contexts import sample_contexts
+from parlay.games.dond import Context, Objective
+from parlay.protocol import DEFAULT_MAX_MESSAGES, Game
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    """What one game is played on, fixed before play starts."""
+
+    id: str
+    context: Context
+    first_speaker: str
+    seed: int
+
+
+def _derive(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def plan_games(n: int, seed: int, contexts: Sequence[Context] | None = None) -> list[GameSpec]:
+    """``n`` seeded games: contexts drawn uniformly (or taken in turn from ``contexts``) and a
+    random first speaker. The same (n, seed, contexts) always gives the same games, and the
+    first k games of a larger plan equal a plan of k."""
+    specs = []
+    for i in range(n):
+        game_seed = _derive(seed, i)
+        rng = np.random.default_rng(game_seed)
+        ctx = contexts[i % len(contexts)] if contexts else sample_contexts(1, rng)[0]
+        first = "A" if rng.random() < 0.5 else "B"
+        specs.append(GameSpec(id=f"s{seed}-g{i:06d}", context=ctx, first_speaker=first, seed=game_seed))
+    return specs
+
+
+def play_games(
+    agent_a: Agent,
+    agent_b: Agent,
+    games: Sequence[GameSpec],
+    objective: Objective,
+    max_messages: int | None = DEFAULT_MAX_MESSAGES,
+    writer: EpisodeWriter | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
+    meta: dict | None = None,
+) -> list[Episode]:
+    """Play ``games`` to the end; return their episodes in the order given."""
+    agents = {"A": agent_a, "B": agent_b}
+    live = {
+        spec.id: (spec, Game(spec.context, objective, spec.first_speaker, max_messages)) for spec in games
+    }
+    done: dict[str, Episode] = {}
+    base_meta = {"agents": {"A": agent_a.spec, "B": agent_b.spec}} | (meta or {})
+
+    def finish(spec: GameSpec, game: Game) -> None:
+        episode = Episode.from_game(game, spec.id, base_meta | {"seed": spec.seed})
+        done[spec.id] = episode
+        del live[spec.id]
+        if writer is not None:
+            writer.write(episode)
+        if on_episode is not None:
+            on_episode(episode)
+
+    while live:
+        by_agent: dict[int, list[tuple[GameSpec, Game, TurnRequest]]] = {}
+        for spec, game in live.values():
+            player = game.current_player
+            assert player is not None
+            request = TurnRequest(
+                game_id=spec.id,
+                player=player,
+                messages=game.conversation(),
+                context=game.context,
+                objective=objective,
+                proposal_owed=game.proposal_owed,
+                n_messages=game.n_messages,
+                max_messages=max_messages,
+                seed=_derive(spec.seed, len(game.turns)),
+            )
+            by_agent.setdefault(id(agents[player]), []).append((spec, game, request))
+        for batch in by_agent.values():
+            agent = agents[batch[0][2].player]
+            replies = _act(agent, [req for _, _, req in batch])
+            for (spec, game, _), reply in zip(batch, replies, strict=True):
+                if reply.error is not None:
+                    game.end("failed", reply.error)
+                else:
+                    game.step(reply.text, reply.tokens)
+                if game.is_terminal:
+                    finish(spec, game)
+    return [done[spec.id] for spec in games]
+
+
+def _act(agent: Agent, requests: list[TurnRequest]) -> list[Reply]:
+    """The agent's replies; a backend that fails outright fails these games, not the run."""
+    try:
+        replies = agent.act(requests)
+    except Exception as exc:  # noqa: BLE001 - recorded per game, never lost
+        log.exception("agent %s failed on a batch of %d requests", agent.spec, len(requests))
+        return [Reply("", error=f"{type(exc).__name__}: {exc}") for _ in requests]
+    if len(replies) != len(requests):
+        error = f"agent {agent.spec} returned {len(replies)} replies for {len(requests)} requests"
+        return [Reply("", error=error) for _ in requests]
+    return replies
