@@ -24,8 +24,7 @@ from parlay.games.dond import Context, Counts, context_problems, objective
 from parlay.protocol import Game
 
 _SECTION = {
-    name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL)
-    for name in ("input", "dialogue", "output", "partner_input")
+    name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("input", "dialogue", "output", "partner_input")
 }
 _ITEM = re.compile(r"^item([012])=(\d+)$")
 
@@ -124,6 +123,7 @@ def _episode(a: LewisLine, b: LewisLine, source: str) -> Episode:
     first = player[a.utterances[0][0]] if a.utterances else "A"
     game = Game(ctx, objective("semi-competitive"), first_speaker=first, max_messages=None)
     for who, text in a.utterances:
+        assert game.current_player == player[who]  # merged utterances alternate
         turn = game.step(f"[message] {text}")
         if not turn.accepted:
             raise LewisFormatError(f"utterance rejected by the protocol ({turn.error}): {text[:40]!r}")

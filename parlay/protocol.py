@@ -70,10 +70,7 @@ Parsed = Message | Proposal | ProtocolError
 _END = re.compile(r"\[\s*end\s*\]", re.IGNORECASE)
 _TAG = re.compile(r"\[\s*(message|propose|proposal)\s*\]", re.IGNORECASE)
 _NUMBER_WORDS = {
-    w: i
-    for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten".split()
-    )
+    w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])
 } | {"no": 0, "a": 1, "an": 1}
 _ITEM_COUNT = re.compile(
     r"(?P<num>-?\d+|zero|one|two|three|four|five|six|seven|eight|nine|ten|no|an?)\s+"
@@ -296,9 +293,7 @@ class Game:
         """End the game from outside: a walk-away (``no_deal``) or a backend failure (``failed``)."""
         if self.is_terminal:
             raise RuntimeError("the game is over")
-        self.outcome = Outcome(
-            status=status, reason=reason, proposals={p: list(k) for p, k in self._proposals.items()}
-        )
+        self.outcome = Outcome(status=status, reason=reason, proposals={p: list(k) for p, k in self._proposals.items()})
 
     # -- results
 

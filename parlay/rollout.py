@@ -64,9 +64,7 @@ def play_games(
 ) -> list[Episode]:
     """Play ``games`` to the end; return their episodes in the order given."""
     agents = {"A": agent_a, "B": agent_b}
-    live = {
-        spec.id: (spec, Game(spec.context, objective, spec.first_speaker, max_messages)) for spec in games
-    }
+    live = {spec.id: (spec, Game(spec.context, objective, spec.first_speaker, max_messages)) for spec in games}
     done: dict[str, Episode] = {}
     base_meta = {"agents": {"A": agent_a.spec, "B": agent_b.spec}} | (meta or {})
 
@@ -113,7 +111,7 @@ def _act(agent: Agent, requests: list[TurnRequest]) -> list[Reply]:
     """The agent's replies; a backend that fails outright fails these games, not the run."""
     try:
         replies = agent.act(requests)
-    except Exception as exc:  # noqa: BLE001 - recorded per game, never lost
+    except Exception as exc:
         log.exception("agent %s failed on a batch of %d requests", agent.spec, len(requests))
         return [Reply("", error=f"{type(exc).__name__}: {exc}") for _ in requests]
     if len(replies) != len(requests):

@@ -52,13 +52,16 @@ class HumanAgent(Agent):
                 )
             )
             seen = req.messages[:1]  # the system prompt, shown above in short
-        common = next((i for i, (a, b) in enumerate(zip(seen, req.messages)) if a != b), min(len(seen), len(req.messages)))
+        common = next(
+            (i for i, (a, b) in enumerate(zip(seen, req.messages, strict=False)) if a != b),
+            min(len(seen), len(req.messages)),
+        )
         for msg in req.messages[common:]:
             if msg["role"] != "user":
                 continue  # the person knows what they typed
             content = msg["content"]
             if content.startswith("[message]"):
-                self.console.print(f"[bold magenta]Partner:[/] {content[len('[message]'):].strip()}")
+                self.console.print(f"[bold magenta]Partner:[/] {content[len('[message]') :].strip()}")
             else:
                 self.console.print(f"[yellow]{content}[/]")
         prompt = "Your proposal (propose B H L)" if req.proposal_owed else "You"

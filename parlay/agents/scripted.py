@@ -235,7 +235,6 @@ class RandomBot(ScriptedAgent):
         return Reply(f"[message] {language.say_offer(rng, kept, req.context.complement(kept))}")  # type: ignore[arg-type]
 
 
-
 BOTS = {
     "hard": lambda: ConcessionBot("hard", exponent=0.3, reservation=6.0),
     "conceder": lambda: ConcessionBot("conceder", exponent=2.0, reservation=3.0),

@@ -89,9 +89,7 @@ def parse_selfplay_lines(lines: list[str], source: str = "<lines>") -> list[Cont
         except RuleError as exc:
             raise ContextFileError(f"{source}:{ln_b}: {exc}") from None
         if counts_a != counts_b:
-            raise ContextFileError(
-                f"{source}:{ln_b}: item counts {counts_b} differ from line {ln_a}'s {counts_a}"
-            )
+            raise ContextFileError(f"{source}:{ln_b}: item counts {counts_b} differ from line {ln_a}'s {counts_a}")
         problems = context_problems(counts_a, values_a, values_b)
         if problems:
             raise ContextFileError(f"{source}:{ln_a}-{ln_b}: invalid context: {'; '.join(problems)}")

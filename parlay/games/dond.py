@@ -103,9 +103,7 @@ def objective(spec: str | float | Objective) -> Objective:
             lam = float(text)
         except ValueError:
             presets = ", ".join(OBJECTIVE_PRESETS)
-            raise RuleError(
-                f"unknown objective {spec!r}: expected one of {presets} or a number in [-1, 1]"
-            ) from None
+            raise RuleError(f"unknown objective {spec!r}: expected one of {presets} or a number in [-1, 1]") from None
     checked = Objective(lam, "")  # validates the range before naming
     name = checked.preset or f"lambda={lam:g}"
     return Objective(lam, name)
@@ -155,9 +153,7 @@ class Context:
     @cached_property
     def max_welfare(self) -> int:
         """max X_A + X_B over all allocations: each item goes to whoever values it more."""
-        return sum(
-            c * max(va, vb) for c, va, vb in zip(self.counts, self.values_a, self.values_b, strict=True)
-        )
+        return sum(c * max(va, vb) for c, va, vb in zip(self.counts, self.values_a, self.values_b, strict=True))
 
     @cached_property
     def _score_pairs(self) -> frozenset[tuple[int, int]]:
@@ -165,9 +161,7 @@ class Context:
 
     def is_pareto_optimal(self, raw_a: int, raw_b: int) -> bool:
         """True iff no allocation gives both players at least these scores and one more."""
-        return not any(
-            xa >= raw_a and xb >= raw_b and (xa > raw_a or xb > raw_b) for xa, xb in self._score_pairs
-        )
+        return not any(xa >= raw_a and xb >= raw_b and (xa > raw_a or xb > raw_b) for xa, xb in self._score_pairs)
 
     def reward_ceiling(self, obj: Objective) -> float:
         """Mean reward per player under the best allocation: (1+λ)/2 · max welfare.

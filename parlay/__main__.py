@@ -1,0 +1,3 @@
+from parlay.cli import run
+
+run()

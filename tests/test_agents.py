@@ -1,0 +1,92 @@
+"""Every bot pairing under every objective passes the invariant suite; bots behave as named."""
+
+import itertools
+
+import pytest
+
+from parlay.agents import AgentError, language, load_agent
+from parlay.agents.scripted import BOTS
+from parlay.evaluate import compute_metrics
+from parlay.games import all_contexts, objective
+from parlay.rollout import plan_games, play_games
+from parlay.testing import check_agents, check_game
+
+OBJECTIVES = ["cooperative", "semi-competitive", "competitive", "0.5"]
+
+
+@pytest.mark.parametrize(("a", "b"), list(itertools.product(BOTS, repeat=2)))
+@pytest.mark.parametrize("obj", OBJECTIVES)
+def test_every_bot_pairing_passes_the_invariants(a, b, obj):
+    check_agents(load_agent(f"bot:{a}"), load_agent(f"bot:{b}"), objective(obj), n=12, seed=5)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_game_core_under_random_replies(seed):
+    ctx = all_contexts()[seed * 97 % len(all_contexts())]
+    check_game(ctx, objective(OBJECTIVES[seed % 4]), seed, max_messages=1 + seed % 20)
+
+
+def _metrics(a, b, n=150, obj="semi-competitive"):
+    eps = play_games(load_agent(f"bot:{a}"), load_agent(f"bot:{b}"), plan_games(n, 11), objective(obj))
+    return compute_metrics(eps)
+
+
+def test_cooperative_bots_reach_the_welfare_maximum():
+    m = _metrics("cooperative", "cooperative", obj="cooperative")
+    assert m["agreement_rate"] > 0.95 and m["welfare_ratio"] > 0.97
+
+
+def test_the_hard_bargainer_out_earns_the_conceder():
+    eps = play_games(
+        load_agent("bot:hard"), load_agent("bot:conceder"), plan_games(150, 11), objective("semi-competitive")
+    )
+    deals = [e for e in eps if e.agreed]
+    assert len(deals) > 100
+    hard = sum(e.raw_scores[0] for e in deals) / len(deals)
+    soft = sum(e.raw_scores[1] for e in deals) / len(deals)
+    assert hard > soft + 1
+
+
+def test_the_conceder_concedes_over_time():
+    eps = play_games(load_agent("bot:conceder"), load_agent("bot:hard"), plan_games(30, 2), objective(0))
+    ctx = eps[0].game_context()
+    asks = [language.read_offer(t.message, ctx.counts) for t in eps[0].turns if t.player == "A" and t.kind == "message"]
+    scores = [ctx.raw_score("A", offer[0]) for offer in asks if offer]
+    assert len(scores) >= 2 and scores[-1] < scores[0]
+
+
+def test_random_bot_exercises_the_protocol():
+    m = _metrics("random", "random", n=100)
+    assert m["error_rate"] > 0.1 and m["abort_rate"] >= 0
+    eps = play_games(load_agent("bot:random"), load_agent("bot:random"), plan_games(100, 1), objective(0))
+    codes = {t.error for e in eps for t in e.turns if t.error}
+    assert len(codes) >= 6
+
+
+def test_bots_phrase_things_in_varied_ways():
+    m = _metrics("conceder", "hard")
+    assert m["vocabulary_size"] > 30 and m["ngram_entropy_3"] > 5
+
+
+def test_bots_read_stated_values_and_offers():
+    assert language.read_values("For me, books are worth 3, hats are worth 1 and balls are worth 2.") == {
+        0: 3,
+        1: 1,
+        2: 2,
+    }
+    assert language.read_values("I get 4 points per hat") == {1: 4}
+    counts = (2, 2, 1)
+    assert language.read_offer("How about I take 2 books and 1 ball and you get 2 hats?", counts) == (
+        (2, 0, 1),
+        (0, 2, 0),
+    )
+    assert language.read_offer("I would like the books, you can have the rest", counts) == ((2, 0, 0), (0, 2, 1))
+    assert language.read_offer("give me the ball", counts) == ((0, 0, 1), (2, 2, 0))
+    assert language.read_offer("nice weather", counts) is None
+    assert language.is_acceptance("Deal! I take the hats.")
+    assert not language.is_acceptance("No deal, sorry.")
+
+
+def test_unknown_agent_spec_is_a_clear_error():
+    with pytest.raises(AgentError, match=r"unknown agent 'bot:nice'.*bot:hard"):
+        load_agent("bot:nice")

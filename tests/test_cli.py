@@ -1,0 +1,113 @@
+"""The ``parlay`` command end to end, in a subprocess as a user would run it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.test_lewis import lines
+
+BIN = [sys.executable, "-m", "parlay"]
+
+
+def run(*args, cwd=None, input=None):
+    env = {**os.environ, "COLUMNS": "120"}
+    return subprocess.run([*BIN, *args], capture_output=True, text=True, cwd=cwd, env=env, input=input, timeout=300)
+
+
+def test_play_then_eval(tmp_path):
+    out = tmp_path / "eps.jsonl"
+    r = run("play", "--a", "bot:hard", "--b", "bot:cooperative", "-n", "60", "--seed", "4", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "agreement rate" in r.stdout
+    assert len(out.read_text().splitlines()) == 60
+    r = run("eval", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    for key in [
+        "games",
+        "agreement_rate",
+        "mean_reward",
+        "mean_raw_score",
+        "mean_raw_score_agreed",
+        "pareto_rate",
+        "pareto_rate_agreed",
+        "welfare_ratio",
+        "error_rate",
+        "abort_rate",
+        "messages_per_game",
+    ]:
+        assert key in metrics
+    assert metrics["games"] == 60 and 0 < metrics["agreement_rate"] <= 1
+
+
+def test_play_is_deterministic_under_a_seed(tmp_path):
+    for name in ("one", "two"):
+        assert run("play", "-n", "20", "--seed", "9", "-o", str(tmp_path / f"{name}.jsonl")).returncode == 0
+    assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+
+
+def test_import_lewis_then_eval(tmp_path):
+    src = tmp_path / "train.txt"
+    src.write_text("\n".join(lines()) + "\n")
+    out = tmp_path / "lewis.jsonl"
+    r = run("import-lewis", str(src), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "2 lines that could not be read" in r.stderr and "1 lines whose other side is missing" in r.stderr
+    metrics = json.loads(run("eval", str(out), "--json").stdout)
+    assert metrics["games"] == 2 and metrics["agreement_rate"] == 0.5
+
+
+def test_contexts_file_drives_the_games(tmp_path):
+    ctx = tmp_path / "selfplay.txt"
+    ctx.write_text("1 0 2 2 2 3\n1 2 2 2 2 2\n")
+    out = tmp_path / "eps.jsonl"
+    assert run("play", "-n", "3", "--contexts", str(ctx), "-o", str(out)).returncode == 0
+    contexts = {json.dumps(json.loads(line)["context"]) for line in out.read_text().splitlines()}
+    assert len(contexts) == 1
+
+
+def test_human_play_in_the_terminal(tmp_path):
+    out = tmp_path / "human.jsonl"
+    typed = "I would like the balls, you take the rest\npropose 0 0 2\npropose 0 0 2\npropose 0 0 2\n" * 3
+    r = run("play", "--human", "--b", "bot:cooperative", "-n", "1", "--seed", "1", "-o", str(out), input=typed)
+    assert r.returncode == 0, r.stderr
+    assert "Your values" in r.stdout
+    episode = json.loads(out.read_text())
+    assert episode["meta"]["agents"]["A"] == "human"
+    assert any(t["player"] == "A" and t["accepted"] for t in episode["turns"])
+
+
+def test_human_leaving_is_recorded_as_failed(tmp_path):
+    out = tmp_path / "human.jsonl"
+    r = run("play", "--human", "-n", "1", "--seed", "2", "-o", str(out), input="")
+    assert r.returncode == 0, r.stderr
+    episode = json.loads(out.read_text())
+    assert episode["outcome"]["status"] in ("failed",) and "left" in episode["outcome"]["reason"]
+
+
+def _user_error(*args):
+    r = run(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
+def test_user_errors_are_one_clear_line(tmp_path: Path):
+    assert "unknown objective 'friendly'" in _user_error("play", "--objective", "friendly")
+    assert "[-1, 1]" in _user_error("play", "--objective", "1.5")
+    assert "unknown agent 'bot:nice'" in _user_error("play", "--a", "bot:nice")
+    bad_ctx = tmp_path / "ctx.txt"
+    bad_ctx.write_text("1 2 3\n")
+    assert f"{bad_ctx}:1" in _user_error("play", "--contexts", str(bad_ctx))
+    corrupt = tmp_path / "c.jsonl"
+    corrupt.write_text("{not json}\n{}\n")
+    assert f"{corrupt}:1: not valid JSON" in _user_error("eval", str(corrupt))
+    assert "cannot read" in _user_error("eval", str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    assert "no episodes" in _user_error("eval", str(empty))
+    junk = tmp_path / "junk.txt"
+    junk.write_text("hello\n")
+    assert "no dialogue could be imported" in _user_error("import-lewis", str(junk), "-o", str(tmp_path / "o.jsonl"))
