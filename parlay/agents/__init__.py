@@ -1,28 +1,71 @@
-"""Agents: everything that can take a turn. Named by spec strings such as ``bot:hard``."""
+"""Agents: everything that can take a turn, named by spec strings.
+
+- ``bot:NAME`` — a rule-based bot (``hard``, ``conceder``, ``cooperative``, ``random``);
+- ``hf:MODEL`` — a transformers model: ``smollm2-135m`` (the embedded default), a hub id or a
+  local path, with options after ``+``: ``hf:smollm2-135m+adapter=runs/x/rounds/1/model+dtype=bf16``
+  (``adapter``, ``dtype``, ``device``, ``reuse=0`` to turn prefix reuse off);
+- ``openai:MODEL@BASE_URL`` — any OpenAI-compatible endpoint (``openai:gpt-4o-mini`` uses the
+  official API and ``$OPENAI_API_KEY``);
+- ``vllm:MODEL`` — vLLM's offline engine (``pip install 'parlay[vllm]'``, GPU);
+- ``human`` — a person at this terminal.
+"""
 
 from __future__ import annotations
 
 from parlay.agents.base import Agent, AgentError, Reply, Sampling, TurnRequest
 from parlay.agents.scripted import BOTS
 
+SPEC_KINDS = ("bot", "hf", "openai", "vllm", "human")
+
+
+def parse_options(rest: str) -> tuple[str, dict[str, str]]:
+    """'NAME+key=value+key=value' → ('NAME', {key: value})."""
+    name, *opts = rest.split("+")
+    options = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise AgentError(f"bad agent option {opt!r}: expected key=value")
+        options[key] = value
+    return name, options
+
 
 def load_agent(spec: str, sampling: Sampling | None = None) -> Agent:
-    """The agent a spec string names.
-
-    ``bot:NAME`` — a rule-based bot (``hard``, ``conceder``, ``cooperative``, ``random``);
-    ``human`` — a person at this terminal.
-    """
+    """The agent a spec string names (see the module docstring)."""
     kind, _, rest = spec.partition(":")
+    sampling = sampling or Sampling()
     if kind == "bot" and rest in BOTS:
         agent = BOTS[rest]()
-        agent.spec = spec
-        return agent
-    if kind == "human" and not rest:
+    elif kind == "human" and not rest:
         from parlay.agents.human import HumanAgent
 
-        return HumanAgent()
-    known = ", ".join(f"bot:{n}" for n in BOTS)
-    raise AgentError(f"unknown agent {spec!r}: expected one of {known}, human")
+        agent = HumanAgent()
+    elif kind == "hf" and rest:
+        from parlay.agents.hf import HFAgent, load_model
+
+        name, opts = parse_options(rest)
+        unknown = set(opts) - {"adapter", "dtype", "device", "reuse"}
+        if unknown:
+            raise AgentError(f"unknown option(s) {sorted(unknown)} in {spec!r}: expected adapter, dtype, device, reuse")
+        model, tokenizer = load_model(name, opts.get("adapter"), opts.get("dtype", "auto"), opts.get("device"))
+        agent = HFAgent(model, tokenizer, sampling, prefix_reuse=opts.get("reuse", "1") != "0")
+    elif kind == "openai" and rest:
+        from parlay.agents.openai_compat import OpenAIAgent
+
+        model, _, base_url = rest.partition("@")
+        agent = OpenAIAgent(model, base_url or None, sampling)
+    elif kind == "vllm" and rest:
+        from parlay.agents.vllm import VLLMAgent
+
+        name, opts = parse_options(rest)
+        agent = VLLMAgent(name, sampling, **opts)
+    else:
+        known = ", ".join(f"bot:{n}" for n in BOTS)
+        raise AgentError(
+            f"unknown agent {spec!r}: expected one of {known}, hf:MODEL, openai:MODEL@URL, vllm:MODEL or human"
+        )
+    agent.spec = spec
+    return agent
 
 
 __all__ = ["Agent", "AgentError", "Reply", "Sampling", "TurnRequest", "load_agent"]

@@ -1,0 +1,254 @@
+"""transformers backend: batched sampling with per-conversation KV-cache reuse.
+
+Each ``act`` call prefills and decodes every request of the batch together. With
+``prefix_reuse`` on, the agent keeps, per conversation (game, player), the keys and values of
+the tokens it has already processed; at the next turn only the tokens after the longest common
+prefix with the new prompt are prefilled. Rows of different lengths share one batch: cached
+keys/values are left-padded to a common length, new tokens are left-padded too, and the
+attention mask and explicit position ids keep every row's positions right. A row that has
+finished its reply leaves the batch at once, so it stops costing compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from parlay.agents.base import Agent, AgentError, Reply, Sampling, TurnRequest
+from parlay.agents.models import resolve
+
+log = logging.getLogger(__name__)
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer (keys, values), each [heads, tokens, head_dim] for one conversation."""
+
+
+@dataclass
+class _Entry:
+    tokens: list[int]
+    kv: KV
+    last_used: int
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[name]
+    except KeyError:
+        raise AgentError(f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16") from None
+
+
+def load_model(name: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer) for a model name, hub id or path, with an optional LoRA adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    path = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"cannot load model {name!r}: {exc}") from None
+    if adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"cannot load adapter {adapter!r}: {exc}") from None
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class HFAgent(Agent):
+    """A transformers causal LM playing many conversations at once."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sampling: Sampling | None = None,
+        prefix_reuse: bool = True,
+        spec: str = "hf",
+        max_batch: int = 64,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling or Sampling()
+        self.prefix_reuse = prefix_reuse
+        self.spec = spec
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._calls = 0
+        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_ids = {t for t in stop if isinstance(t, int) and t >= 0}
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "forward_tokens": 0}
+        """Running counts: tokens prefilled, taken from the cache, generated, and all fed to the model."""
+
+    # -- prompts
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def act(self, requests: list[TurnRequest]) -> list[Reply]:
+        self._calls += 1
+        replies: list[Reply] = []
+        for start in range(0, len(requests), self.max_batch):
+            chunk = requests[start : start + self.max_batch]
+            prompts = [self.encode(r.messages) for r in chunk]
+            keys = [(r.game_id, r.player) for r in chunk]
+            outs = self.generate(prompts, keys, [r.seed for r in chunk])
+            for ids in outs:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                replies.append(Reply(text, tokens=len(ids)))
+        self._evict()
+        return replies
+
+    def _evict(self) -> None:
+        """Forget conversations this agent has not served for a few calls (finished games)."""
+        stale = [k for k, e in self._cache.items() if self._calls - e.last_used > 4]
+        for k in stale:
+            del self._cache[k]
+
+    # -- generation
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[list[int]], keys: list[tuple[str, str]] | None, seeds: list[int]
+    ) -> list[list[int]]:
+        """Sample one continuation per prompt; returns the generated token ids (stop token excluded)."""
+        s = self.sampling
+        batch = len(prompts)
+        keys = keys or [None] * batch  # type: ignore[list-item]
+        # 1. What each row can take from its cache.
+        reuse: list[int] = []
+        past: list[KV | None] = []
+        for key, ids in zip(keys, prompts, strict=True):
+            entry = self._cache.get(key) if (self.prefix_reuse and key is not None) else None
+            n = min(_lcp(entry.tokens, ids), len(ids) - 1) if entry else 0
+            reuse.append(n)
+            past.append([(k[:, :n], v[:, :n]) for k, v in entry.kv] if entry and n else None)
+        new = [ids[n:] for ids, n in zip(prompts, reuse, strict=True)]
+        self.stats["reused_tokens"] += sum(reuse)
+        self.stats["prefill_tokens"] += sum(len(x) for x in new)
+        # 2. One left-padded batch: [cached | new], masks and positions per row.
+        p_len, n_len = max(reuse), max(len(x) for x in new)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((batch, n_len), pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, p_len + n_len), dtype=torch.long)
+        positions = torch.zeros((batch, n_len), dtype=torch.long)
+        for i, (ids, n) in enumerate(zip(new, reuse, strict=True)):
+            input_ids[i, n_len - len(ids) :] = torch.tensor(ids)
+            mask[i, p_len - n : p_len] = 1
+            mask[i, p_len + n_len - len(ids) :] = 1
+            positions[i, n_len - len(ids) :] = torch.arange(n, n + len(ids))
+        cache = self._batch_cache(past, p_len)
+        input_ids, mask, positions = input_ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        gens = [torch.Generator(device="cpu").manual_seed(int(seed) % (2**63)) for seed in seeds]
+        out_tokens: list[list[int]] = [[] for _ in range(batch)]
+        rows = list(range(batch))  # original index of each live row
+        step_ids = input_ids
+        self.stats["forward_tokens"] += int(input_ids.numel())
+        for step in range(s.max_new_tokens):
+            logits = self.model(
+                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            ).logits[:, -1, :]
+            nxt = self._sample(logits, [gens[r] for r in rows])
+            finished = []
+            for j, r in enumerate(rows):
+                tok = int(nxt[j])
+                if tok in self.stop_ids or step == s.max_new_tokens - 1:
+                    finished.append(j)
+                    if tok not in self.stop_ids:
+                        out_tokens[r].append(tok)
+                else:
+                    out_tokens[r].append(tok)
+            if finished:
+                # Keep what each finishing row has processed: its prompt and reply so far.
+                for j in finished:
+                    r = rows[j]
+                    if keys[r] is not None and self.prefix_reuse:
+                        fed = prompts[r] + out_tokens[r][: len(out_tokens[r]) - (nxt[j].item() not in self.stop_ids)]
+                        self._store(keys[r], fed, cache, mask, j)
+                keep = [j for j in range(len(rows)) if j not in set(finished)]
+                if not keep:
+                    break
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                mask, positions, nxt = mask[idx], positions[idx], nxt[idx]
+                rows = [rows[j] for j in keep]
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids = nxt.unsqueeze(1)
+            self.stats["forward_tokens"] += len(rows)
+        self.stats["generated_tokens"] += sum(len(t) for t in out_tokens)
+        return out_tokens
+
+    def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        s = self.sampling
+        if s.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(dim=-1) - sorted_p > s.top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs.cpu()
+        return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(gens)]).to(
+            logits.device
+        )
+
+    def _batch_cache(self, past: list[KV | None], p_len: int):
+        from transformers import DynamicCache
+
+        if p_len == 0:
+            return DynamicCache(config=self.model.config)
+        layers = []
+        ref = next(p for p in past if p is not None)
+        for layer, (k0, v0) in enumerate(ref):
+            heads, _, dim = k0.shape
+            k = torch.zeros((len(past), heads, p_len, dim), dtype=k0.dtype, device=self.device)
+            v = torch.zeros_like(k)
+            for i, kv in enumerate(past):
+                if kv is not None and kv[layer][0].shape[1]:
+                    n = kv[layer][0].shape[1]
+                    k[i, :, p_len - n :] = kv[layer][0]
+                    v[i, :, p_len - n :] = kv[layer][1]
+            layers.append((k, v))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _store(self, key: tuple[str, str], tokens: list[int], cache, mask: torch.Tensor, row: int) -> None:
+        valid = mask[row].nonzero().squeeze(-1)
+        kv = [(layer.keys[row][:, valid].clone(), layer.values[row][:, valid].clone()) for layer in cache.layers]
+        if kv[0][0].shape[1] != len(tokens):
+            log.debug("cache length %d != %d tokens; not stored", kv[0][0].shape[1], len(tokens))
+            return
+        self._cache[key] = _Entry(tokens=tokens, kv=kv, last_used=self._calls)
+
+    def close(self) -> None:
+        self._cache.clear()

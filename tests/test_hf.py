@@ -1,0 +1,80 @@
+"""The transformers backend on a tiny model built in code: batching, prefix reuse, specs."""
+
+import pytest
+import torch
+
+from parlay.agents import AgentError, load_agent
+from parlay.agents.base import Sampling
+from parlay.agents.hf import HFAgent, load_model
+from parlay.games import objective
+from parlay.rollout import plan_games, play_games
+from parlay.testing import check_agents
+
+GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_lm):
+    """The tiny model in float64, so that padding cannot flip a greedy choice by rounding."""
+    model, tokenizer, _ = tiny_lm
+    return model.to(torch.float64), tokenizer
+
+
+def _play(agent, n=6, cap=4, seed=0):
+    return play_games(agent, agent, plan_games(n, seed), objective("semi-competitive"), max_messages=cap)
+
+
+def test_tiny_model_passes_the_agent_invariants(tiny_lm):
+    _, _, path = tiny_lm
+    agent = load_agent(f"hf:{path}", Sampling(temperature=1.0, max_new_tokens=8))
+    check_agents(agent, load_agent("bot:random"), objective("cooperative"), n=4, seed=1, max_messages=4)
+
+
+def test_prefix_reuse_gives_the_same_games_with_less_prefill(model64):
+    model, tokenizer = model64
+    with_reuse = HFAgent(model, tokenizer, GREEDY, prefix_reuse=True)
+    without = HFAgent(model, tokenizer, GREEDY, prefix_reuse=False)
+    a, b = _play(with_reuse), _play(without)
+    assert [e.turns for e in a] == [e.turns for e in b]
+    assert with_reuse.stats["reused_tokens"] > 0
+    assert with_reuse.stats["prefill_tokens"] < without.stats["prefill_tokens"] / 2
+    assert with_reuse.stats["generated_tokens"] == without.stats["generated_tokens"]
+
+
+def test_batched_generation_equals_one_at_a_time(model64):
+    model, tokenizer = model64
+    agent = HFAgent(model, tokenizer, GREEDY, prefix_reuse=False)
+    prompts = [agent.encode([{"role": "user", "content": "hi " * n}]) for n in (1, 5, 17)]
+    batched = agent.generate(prompts, None, [0, 1, 2])
+    single = [agent.generate([p], None, [s])[0] for s, p in enumerate(prompts)]
+    assert batched == single
+
+
+def test_sampling_is_seeded(tiny_lm):
+    model, tokenizer, _ = tiny_lm
+    agent = HFAgent(model.to(torch.float32), tokenizer, Sampling(temperature=1.0, max_new_tokens=10))
+    prompt = [agent.encode([{"role": "user", "content": "hello"}])]
+    assert agent.generate(prompt, None, [7]) == agent.generate(prompt, None, [7])
+    outs = {tuple(agent.generate(prompt, None, [s])[0]) for s in range(6)}
+    assert len(outs) > 1
+
+
+def test_spec_options_and_errors(tiny_lm, tmp_path):
+    _, _, path = tiny_lm
+    agent = load_agent(f"hf:{path}+reuse=0+dtype=float32")
+    assert isinstance(agent, HFAgent) and not agent.prefix_reuse
+    with pytest.raises(AgentError, match="unknown option"):
+        load_agent(f"hf:{path}+colour=blue")
+    with pytest.raises(AgentError, match="cannot load model"):
+        load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(AgentError, match="unknown dtype"):
+        load_agent(f"hf:{path}+dtype=int3")
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_loads_and_speaks(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARLAY_CACHE", str(tmp_path))
+    agent = load_agent("hf:smollm2-135m", Sampling(temperature=0.0, max_new_tokens=16))
+    assert (tmp_path / "models" / "smollm2-135m" / "model.safetensors").exists()
+    eps = play_games(agent, agent, plan_games(2, 0), objective(0), max_messages=2)
+    assert all(t.tokens and t.text for e in eps for t in e.turns)
