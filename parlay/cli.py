@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -17,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from parlay import __version__
-from parlay.agents import AgentError, load_agent
+from parlay.agents import AgentError, Sampling, load_agent
 from parlay.episode import EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
 from parlay.games import ContextFileError, RuleError, objective, read_selfplay_file
@@ -103,48 +104,38 @@ def _progress() -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("deals {task.fields[deals]}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(),
         console=err,
         disable=not err.is_terminal,
     )
 
 
-@app.command()
-@user_errors
-def play(
-    a: Annotated[str, typer.Option("--a", help="Agent spec of player A, e.g. bot:hard.")] = "bot:hard",
-    b: Annotated[str, typer.Option("--b", help="Agent spec of player B.")] = "bot:conceder",
-    n: Annotated[int, typer.Option("-n", "--games", min=1, help="Number of games.")] = 100,
-    objective_spec: Annotated[
-        str, typer.Option("--objective", help="cooperative, semi-competitive, competitive, or λ in [-1, 1].")
-    ] = "semi-competitive",
-    seed: Annotated[int, typer.Option(help="Seed for contexts, first speakers and sampling.")] = 0,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write episodes to this JSONL file.")] = None,
-    contexts: Annotated[
-        Path | None, typer.Option(help="Lewis selfplay.txt-format context file (default: sample uniformly).")
-    ] = None,
-    max_messages: Annotated[int, typer.Option(min=1, help="Messages before a game ends without a deal.")] = (
-        DEFAULT_MAX_MESSAGES
-    ),
-    human: Annotated[bool, typer.Option("--human", help="Play side A yourself, in this terminal.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+def _play(
+    agent_a: Any,
+    agent_b: Any,
+    n: int,
+    obj: Any,
+    seed: int,
+    output: Path | None,
+    contexts: Path | None,
+    max_messages: int,
+    as_json: bool,
 ) -> None:
-    """Play games between two agents and print their metrics."""
-    obj = objective(objective_spec)
-    agent_a = load_agent("human" if human else a)
-    agent_b = load_agent(b)
     ctxs = read_selfplay_file(contexts) if contexts else None
     games = plan_games(n, seed, ctxs)
     writer = EpisodeWriter(output) if output else None
-    deals = 0
+    totals = {"deals": 0, "tokens": 0}
+    start = time.perf_counter()
     try:
         with _progress() as progress:
-            task = progress.add_task(f"{agent_a.spec} vs {agent_b.spec}", total=n, deals=0)
+            task = progress.add_task(f"{agent_a.spec} vs {agent_b.spec}", total=n, deals=0, tps=0.0)
 
             def advance(ep: Any) -> None:
-                nonlocal deals
-                deals += ep.agreed
-                progress.update(task, advance=1, deals=deals)
+                totals["deals"] += ep.agreed
+                totals["tokens"] += sum(t.tokens or 0 for t in ep.turns)
+                tps = totals["tokens"] / max(1e-9, time.perf_counter() - start)
+                progress.update(task, advance=1, deals=totals["deals"], tps=tps)
 
             episodes = play_games(agent_a, agent_b, games, obj, max_messages, writer=writer, on_episode=advance)
     finally:
@@ -157,6 +148,69 @@ def play(
         console.print(metrics_table(metrics, f"{agent_a.spec} vs {agent_b.spec}, {obj.name}, {n} games"))
     if output:
         err.print(f"episodes written to {output}")
+
+
+ObjectiveOpt = Annotated[
+    str, typer.Option("--objective", help="cooperative, semi-competitive, competitive, or λ in [-1, 1].")
+]
+GamesOpt = Annotated[int, typer.Option("-n", "--games", min=1, help="Number of games.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for contexts, first speakers and sampling.")]
+OutputOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Write episodes to this JSONL file.")]
+ContextsOpt = Annotated[
+    Path | None, typer.Option(help="Lewis selfplay.txt-format context file (default: sample uniformly).")
+]
+CapOpt = Annotated[int, typer.Option(min=1, help="Messages before a game ends without a deal.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")]
+TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature of model agents (0 = greedy).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass of model agents.")]
+MaxTokOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest model reply, in tokens.")]
+
+
+@app.command()
+@user_errors
+def play(
+    a: Annotated[str, typer.Option("--a", help="Agent spec of player A, e.g. bot:hard or hf:smollm2-135m.")] = (
+        "bot:hard"
+    ),
+    b: Annotated[str, typer.Option("--b", help="Agent spec of player B.")] = "bot:conceder",
+    n: GamesOpt = 100,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    seed: SeedOpt = 0,
+    output: OutputOpt = None,
+    contexts: ContextsOpt = None,
+    max_messages: CapOpt = DEFAULT_MAX_MESSAGES,
+    human: Annotated[bool, typer.Option("--human", help="Play side A yourself, in this terminal.")] = False,
+    temperature: TempOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxTokOpt = 96,
+    as_json: JsonOpt = False,
+) -> None:
+    """Play games between two agents and print their metrics."""
+    obj = objective(objective_spec)
+    sampling = Sampling(temperature, top_p, max_new_tokens, seed)
+    agent_a = load_agent("human" if human else a, sampling)
+    agent_b = agent_a if b == a and not human else load_agent(b, sampling)
+    _play(agent_a, agent_b, n, obj, seed, output, contexts, max_messages, as_json)
+
+
+@app.command()
+@user_errors
+def selfplay(
+    model: Annotated[str, typer.Option("--model", help="Agent spec that plays both sides.")] = "hf:smollm2-135m",
+    n: GamesOpt = 32,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    seed: SeedOpt = 0,
+    output: OutputOpt = None,
+    contexts: ContextsOpt = None,
+    max_messages: CapOpt = DEFAULT_MAX_MESSAGES,
+    temperature: TempOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxTokOpt = 96,
+    as_json: JsonOpt = False,
+) -> None:
+    """One agent plays both sides of every game (one model load, one batch per step)."""
+    agent = load_agent(model, Sampling(temperature, top_p, max_new_tokens, seed))
+    _play(agent, agent, n, objective(objective_spec), seed, output, contexts, max_messages, as_json)
 
 
 @app.command("eval")

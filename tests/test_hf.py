@@ -78,3 +78,22 @@ def test_embedded_smollm2_loads_and_speaks(tmp_path, monkeypatch):
     assert (tmp_path / "models" / "smollm2-135m" / "model.safetensors").exists()
     eps = play_games(agent, agent, plan_games(2, 0), objective(0), max_messages=2)
     assert all(t.tokens and t.text for e in eps for t in e.turns)
+
+
+def test_selfplay_command_with_a_local_model(tiny_lm, tmp_path):
+    from tests.test_cli import run
+
+    _, _, path = tiny_lm
+    out = tmp_path / "self.jsonl"
+    r = run("selfplay", "--model", f"hf:{path}", "-n", "3", "--max-messages", "2", "--max-new-tokens", "6",
+            "-o", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 3
+    assert '"games": 3' in r.stdout
+
+
+def test_missing_local_model_is_a_clear_cli_error(tmp_path):
+    from tests.test_cli import run
+
+    r = run("selfplay", "--model", f"hf:{tmp_path / 'nothing'}", "-n", "1")
+    assert r.returncode == 2 and "cannot load model" in r.stderr and "Traceback" not in r.stderr

@@ -104,7 +104,10 @@ class HFAgent(Agent):
         stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = {t for t in stop if isinstance(t, int) and t >= 0}
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "forward_tokens": 0}
-        """Running counts: tokens prefilled, taken from the cache, generated, and all fed to the model."""
+        """Running counts: tokens prefilled, taken from the cache, generated, and fed to the model
+        (padding included)."""
+        self.conversation_tokens: dict[tuple[str, str], int] = {}
+        """Per conversation, the longest token sequence it reached (prompt + reply)."""
 
     # -- prompts
 
@@ -206,6 +209,9 @@ class HFAgent(Agent):
             step_ids = nxt.unsqueeze(1)
             self.stats["forward_tokens"] += len(rows)
         self.stats["generated_tokens"] += sum(len(t) for t in out_tokens)
+        for key, ids, out in zip(keys, prompts, out_tokens, strict=True):
+            if key is not None:
+                self.conversation_tokens[key] = max(self.conversation_tokens.get(key, 0), len(ids) + len(out))
         return out_tokens
 
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
@@ -230,7 +236,7 @@ class HFAgent(Agent):
             return DynamicCache(config=self.model.config)
         layers = []
         ref = next(p for p in past if p is not None)
-        for layer, (k0, v0) in enumerate(ref):
+        for layer, (k0, _) in enumerate(ref):
             heads, _, dim = k0.shape
             k = torch.zeros((len(past), heads, p_len, dim), dtype=k0.dtype, device=self.device)
             v = torch.zeros_like(k)

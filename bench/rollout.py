@@ -1,0 +1,147 @@
+"""Rollout throughput on the embedded model: one game at a time vs batched vs batched + prefix reuse.
+
+    .venv/bin/python bench/rollout.py [--games 24] [--serial-games 4] [--dtype float32]
+
+(a) plays games one at a time and re-sends the whole conversation every turn (how the paper's
+code plays); (b) batches every pending turn of all games, recomputing each prompt; (c) does the
+same with per-conversation KV reuse. All three play the same seeded games. Reported per mode:
+games/min, generated tokens/s, tokens processed per game (prefilled + generated) against the
+unique tokens per game (the longest sequence each conversation reached), and the share of the
+hardware limit: 2·params·tokens processed per second over the measured peak matmul FLOP/s at the
+same dtype. Figures are appended to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from parlay.agents.base import Sampling
+from parlay.agents.hf import HFAgent, load_model, pick_dtype
+from parlay.games import objective
+from parlay.rollout import plan_games, play_games
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def peak_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak):
+    agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse)
+    obj = objective("semi-competitive")
+    start = time.perf_counter()
+    if serial:
+        episodes = [play_games(agent, agent, [g], obj, max_messages)[0] for g in games]
+    else:
+        episodes = play_games(agent, agent, games, obj, max_messages)
+    secs = time.perf_counter() - start
+    st = agent.stats
+    processed = st["prefill_tokens"] + st["generated_tokens"]
+    unique = sum(agent.conversation_tokens.values())
+    return {
+        "mode": name,
+        "games": len(episodes),
+        "seconds": secs,
+        "games_per_min": 60 * len(episodes) / secs,
+        "gen_tok_s": st["generated_tokens"] / secs,
+        "processed_per_game": processed / len(episodes),
+        "unique_per_game": unique / len(episodes),
+        "hw_share": 2 * params * processed / secs / peak,
+        "turns": sum(len(e.turns) for e in episodes),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--games", type=int, default=24)
+    parser.add_argument("--serial-games", type=int, default=4, help="games for mode (a), the first of the same plan")
+    parser.add_argument("--max-messages", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    params = sum(p.numel() for p in model.parameters())
+    peak = peak_matmul_flops(pick_dtype(args.dtype, "cpu"))
+    sampling = Sampling(temperature=0.7, max_new_tokens=args.max_new_tokens)
+    games = plan_games(args.games, args.seed)
+    rows = [
+        run_mode(
+            "(a) one game at a time, no reuse",
+            model,
+            tokenizer,
+            games[: args.serial_games],
+            sampling,
+            False,
+            True,
+            args.max_messages,
+            params,
+            peak,
+        ),
+        run_mode(
+            "(b) batched, no reuse", model, tokenizer, games, sampling, False, False, args.max_messages, params, peak
+        ),
+        run_mode(
+            "(c) batched + prefix reuse",
+            model,
+            tokenizer,
+            games,
+            sampling,
+            True,
+            False,
+            args.max_messages,
+            params,
+            peak,
+        ),
+    ]
+    header = (
+        "| mode | games | s | games/min | gen tok/s | processed tok/game | unique tok/game | processed/unique "
+        "| share of peak |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['games']} | {r['seconds']:.0f} | {r['games_per_min']:.2f} | {r['gen_tok_s']:.1f} "
+            f"| {r['processed_per_game']:.0f} | {r['unique_per_game']:.0f} "
+            f"| {r['processed_per_game'] / r['unique_per_game']:.2f} | {r['hw_share']:.1%} |"
+        )
+    speedup = rows[2]["games_per_min"] / rows[0]["games_per_min"]
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    text = "\n".join(
+        [
+            f"\n## rollout — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
+            f"Machine: {machine}; model {args.model} ({params / 1e6:.0f}M params, {args.dtype}); "
+            f"peak matmul {peak / 1e9:.0f} GFLOP/s; {args.games} games, cap {args.max_messages} messages, "
+            f"≤{args.max_new_tokens} new tokens per reply.",
+            "",
+            *lines,
+            "",
+            f"(c) vs (a): {speedup:.1f}× games/min; (c) vs (b): "
+            f"{rows[2]['games_per_min'] / rows[1]['games_per_min']:.1f}×.",
+        ]
+    )
+    print(text)
+    with RESULTS.open("a", encoding="utf-8") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
