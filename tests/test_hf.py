@@ -85,8 +85,20 @@ def test_selfplay_command_with_a_local_model(tiny_lm, tmp_path):
 
     _, _, path = tiny_lm
     out = tmp_path / "self.jsonl"
-    r = run("selfplay", "--model", f"hf:{path}", "-n", "3", "--max-messages", "2", "--max-new-tokens", "6",
-            "-o", str(out), "--json")
+    r = run(
+        "selfplay",
+        "--model",
+        f"hf:{path}",
+        "-n",
+        "3",
+        "--max-messages",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "-o",
+        str(out),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == 3
     assert '"games": 3' in r.stdout
