@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parlay.episode import Episode
-from parlay.games.dond import Context, Counts, context_problems, objective
+from parlay.games.contexts import parse_player_line
+from parlay.games.dond import Context, Counts, RuleError, context_problems, objective
 from parlay.protocol import Game
 
 _SECTION = {
@@ -56,11 +57,10 @@ class LewisLine:
 
 
 def _numbers(text: str, what: str) -> tuple[Counts, Counts]:
-    parts = text.split()
-    if len(parts) != 6 or not all(p.isdigit() for p in parts):
-        raise LewisFormatError(f"<{what}> must hold 6 integers 'cnt val cnt val cnt val', got {text.strip()!r}")
-    nums = [int(p) for p in parts]
-    return tuple(nums[0::2]), tuple(nums[1::2])  # type: ignore[return-value]
+    try:
+        return parse_player_line(text)
+    except RuleError as exc:
+        raise LewisFormatError(f"<{what}>: {exc}") from None
 
 
 def parse_line(line: str, lineno: int = 0) -> LewisLine:

@@ -64,7 +64,8 @@ def sample_contexts(n: int, rng: np.random.Generator | int) -> list[Context]:
     return [pool[i] for i in rng.integers(0, len(pool), size=n)]
 
 
-def _parse_player_line(line: str) -> tuple[Counts, Counts]:
+def parse_player_line(line: str) -> tuple[Counts, Counts]:
+    """'cnt val cnt val cnt val' → (counts, values), the Lewis layout of one player's input."""
     parts = line.split()
     if len(parts) != 2 * len(ITEMS) or not all(p.isdigit() for p in parts):
         raise RuleError(f"expected 6 non-negative integers 'cnt val cnt val cnt val', got {line!r}")
@@ -81,11 +82,11 @@ def parse_selfplay_lines(lines: list[str], source: str = "<lines>") -> list[Cont
     contexts = []
     for (ln_a, text_a), (ln_b, text_b) in zip(numbered[0::2], numbered[1::2], strict=True):
         try:
-            counts_a, values_a = _parse_player_line(text_a)
+            counts_a, values_a = parse_player_line(text_a)
         except RuleError as exc:
             raise ContextFileError(f"{source}:{ln_a}: {exc}") from None
         try:
-            counts_b, values_b = _parse_player_line(text_b)
+            counts_b, values_b = parse_player_line(text_b)
         except RuleError as exc:
             raise ContextFileError(f"{source}:{ln_b}: {exc}") from None
         if counts_a != counts_b:
