@@ -18,10 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from parlay import __version__
-from parlay.agents import AgentError, Sampling, load_agent
+from parlay.agents import Agent, AgentError, Sampling, load_agent
 from parlay.episode import EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
-from parlay.games import ContextFileError, RuleError, objective, read_selfplay_file
+from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.lewis import LewisFormatError, import_file
 from parlay.protocol import DEFAULT_MAX_MESSAGES
 from parlay.rollout import plan_games, play_games
@@ -112,10 +112,10 @@ def _progress() -> Progress:
 
 
 def _play(
-    agent_a: Any,
-    agent_b: Any,
+    agent_a: Agent,
+    agent_b: Agent,
     n: int,
-    obj: Any,
+    obj: Objective,
     seed: int,
     output: Path | None,
     contexts: Path | None,

@@ -15,8 +15,6 @@ from __future__ import annotations
 from parlay.agents.base import Agent, AgentError, Reply, Sampling, TurnRequest
 from parlay.agents.scripted import BOTS
 
-SPEC_KINDS = ("bot", "hf", "openai", "vllm", "human")
-
 
 def parse_options(rest: str) -> tuple[str, dict[str, str]]:
     """'NAME+key=value+key=value' → ('NAME', {key: value})."""

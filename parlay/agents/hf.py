@@ -103,9 +103,8 @@ class HFAgent(Agent):
         self._calls = 0
         stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_ids = {t for t in stop if isinstance(t, int) and t >= 0}
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0, "forward_tokens": 0}
-        """Running counts: tokens prefilled, taken from the cache, generated, and fed to the model
-        (padding included)."""
+        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
+        """Running counts: tokens prefilled, taken from the cache, and generated."""
         self.conversation_tokens: dict[tuple[str, str], int] = {}
         """Per conversation, the longest token sequence it reached (prompt + reply)."""
 
@@ -175,7 +174,6 @@ class HFAgent(Agent):
         out_tokens: list[list[int]] = [[] for _ in range(batch)]
         rows = list(range(batch))  # original index of each live row
         step_ids = input_ids
-        self.stats["forward_tokens"] += int(input_ids.numel())
         for step in range(s.max_new_tokens):
             logits = self.model(
                 input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
@@ -184,20 +182,16 @@ class HFAgent(Agent):
             finished = []
             for j, r in enumerate(rows):
                 tok = int(nxt[j])
-                if tok in self.stop_ids or step == s.max_new_tokens - 1:
+                stopped = tok in self.stop_ids
+                if stopped or step == s.max_new_tokens - 1:
                     finished.append(j)
-                    if tok not in self.stop_ids:
-                        out_tokens[r].append(tok)
-                else:
+                    # The cache holds every token fed so far: the prompt and the reply before `tok`.
+                    if keys[r] is not None and self.prefix_reuse:
+                        self._store(keys[r], prompts[r] + out_tokens[r], cache, mask, j)
+                if not stopped:
                     out_tokens[r].append(tok)
             if finished:
-                # Keep what each finishing row has processed: its prompt and reply so far.
-                for j in finished:
-                    r = rows[j]
-                    if keys[r] is not None and self.prefix_reuse:
-                        fed = prompts[r] + out_tokens[r][: len(out_tokens[r]) - (nxt[j].item() not in self.stop_ids)]
-                        self._store(keys[r], fed, cache, mask, j)
-                keep = [j for j in range(len(rows)) if j not in set(finished)]
+                keep = [j for j in range(len(rows)) if j not in finished]
                 if not keep:
                     break
                 idx = torch.tensor(keep, device=self.device)
@@ -207,7 +201,6 @@ class HFAgent(Agent):
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
             step_ids = nxt.unsqueeze(1)
-            self.stats["forward_tokens"] += len(rows)
         self.stats["generated_tokens"] += sum(len(t) for t in out_tokens)
         for key, ids, out in zip(keys, prompts, out_tokens, strict=True):
             if key is not None:
