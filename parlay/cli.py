@@ -19,9 +19,11 @@ from rich.table import Table
 
 from parlay import __version__
 from parlay.agents import Agent, AgentError, Sampling, load_agent
+from parlay.config import ConfigError, load_config
 from parlay.episode import EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
+from parlay.improve import TrainDataError
 from parlay.lewis import LewisFormatError, import_file
 from parlay.protocol import DEFAULT_MAX_MESSAGES
 from parlay.rollout import plan_games, play_games
@@ -35,7 +37,16 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-USER_ERRORS = (RuleError, ContextFileError, EpisodeFileError, AgentError, LewisFormatError, FileNotFoundError)
+USER_ERRORS = (
+    RuleError,
+    ContextFileError,
+    EpisodeFileError,
+    AgentError,
+    LewisFormatError,
+    ConfigError,
+    TrainDataError,
+    FileNotFoundError,
+)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -253,6 +264,165 @@ def import_lewis(
         raise LewisFormatError(f"{file}: no dialogue could be imported")
     write_episodes(output, result.episodes)
     err.print(f"{len(result.episodes)} dialogues written to {output}")
+
+
+# ---------------------------------------------------------------------- training
+
+
+class _RichHooks:
+    """The loop's hooks (``parlay.loop.Hooks``): a progress bar per stage, a table after each round."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.info = ""
+        self.deals = 0
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def stage(self, description: str, total: int) -> None:
+        self.end_stage()
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not err.is_terminal,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(description, total=total, info="")
+        self.deals, self.tokens, self.started = 0, 0, time.perf_counter()
+        self.info = ""
+        if not err.is_terminal:  # a log file gets one line per stage instead of a bar
+            err.print(f"{description} ({total})", highlight=False)
+
+    def advance(self, n: int = 1, **info: Any) -> None:
+        if self.progress is None:
+            return
+        self.deals += info.get("deals", 0)
+        self.tokens += info.get("tokens", 0)
+        if "loss" in info:
+            text = f"loss {info['loss']:.3f}"
+        else:
+            tps = self.tokens / max(1e-9, time.perf_counter() - self.started)
+            text = f"deals {self.deals}  {tps:.0f} tok/s"
+        self.info = text
+        self.progress.update(self.task, advance=n, info=text)
+
+    def end_stage(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            if not err.is_terminal:
+                seconds = time.perf_counter() - self.started
+                err.print(f"  done in {seconds:.0f} s; {self.info}", highlight=False)
+            self.progress = None
+
+    def round_done(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
+        console.print(rounds_table(history))
+
+    def note(self, text: str) -> None:
+        err.print(f"[yellow]{text}[/]", highlight=False)
+
+
+def rounds_table(history: list[dict[str, Any]]) -> Table:
+    """One row per round: reward (and its paired change from round 0), agreement, Pareto, errors,
+    kept examples, train loss, minutes."""
+    table = Table(title="rounds", title_justify="left")
+    for col in ("round", "reward", "vs round 0 (95% CI)", "agree", "Pareto", "errors", "kept", "loss", "min"):
+        table.add_column(col, justify="right")
+    for row in history:
+        train = row.get("train") or {}
+        vs = row.get("vs_round0")
+        table.add_row(
+            str(row["round"]),
+            f"{row['mean_reward']:.2f}",
+            f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "",
+            f"{row['agreement_rate']:.0%}",
+            f"{row['pareto_rate']:.0%}",
+            f"{row['error_rate']:.0%}",
+            str(train.get("kept", "")),
+            f"{train['loss_last']:.3f}" if "loss_last" in train else ("skipped" if train.get("skipped") else ""),
+            f"{row['minutes']:.1f}",
+        )
+    return table
+
+
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: --set rollout.games=32 (repeatable).")
+]
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Run config (YAML).")] = None,
+    overrides: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in runs_dir/name where it stopped.")
+    ] = False,
+    init_data: Annotated[
+        Path | None, typer.Option("--init-data", help="Episodes to fine-tune the starting model on first.")
+    ] = None,
+) -> None:
+    """Self-play rounds: play, keep the good games, fine-tune, play again."""
+    from parlay.loop import Loop, prepare_run
+
+    cfg = load_config(config, overrides)
+    if init_data is not None:
+        if not init_data.exists():
+            raise FileNotFoundError(f"{init_data}: no such episodes file")
+        cfg.warm_start.episodes, cfg.warm_start.bots = str(init_data), None
+    cfg = prepare_run(cfg, resume)
+    err.print(f"run directory: {cfg.run_dir}")
+    started = time.perf_counter()
+    hooks = _RichHooks()
+    try:
+        history = Loop(cfg, hooks).run()
+    finally:
+        hooks.end_stage()
+    if history:
+        last = history[-1]
+        vs = last.get("vs_round0")
+        if vs:
+            console.print(
+                f"round {last['round']} vs round 0 on the same {vs['games']} games: mean reward "
+                f"{vs['mean']:+.2f}, 95% CI [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]"
+            )
+    err.print(f"done in {(time.perf_counter() - started) / 60:.1f} min; metrics in {cfg.run_dir / 'metrics.jsonl'}")
+
+
+@app.command()
+@user_errors
+def sft(
+    data: Annotated[Path, typer.Argument(help="train.jsonl: kept player-episodes with weights.")],
+    model: Annotated[str, typer.Option("--model", help="Base model: name, hub id or path.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to save the adapter or weights.")],
+    adapter: Annotated[str | None, typer.Option("--adapter", help="LoRA adapter to continue training.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Config whose train/weights apply.")] = None,
+    overrides: SetOpt = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data (default: train.epochs).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: train.lr).")] = None,
+    stats: Annotated[Path | None, typer.Option("--stats", help="Write the training figures here.")] = None,
+) -> None:
+    """Fine-tune on a train.jsonl file; runs unchanged under `accelerate launch -m parlay sft …`."""
+    from accelerate import PartialState
+
+    from parlay.improve.sft import read_examples, save_stats, train
+
+    cfg = load_config(config, overrides)
+    result = train(
+        read_examples(data), model, out, cfg.train, adapter=adapter, weights=cfg.weights,
+        seed=cfg.seed, epochs=epochs, lr=lr,
+    )  # fmt: skip
+    if PartialState().is_main_process:
+        if stats:
+            save_stats(stats, result)
+        console.print(
+            f"{result.steps} steps on {result.examples} examples: loss {result.loss_first:.3f} → "
+            f"{result.loss_last:.3f}, {result.tokens_per_second:.0f} tok/s; saved to {out}"
+        )
 
 
 def run() -> None:

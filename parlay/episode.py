@@ -184,21 +184,26 @@ def read_episodes(path: str | Path, report: ReadReport | None = None) -> list[Ep
     return list(iter_episodes(path, report))
 
 
-def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> None:
-    """Replace ``path`` with these episodes atomically: readers see the old or the new file."""
+def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> None:
+    """Replace ``path`` with these lines atomically: readers see the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ep in episodes:
-                f.write(ep.model_dump_json() + "\n")
+            for line in lines:
+                f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> None:
+    """Replace ``path`` with these episodes atomically."""
+    write_lines_atomic(path, (ep.model_dump_json() for ep in episodes))
 
 
 def _repair_tail(path: Path) -> None:

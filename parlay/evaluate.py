@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from parlay.episode import Episode
 
 _WORD = re.compile(r"[a-z0-9']+")
@@ -92,3 +94,25 @@ def compute_metrics(episodes: Sequence[Episode]) -> dict[str, Any]:
     for n in NGRAM_ORDERS:
         metrics[f"ngram_entropy_{n}"] = ngram_entropy(token_lists, n)
     return metrics
+
+
+def game_rewards(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Each game's reward, averaged over its two players, by game id."""
+    return {ep.id: sum(ep.rewards) / len(ep.rewards) for ep in episodes}
+
+
+def paired_difference(
+    after: Sequence[Episode], before: Sequence[Episode], seed: int = 0, resamples: int = 10_000
+) -> dict[str, Any] | None:
+    """Mean reward difference over the games both sets played (same ids: same seeded context,
+    first speaker and sampling seeds), with a bootstrap 95 % confidence interval; None when the
+    two sets share no game."""
+    a, b = game_rewards(after), game_rewards(before)
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return None
+    diffs = np.array([a[i] - b[i] for i in common])
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), (resamples, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"games": len(common), "mean": float(diffs.mean()), "ci95": [float(low), float(high)]}

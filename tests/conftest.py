@@ -1,6 +1,11 @@
 """Shared fixtures: a tiny randomly initialised chat model built in code (no download)."""
 
+import os
+
 import pytest
+
+# Tests never reach a model hub: a name that is not a local path fails at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -60,3 +65,31 @@ def tiny_lm(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer, path
+
+
+@pytest.fixture(scope="session")
+def parrot_lm(tiny_lm, tmp_path_factory):
+    """Path of a tiny model fully fine-tuned to answer every turn with one valid [message]: games
+    with it have accepted turns (and never a deal), so the training loop has something to learn from."""
+    from parlay import prompts
+    from parlay.config import TrainConfig
+    from parlay.games import all_contexts, objective
+    from parlay.improve.sft import TrainExample, train
+
+    _, tokenizer, path = tiny_lm
+    examples = [
+        TrainExample(
+            messages=[
+                {"role": "system", "content": prompts.system_prompt(ctx, player, objective(lam), 6)},
+                {"role": "user", "content": "The negotiation starts now."},
+                {"role": "assistant", "content": "[message] I want the books and you take the hats."},
+            ]
+        )
+        for ctx in all_contexts()[::700]
+        for player in "AB"
+        for lam in (0, 1)
+    ]
+    out = tmp_path_factory.mktemp("parrot") / "model"
+    train(examples, str(path), out, TrainConfig(lora=False, lr=1e-2, epochs=6, batch_size=8, grad_accum=1))
+    tokenizer.save_pretrained(out)
+    return out

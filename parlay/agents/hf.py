@@ -51,7 +51,9 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
 def load_model(name: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
     """(model, tokenizer) for a model name, hub id or path, with an optional LoRA adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve(name)
     try:
@@ -66,6 +68,7 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "auto", devic
             model = PeftModel.from_pretrained(model, adapter)
         except (OSError, ValueError) as exc:
             raise AgentError(f"cannot load adapter {adapter!r}: {exc}") from None
+        model = model.merge_and_unload()  # folded into the weights: decoding costs what the base costs
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

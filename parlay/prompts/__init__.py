@@ -78,3 +78,8 @@ def system_prompt(context: Context, player: str, obj: Objective, max_messages: i
 def feedback(code: str, context: Context) -> str:
     """The line a player gets after a rejected reply with error ``code``."""
     return protocol_lines()["feedback"][code].format(inventory=inventory(context.counts))
+
+
+def judge_prompt() -> str:
+    """The judge's instructions (``judge.txt``): rate one player-episode 0-10."""
+    return _text("judge.txt")

@@ -1,0 +1,226 @@
+"""Run configuration: pydantic models loaded from YAML, overridable from the command line.
+
+Every field carries its help text. Unknown keys and wrong types are errors that name the key
+(``rollout.gamez: unknown key``). ``load_config`` reads a YAML file and applies ``key=value``
+overrides (``--set rollout.games=32``); the resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from parlay.games.dond import RuleError, objective
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RolloutConfig(_Section):
+    games: int = Field(64, ge=1, description="Self-play games per round.")
+    max_messages: int = Field(6, ge=1, description="Messages before a game ends without a deal.")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest reply, in tokens.")
+    contexts: Literal["same", "fresh"] = Field(
+        "same",
+        description="'same': every round replays the same seeded games, so rounds compare pairwise; "
+        "'fresh': each round draws new contexts.",
+    )
+    batch: int = Field(64, ge=1, description="Most conversations decoded together.")
+    dtype: str = Field("auto", description="Rollout dtype: auto, float32 or bfloat16.")
+
+
+class FilterConfig(_Section):
+    rule: Literal["above_mean", "nonzero", "all", "top_fraction", "threshold"] = Field(
+        "above_mean",
+        description="Which player-episodes to learn from: reward above the baseline (the paper), reward "
+        "above zero, all, the top fraction, or reward at least a threshold.",
+    )
+    fraction: float = Field(0.5, gt=0.0, le=1.0, description="Share kept by top_fraction.")
+    threshold: float = Field(0.0, description="Least reward kept by threshold.")
+    keep_valid_ties: bool = Field(
+        False, description="Also keep valid deals whose reward is 0 (the paper's competitive variant)."
+    )
+    baseline: Literal["round", "context"] = Field(
+        "round", description="Mean that above_mean and awr compare with: the round's, or the same context's."
+    )
+    on_empty: Literal["skip", "nonzero"] = Field(
+        "skip", description="When nothing passes: skip this round's training, or fall back to nonzero."
+    )
+
+
+class JudgeConfig(_Section):
+    agent: str | None = Field(None, description="Agent spec of the judge that rates player-episodes 0-10.")
+    mode: Literal["filter", "weight"] = Field(
+        "weight", description="Use the rating to filter (rating >= min_rating) or as the weight."
+    )
+    min_rating: float = Field(6.0, ge=0.0, le=10.0, description="Least rating kept when mode is filter.")
+
+
+class WeightConfig(_Section):
+    scheme: Literal["uniform", "awr", "iw_sft", "judge"] = Field(
+        "uniform",
+        description="uniform; awr: exp((R - b)/beta) clipped; iw_sft: importance weight against the "
+        "frozen round-start model, recomputed as training goes; judge: an agent's 0-10 rating.",
+    )
+    beta: float = Field(1.0, gt=0.0, description="AWR temperature, in reward points.")
+    w_max: float = Field(5.0, gt=0.0, description="Largest weight (awr, iw_sft).")
+    iw_temperature: float = Field(1.0, gt=0.0, description="T in exp(T * mean log-ratio) of iw_sft.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge settings (scheme: judge).")
+
+
+class TrainConfig(_Section):
+    backend: Literal["hf", "openai"] = Field(
+        "hf", description="hf: train here with transformers; openai: an OpenAI fine-tuning job."
+    )
+    lora: bool = Field(True, description="Train a LoRA adapter; false fine-tunes every weight.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules LoRA adapts.")
+    lr: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
+    warmup_steps: int = Field(2, ge=0, description="Linear warm-up steps.")
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the kept examples (fractions allowed).")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
+    max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")
+    dtype: str = Field("auto", description="Training dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
+    launcher: Literal["inline", "accelerate"] = Field(
+        "inline", description="inline: train in this process; accelerate: run `accelerate launch -m parlay sft`."
+    )
+    accelerate_args: list[str] = Field(default_factory=list, description="Extra `accelerate launch` arguments.")
+    openai_base_model: str | None = Field(None, description="Model id to fine-tune (backend: openai).")
+    poll_seconds: float = Field(30.0, gt=0.0, description="How often to poll an OpenAI job.")
+
+
+class WarmStartConfig(_Section):
+    episodes: str | None = Field(None, description="Episodes JSONL to fine-tune on before round 0.")
+    bots: list[str] | None = Field(
+        None, description="Or: two bot specs whose games are played first and used (the demonstrators)."
+    )
+    games: int = Field(128, ge=1, description="Bot games to play when bots are given.")
+    filter: Literal["all", "nonzero", "agreed"] = Field(
+        "agreed", description="Which demonstration sides to keep: all, reward above zero, or valid deals."
+    )
+    epochs: float = Field(1.0, gt=0.0, description="Passes over the demonstrations.")
+    lr: float | None = Field(None, gt=0.0, description="Learning rate (default: train.lr).")
+
+    @field_validator("bots")
+    @classmethod
+    def _two_bots(cls, bots: list[str] | None) -> list[str] | None:
+        if bots is not None and len(bots) != 2:
+            raise ValueError("give exactly two agent specs, for players A and B")
+        return bots
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.episodes or self.bots)
+
+
+class EarlyStopConfig(_Section):
+    patience: int | None = Field(
+        None, ge=1, description="Stop after this many rounds without a better mean reward (none: never)."
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="Improvement that counts as better.")
+
+
+class RunConfig(_Section):
+    name: str = Field("run", description="Run name; the run lives in runs_dir/name.")
+    runs_dir: str = Field("runs", description="Folder that holds runs.")
+    model: str = Field(
+        "smollm2-135m",
+        description="Starting model: smollm2-135m (embedded), a hub id or local path, or openai:MODEL[@URL].",
+    )
+    objective: str | float = Field("semi-competitive", description="cooperative, semi-competitive, competitive or λ.")
+    seed: int = Field(0, description="Seed of contexts, first speakers, sampling and training order.")
+    rounds: int = Field(3, ge=0, description="Training rounds after round 0.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    weights: WeightConfig = Field(default_factory=WeightConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, spec: str | float) -> str | float:
+        try:
+            objective(spec)
+        except RuleError as exc:
+            raise ValueError(str(exc)) from None
+        return spec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.train.backend == "openai" and not self.model.startswith("openai:"):
+            raise ValueError("train.backend: openai needs model: openai:MODEL[@URL]")
+        if self.weights.scheme == "judge" and not self.weights.judge.agent:
+            raise ValueError("weights.scheme: judge needs weights.judge.agent, e.g. openai:gpt-4o-mini")
+        if self.model.startswith("openai:") and self.train.backend != "openai":
+            raise ValueError("model openai:… can only be trained with train.backend: openai")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for e in exc.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        problems.append(f"{key}: {msg}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def _set(data: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def parse_config(data: Any, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. rollout.games=32")
+        _set(data, key.strip(), value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """The config in ``path`` (or the defaults) with ``key=value`` overrides applied."""
+    if path is None:
+        return parse_config({}, "defaults", overrides)
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path), overrides)

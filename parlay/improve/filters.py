@@ -1,0 +1,91 @@
+"""Which player-episodes a round learns from.
+
+Rules (``FilterConfig.rule``), all over the player-episodes of one round:
+
+- ``above_mean``: reward strictly above the baseline — the paper's rule, with the baseline the
+  mean over all player-episodes of the round, or (``baseline: context``) over those played on the
+  same context;
+- ``nonzero``: reward above zero (the player scored);
+- ``all``: everything;
+- ``top_fraction``: the ``fraction`` with the highest rewards (ties broken by order of play);
+- ``threshold``: reward at least ``threshold``.
+
+``keep_valid_ties`` adds the sides of valid deals whose reward is exactly 0, which a strictly
+competitive objective produces for every even split (the paper's competitive variant). When
+nothing passes, ``on_empty`` says what happens: ``skip`` trains nothing this round, ``nonzero``
+falls back to that rule; either way the result says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from parlay.config import FilterConfig
+from parlay.episode import PlayerEpisode
+
+
+@dataclass(frozen=True)
+class Selection:
+    kept: list[int]
+    """Indices of the kept player-episodes, in order of play."""
+    baselines: list[float]
+    """Per player-episode (all of them), the mean reward it was compared with."""
+    rule: str
+    """The rule that produced ``kept`` (differs from the configured one after a fallback)."""
+    note: str = ""
+    """What happened when the configured rule kept nothing."""
+
+
+def baselines(episodes: Sequence[PlayerEpisode], per_context: bool = False) -> list[float]:
+    """The round mean for each player-episode, or the mean over the same context."""
+    if not episodes:
+        return []
+    if not per_context:
+        mean = sum(p.reward for p in episodes) / len(episodes)
+        return [mean] * len(episodes)
+    groups: dict[str, list[float]] = defaultdict(list)
+    for p in episodes:
+        groups[p.context_key].append(p.reward)
+    means = {k: sum(v) / len(v) for k, v in groups.items()}
+    return [means[p.context_key] for p in episodes]
+
+
+def _passes(rule: str, episodes: Sequence[PlayerEpisode], base: list[float], cfg: FilterConfig) -> list[bool]:
+    rewards = [p.reward for p in episodes]
+    if rule == "above_mean":
+        return [r > b for r, b in zip(rewards, base, strict=True)]
+    if rule == "nonzero":
+        return [r > 0 for r in rewards]
+    if rule == "all":
+        return [True] * len(rewards)
+    if rule == "threshold":
+        return [r >= cfg.threshold for r in rewards]
+    if rule == "top_fraction":
+        k = math.ceil(cfg.fraction * len(rewards))
+        order = sorted(range(len(rewards)), key=lambda i: (-rewards[i], i))
+        top = set(order[:k])
+        return [i in top for i in range(len(rewards))]
+    raise ValueError(f"unknown filter rule {rule!r}")
+
+
+def select(episodes: Sequence[PlayerEpisode], cfg: FilterConfig) -> Selection:
+    """Apply the configured rule (and ``keep_valid_ties``, and the empty-set policy)."""
+    base = baselines(episodes, per_context=cfg.baseline == "context")
+
+    def run(rule: str) -> list[int]:
+        ok = _passes(rule, episodes, base, cfg)
+        if cfg.keep_valid_ties:
+            ok = [k or (p.agreed and p.reward == 0) for k, p in zip(ok, episodes, strict=True)]
+        return [i for i, k in enumerate(ok) if k]
+
+    kept = run(cfg.rule)
+    if kept or not episodes:
+        return Selection(kept, base, cfg.rule)
+    note = f"rule {cfg.rule} kept none of {len(episodes)} player-episodes"
+    if cfg.on_empty == "nonzero" and cfg.rule != "nonzero":
+        kept = run("nonzero")
+        return Selection(kept, base, "nonzero", f"{note}; fell back to nonzero, which kept {len(kept)}")
+    return Selection([], base, cfg.rule, f"{note}; this round's training is skipped")

@@ -1,0 +1,209 @@
+"""The training loop: config errors, rounds, the run directory, resume after a kill, early stop,
+empty filters, warm start, and the OpenAI route against a loopback server."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from parlay.config import ConfigError, load_config, parse_config
+from parlay.episode import read_episodes
+from parlay.loop import Hooks, Loop, prepare_run
+from tests.openai_server import start_chat_server
+from tests.test_cli import run
+
+
+def config(tmp_path: Path, model: str, **sections):
+    data = {
+        "name": "t",
+        "runs_dir": str(tmp_path / "runs"),
+        "model": model,
+        "objective": "cooperative",
+        "rounds": 2,
+        "rollout": {"games": 4, "max_messages": 4, "max_new_tokens": 16, "temperature": 0.0},
+        "filter": {"rule": "all"},
+        "train": {"lr": 1e-3, "batch_size": 4, "grad_accum": 1, "warmup_steps": 0},
+    }
+    for key, value in sections.items():
+        data[key] = data[key] | value if isinstance(value, dict) and key in data else value
+    return parse_config(data, "test")
+
+
+class Recorder(Hooks):
+    def __init__(self):
+        self.notes, self.rounds = [], []
+
+    def note(self, text):
+        self.notes.append(text)
+
+    def round_done(self, row, history):
+        self.rounds.append(row["round"])
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"rollout": {"gamez": 3}}, "rollout.gamez: unknown key"),
+        ({"rollout": {"games": "many"}}, "rollout.games"),
+        ({"rollout": {"games": 0}}, "rollout.games"),
+        ({"filter": {"rule": "best"}}, "filter.rule"),
+        ({"objective": "friendly"}, "objective"),
+        ({"weights": {"scheme": "judge"}}, "judge.agent"),
+        ({"warm_start": {"bots": ["bot:hard"]}}, "warm_start.bots"),
+        ({"model": "openai:gpt-4o-mini"}, "train.backend: openai"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, "c.yaml")
+
+
+def test_overrides_and_files(tmp_path):
+    cfg = load_config(None, ["rollout.games=5", "objective=0.5", "train.lora=false"])
+    assert cfg.rollout.games == 5 and cfg.objective == 0.5 and cfg.train.lora is False
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["rollout.games"])
+    (tmp_path / "bad.yaml").write_text("rollout: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+    assert load_config(Path(__file__).parents[1] / "configs" / "cpu-quickstart.yaml").warm_start.enabled
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("rounds: 2\nrollout:\n  gamez: 3\n")
+    r = run("train", "--config", str(tmp_path / "c.yaml"))
+    assert r.returncode == 2
+    assert "rollout.gamez: unknown key" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def test_rounds_train_play_and_fill_the_run_directory(parrot_lm, tmp_path):
+    cfg = prepare_run(config(tmp_path, str(parrot_lm)), resume=False)
+    hooks = Recorder()
+    history = Loop(cfg, hooks).run()
+    run_dir = tmp_path / "runs" / "t"
+    assert [r["round"] for r in history] == hooks.rounds == [0, 1, 2]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["rollout"]["games"] == 4
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    for k in (1, 2):
+        stats = json.loads((run_dir / "rounds" / str(k) / "train_stats.json").read_text())
+        assert not stats["skipped"] and stats["kept"] == 8 and stats["steps"] >= 1
+        assert (run_dir / "rounds" / str(k) / "model" / "adapter_model.safetensors").exists()
+        assert len((run_dir / "rounds" / str(k) / "train.jsonl").read_text().splitlines()) == 8
+        assert history[k]["model"]["adapter"] == str(run_dir / "rounds" / str(k) / "model")
+        assert history[k]["vs_round0"]["games"] == 4
+    episodes = read_episodes(run_dir / "rounds" / "2" / "episodes.jsonl")
+    assert episodes[0].meta["agents"]["A"].startswith(f"hf:{parrot_lm}+adapter=")
+    # Every round replays the same seeded games.
+    ids = [[e.id for e in read_episodes(run_dir / "rounds" / str(k) / "episodes.jsonl")] for k in range(3)]
+    assert ids[0] == ids[1] == ids[2]
+
+
+def test_resume_after_a_kill_loses_and_duplicates_nothing(parrot_lm, tmp_path):
+    cfg = prepare_run(config(tmp_path, str(parrot_lm), rounds=1), resume=False)
+    Loop(cfg).run()
+    r1 = tmp_path / "runs" / "t" / "rounds" / "1"
+    complete = (r1 / "episodes.jsonl").read_text().splitlines()
+    # A kill in the middle of round 1's play: two games written, a third torn mid-line.
+    (r1 / "metrics.json").unlink()
+    (r1 / "episodes.jsonl").write_text("\n".join(complete[:2]) + "\n" + complete[2][:50])
+    with pytest.raises(ConfigError, match="already holds a run"):
+        prepare_run(cfg, resume=False)
+    before = (r1 / "model" / "adapter_model.safetensors").stat().st_mtime_ns
+    Loop(prepare_run(cfg, resume=True)).run()
+    lines = (r1 / "episodes.jsonl").read_text().splitlines()
+    assert lines[:2] == complete[:2]
+    assert sorted(json.loads(x)["id"] for x in lines) == sorted(json.loads(x)["id"] for x in complete)
+    assert (r1 / "model" / "adapter_model.safetensors").stat().st_mtime_ns == before  # not retrained
+    # A kill during training: the partial model is thrown away and training runs again.
+    (r1 / "metrics.json").unlink()
+    (r1 / "train_stats.json").unlink()
+    (r1 / "model").rename(r1 / "model.partial")
+    Loop(prepare_run(cfg, resume=True)).run()
+    assert (r1 / "model").exists() and not (r1 / "model.partial").exists()
+    assert len(read_episodes(r1 / "episodes.jsonl")) == 4
+
+
+def test_resume_refuses_changed_settings_but_takes_more_rounds(parrot_lm, tmp_path):
+    cfg = prepare_run(config(tmp_path, str(parrot_lm), rounds=0), resume=False)
+    Loop(cfg).run()
+    with pytest.raises(ConfigError, match=r"rollout\.games"):
+        prepare_run(config(tmp_path, str(parrot_lm), rounds=0, rollout={"games": 5}), resume=True)
+    with pytest.raises(ConfigError, match="no run to resume"):
+        prepare_run(config(tmp_path / "elsewhere", str(parrot_lm)), resume=True)
+    history = Loop(prepare_run(config(tmp_path, str(parrot_lm), rounds=1), resume=True)).run()
+    assert [r["round"] for r in history] == [0, 1]
+
+
+def test_an_empty_filter_skips_training_and_says_so(parrot_lm, tmp_path):
+    # The parrot never reaches a deal: every reward is 0, so nothing is strictly above the mean.
+    cfg = prepare_run(config(tmp_path, str(parrot_lm), rounds=1, filter={"rule": "above_mean"}), resume=False)
+    hooks = Recorder()
+    history = Loop(cfg, hooks).run()
+    assert history[1]["train"]["skipped"] and history[1]["train"]["kept"] == 0
+    assert history[1]["model"] == history[0]["model"]
+    assert any("kept none" in n for n in hooks.notes) and any("plays the round 0 model" in n for n in hooks.notes)
+
+
+def test_early_stop_ends_the_run_when_reward_stops_improving(parrot_lm, tmp_path):
+    cfg = config(tmp_path, str(parrot_lm), rounds=4, early_stop={"patience": 1}, filter={"rule": "above_mean"})
+    hooks = Recorder()
+    history = Loop(prepare_run(cfg, resume=False), hooks).run()
+    assert [r["round"] for r in history] == [0, 1]
+    assert any("stopped early" in n for n in hooks.notes)
+
+
+# --------------------------------------------------------------------------- warm start, OpenAI route
+
+
+def test_warm_start_from_init_data_on_the_command_line(parrot_lm, tmp_path):
+    bots = tmp_path / "bots.jsonl"
+    r = run("play", "--a", "bot:cooperative", "--b", "bot:cooperative", "-n", "4", "--objective", "cooperative",
+            "--max-messages", "6", "-o", str(bots))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    c = tmp_path / "c.yaml"
+    c.write_text(config(tmp_path, str(parrot_lm), rounds=0).to_yaml())
+    r = run("train", "--config", str(c), "--init-data", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr
+    r = run("train", "--config", str(c), "--init-data", str(bots))
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "runs" / "t"
+    stats = json.loads((run_dir / "warm_start" / "train_stats.json").read_text())
+    assert stats["examples"] == 8 and stats["steps"] >= 1
+    row = json.loads((run_dir / "rounds" / "0" / "metrics.json").read_text())
+    assert row["model"]["adapter"] == str(run_dir / "warm_start" / "model")
+    assert "reward" in r.stdout and "agree" in r.stdout  # the round table
+
+
+def test_openai_route_trains_with_a_job_and_plays_the_new_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    server, url = start_chat_server()
+    try:
+        cfg = config(
+            tmp_path,
+            f"openai:base-model@{url}",
+            rounds=1,
+            train={"backend": "openai", "poll_seconds": 0.01},
+            weights={"scheme": "judge", "judge": {"agent": f"openai:judge@{url}", "mode": "weight"}},
+        )
+        history = Loop(prepare_run(cfg, resume=False)).run()
+    finally:
+        server.shutdown()
+    r1 = tmp_path / "runs" / "t" / "rounds" / "1"
+    assert history[1]["model"]["base"] == f"openai:ft:base-model:parlay:1@{url}"
+    assert read_episodes(r1 / "episodes.jsonl")[0].meta["agents"]["A"] == history[1]["model"]["base"]
+    judged = history[1]["train"]["judge"]
+    assert judged["rated"] == 8 and judged["unreadable"] == 0
+    examples = [json.loads(x) for x in (r1 / "train.jsonl").read_text().splitlines()]
+    assert all(e["rating"] is not None for e in examples)
+    exported = (r1 / "openai_train.jsonl").read_text().splitlines()
+    assert exported and '"weight": 1' in exported[0]

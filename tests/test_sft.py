@@ -1,0 +1,118 @@
+"""The trainer: the assistant-only mask, the weighted loss, and a tiny model that really learns."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from parlay.agents import load_agent
+from parlay.config import TrainConfig, WeightConfig
+from parlay.episode import player_episodes
+from parlay.games import objective
+from parlay.improve import TrainDataError
+from parlay.improve.sft import TrainExample, assistant_mask, read_examples, train, weighted_nll, write_examples
+from parlay.rollout import plan_games, play_games
+from tests.conftest import tiny_tokenizer
+
+
+def bot_examples(n_games: int = 6) -> list[TrainExample]:
+    bot = load_agent("bot:cooperative")
+    episodes = play_games(bot, bot, plan_games(n_games, 3), objective("cooperative"), 6)
+    return [TrainExample(messages=pe.messages, reward=pe.reward) for ep in episodes for pe in player_episodes(ep)]
+
+
+def test_mask_covers_exactly_the_players_own_turns_and_their_end_tokens():
+    tok = tiny_tokenizer()
+    for ex in bot_examples(3):
+        ids, mask = assistant_mask(tok, ex.messages)
+        assert len(ids) == len(mask)
+        own = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+        expected = "".join(m["content"] + "<|im_end|>" for m in ex.messages if m["role"] == "assistant")
+        assert own == expected
+        # …and nothing of the system prompt, the partner's turns or the role headers.
+        context = tok.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+        assert all(m["content"] in context for m in ex.messages if m["role"] != "assistant")
+        assert context.count("<|im_start|>assistant") == sum(m["role"] == "assistant" for m in ex.messages)
+
+
+def test_a_template_that_does_not_render_prefixes_as_prefixes_is_refused():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}"
+    with pytest.raises(TrainDataError, match="prefixes"):
+        assistant_mask(tok, bot_examples(1)[0].messages)
+
+
+def test_weighted_nll_by_hand():
+    # Two sequences of 3 tokens over a vocabulary of 2; uniform logits → every token costs ln 2.
+    logits = torch.zeros(2, 3, 2)
+    ids = torch.tensor([[0, 1, 0], [1, 1, 1]])
+    mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
+    w = torch.tensor([1.0, 3.0])
+    loss, seq_logp = weighted_nll(logits, ids, mask, w)
+    ln2 = torch.log(torch.tensor(2.0))
+    assert loss.item() == pytest.approx(((2 * 1 + 1 * 3) * ln2 / 3).item())
+    assert seq_logp.tolist() == pytest.approx([-ln2.item(), -ln2.item()])
+    zero, _ = weighted_nll(logits, ids, mask, torch.zeros(2))
+    assert zero.item() == 0
+
+
+def _tensors(path):
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+
+def test_lora_training_lowers_the_loss_changes_the_adapter_and_leaves_the_base_alone(tiny_lm, tmp_path):
+    _, _, path = tiny_lm
+    base_before = _tensors(path / "model.safetensors")
+    examples = bot_examples(4)
+    cfg = TrainConfig(lr=3e-3, epochs=6, batch_size=4, grad_accum=2, warmup_steps=0)
+    stats = train(examples, str(path), tmp_path / "round1", cfg, seed=0)
+    assert stats.steps >= 4 and stats.loss_last < stats.loss_first - 0.1
+    assert all(b < a for a, b in zip(stats.losses, stats.losses[1:], strict=False))
+    assert stats.own_tokens > 0 and stats.tokens > stats.own_tokens
+    adapter1 = _tensors(tmp_path / "round1" / "adapter_model.safetensors")
+    # Continue from that adapter for a second round: the adapter moves again, the base never.
+    train(examples, str(path), tmp_path / "round2", cfg, adapter=str(tmp_path / "round1"), epochs=1)
+    adapter2 = _tensors(tmp_path / "round2" / "adapter_model.safetensors")
+    lora_b = [k for k in adapter1 if "lora_B" in k]
+    assert lora_b and all(adapter1[k].abs().sum() > 0 for k in lora_b)  # B starts at zero
+    assert any(not torch.equal(adapter1[k], adapter2[k]) for k in adapter1)
+    base_after = _tensors(path / "model.safetensors")
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
+    assert not (tmp_path / "round1.partial").exists()
+
+
+def test_full_fine_tuning_changes_every_trained_weight(tiny_lm, tmp_path):
+    _, _, path = tiny_lm
+    before = _tensors(path / "model.safetensors")
+    cfg = TrainConfig(lora=False, lr=1e-3, epochs=2, batch_size=4, grad_accum=1, warmup_steps=0)
+    stats = train(bot_examples(2), str(path), tmp_path / "full", cfg)
+    after = _tensors(tmp_path / "full" / "model.safetensors")
+    assert stats.loss_last < stats.loss_first
+    assert sum(not torch.equal(before[k], after[k]) for k in before) == len(before)
+    assert (tmp_path / "full" / "tokenizer_config.json").exists()
+
+
+def test_iw_sft_recomputes_its_factor_and_zero_weights_learn_nothing(tiny_lm, tmp_path):
+    _, _, path = tiny_lm
+    examples = bot_examples(2)
+    cfg = TrainConfig(lr=3e-3, epochs=3, batch_size=4, grad_accum=1, warmup_steps=0)
+    stats = train(examples, str(path), tmp_path / "iw", cfg, weights=WeightConfig(scheme="iw_sft", w_max=2.0))
+    # At the first step theta = pi_ref (factor 1); as theta learns the data, the ratio grows.
+    assert stats.mean_iw is not None and 1.0 < stats.mean_iw <= 2.0
+    zero = [e.model_copy(update={"weight": 0.0}) for e in examples]
+    stats0 = train(zero, str(path), tmp_path / "zero", cfg)
+    adapter = _tensors(tmp_path / "zero" / "adapter_model.safetensors")
+    assert stats0.loss_last == 0 and all(adapter[k].abs().sum() == 0 for k in adapter if "lora_B" in k)
+
+
+def test_training_data_errors_name_the_line(tmp_path):
+    write_examples(tmp_path / "train.jsonl", bot_examples(1))
+    assert len(read_examples(tmp_path / "train.jsonl")) == 2
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write(json.dumps({"messages": "not a list"}) + "\n")
+    with pytest.raises(TrainDataError, match=r"train.jsonl:3"):
+        read_examples(tmp_path / "train.jsonl")
+    no_own = [TrainExample(messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])]
+    with pytest.raises(TrainDataError, match="own tokens"):
+        train(no_own, "unused", tmp_path / "out", TrainConfig())
