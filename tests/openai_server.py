@@ -2,8 +2,9 @@
 
 The server answers ``POST /v1/chat/completions`` by the protocol: a message until the partner
 has proposed, then a proposal. It also takes file uploads and runs pretend fine-tuning jobs
-(``/v1/files``, ``/v1/fine_tuning/jobs``) the way the OpenAI API reports them. The proxy forwards to it but, per a script of faults, delays a
-request, drops the connection, or answers 429/500 first.
+(``/v1/files``, ``/v1/fine_tuning/jobs``) the way the OpenAI API reports them. The proxy
+forwards to it but, per a script of faults, delays a request, drops the connection, or answers
+429/500 first.
 """
 
 from __future__ import annotations

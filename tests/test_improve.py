@@ -139,6 +139,7 @@ def test_openai_export_weights_assistant_turns_and_repeats_weighted_examples(tmp
 
 def test_fine_tune_job_against_a_loopback_server(tmp_path):
     from openai import OpenAI
+
     from tests.openai_server import start_chat_server
 
     server, url = start_chat_server()
