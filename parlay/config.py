@@ -93,7 +93,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
     max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")
-    dtype: str = Field("auto", description="Training dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
+    dtype: str = Field(
+        "auto", description="Training dtype: auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bf16."
+    )
     launcher: Literal["inline", "accelerate"] = Field(
         "inline", description="inline: train in this process; accelerate: run `accelerate launch -m parlay sft`."
     )

@@ -163,7 +163,7 @@ def _load(base: str, adapter: str | None, cfg: TrainConfig, device: str):
 
     hf_logging.disable_progress_bar()
     path = resolve(base)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, training=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -228,7 +228,7 @@ def train(
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=device == "cpu",
-        mixed_precision="bf16" if (not cfg.lora and pick_dtype(cfg.dtype, device) == torch.bfloat16) else "no",
+        mixed_precision="bf16" if not cfg.lora and pick_dtype(cfg.dtype, device, True) == torch.bfloat16 else "no",
     )
     torch.manual_seed(seed)
     model, tokenizer, _ = _load(base, adapter, cfg, device)
