@@ -425,6 +425,48 @@ def sft(
         )
 
 
+@app.command()
+@user_errors
+def export(
+    source: Annotated[Path, typer.Argument(help="An episodes JSONL file, or a run directory (every round).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="openai (chat fine-tuning JSONL) or jsonl.")] = "openai",
+    keep: Annotated[
+        str, typer.Option(help="Filter rule per round: all, above_mean, nonzero, top_fraction, threshold.")
+    ] = "all",
+) -> None:
+    """Player-episodes as training data: OpenAI chat fine-tuning JSONL, or plain JSONL with rewards."""
+    from parlay.config import FilterConfig
+    from parlay.episode import player_episodes, write_lines_atomic
+    from parlay.improve.filters import select
+    from parlay.improve.openai_ft import export as export_openai
+    from parlay.improve.sft import TrainExample
+
+    if fmt not in ("openai", "jsonl"):
+        raise ConfigError(f"--format {fmt!r}: expected openai or jsonl")
+    try:
+        rule = FilterConfig(rule=keep)  # type: ignore[arg-type]
+    except ValueError:
+        raise ConfigError(f"--keep {keep!r}: expected all, above_mean, nonzero, top_fraction or threshold") from None
+    if source.is_dir():
+        files = sorted(source.glob("rounds/*/episodes.jsonl"), key=lambda p: int(p.parent.name))
+        if not files:
+            raise EpisodeFileError(f"{source}: no rounds/<k>/episodes.jsonl in this run directory")
+    else:
+        files = [source]
+    kept = []
+    for path in files:  # each file is one round: the filter compares within it
+        pes = [pe for ep in read_episodes(path) for pe in player_episodes(ep)]
+        kept += [pes[i] for i in select(pes, rule).kept]
+    if fmt == "openai":
+        n = export_openai([TrainExample(messages=pe.messages, reward=pe.reward) for pe in kept], output)
+    else:
+        fields = ("episode_id", "player", "reward", "raw_score", "agreed", "context_key", "messages", "meta")
+        write_lines_atomic(output, (json.dumps({f: getattr(pe, f) for f in fields}) for pe in kept))
+        n = len(kept)
+    err.print(f"{n} player-episodes from {len(files)} file(s) written to {output}")
+
+
 def run() -> None:
     """Entry point; keeps a Ctrl-C quiet."""
     try:

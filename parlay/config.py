@@ -142,6 +142,9 @@ class RunConfig(_Section):
         "smollm2-135m",
         description="Starting model: smollm2-135m (embedded), a hub id or local path, or openai:MODEL[@URL].",
     )
+    adapter: str | None = Field(
+        None, description="LoRA adapter to start from, e.g. another run's warm_start/model (hf models only)."
+    )
     objective: str | float = Field("semi-competitive", description="cooperative, semi-competitive, competitive or λ.")
     seed: int = Field(0, description="Seed of contexts, first speakers, sampling and training order.")
     rounds: int = Field(3, ge=0, description="Training rounds after round 0.")

@@ -104,7 +104,7 @@ class Loop:
     def run(self) -> list[dict[str, Any]]:
         """Play and train every round not yet complete; return the metrics of every round."""
         cfg = self.cfg
-        model = self.warm_start() if cfg.warm_start.enabled else ModelRef(cfg.model)
+        model = self.warm_start() if cfg.warm_start.enabled else ModelRef(cfg.model, cfg.adapter)
         history = self.history()
         for k in range(cfg.rounds + 1):
             rdir = self.round_dir(k)
@@ -122,7 +122,7 @@ class Loop:
             write_lines_atomic(rdir / "metrics.json", [json.dumps(row, indent=1)])
             history = self.history()
             self.hooks.round_done(row, history)
-        if self.stopped_early(history):
+        if len(history) < cfg.rounds + 1 and self.stopped_early(history):
             self.hooks.note(f"stopped early: no better mean reward for {cfg.early_stop.patience} round(s)")
         return history
 
@@ -152,7 +152,7 @@ class Loop:
     def warm_start(self) -> ModelRef:
         """Fine-tune the starting model on given or bot-played games (paper §5.3), once."""
         cfg, ws = self.cfg, self.cfg.warm_start
-        wdir, start = self.dir / "warm_start", ModelRef(cfg.model)
+        wdir, start = self.dir / "warm_start", ModelRef(cfg.model, cfg.adapter)
         stats_path = wdir / "train_stats.json"
         if stats_path.exists():
             return self._trained_ref(wdir, start, json.loads(stats_path.read_text()))

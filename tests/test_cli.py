@@ -111,3 +111,20 @@ def test_user_errors_are_one_clear_line(tmp_path: Path):
     junk = tmp_path / "junk.txt"
     junk.write_text("hello\n")
     assert "no dialogue could be imported" in _user_error("import-lewis", str(junk), "-o", str(tmp_path / "o.jsonl"))
+
+
+def test_export_player_episodes_for_openai_and_as_jsonl(tmp_path):
+    eps = tmp_path / "eps.jsonl"
+    assert run("play", "--a", "bot:hard", "--b", "bot:conceder", "-n", "20", "-o", str(eps)).returncode == 0
+    r = run("export", str(eps), "-o", str(tmp_path / "ft.jsonl"), "--keep", "above_mean")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in (tmp_path / "ft.jsonl").read_text().splitlines()]
+    assert 0 < len(records) < 40
+    assert all(m.get("weight") == 1 for rec in records for m in rec["messages"] if m["role"] == "assistant")
+    r = run("export", str(eps), "-o", str(tmp_path / "all.jsonl"), "--format", "jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {"reward", "agreed", "messages"} <= rows[0].keys()
+    r = run("export", str(tmp_path), "-o", str(tmp_path / "x.jsonl"))
+    assert r.returncode == 2 and "no rounds" in r.stderr
+    r = run("export", str(eps), "-o", str(tmp_path / "x.jsonl"), "--format", "parquet")
+    assert r.returncode == 2 and "expected openai or jsonl" in r.stderr

@@ -116,3 +116,25 @@ def test_training_data_errors_name_the_line(tmp_path):
     no_own = [TrainExample(messages=[{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])]
     with pytest.raises(TrainDataError, match="own tokens"):
         train(no_own, "unused", tmp_path / "out", TrainConfig())
+
+
+@pytest.mark.slow
+def test_the_same_trainer_runs_under_accelerate_launch_with_two_processes(tiny_lm, tmp_path):
+    """Two CPU processes (DDP over gloo) through `accelerate launch -m parlay sft`, as on several GPUs."""
+    import subprocess
+    import sys
+
+    _, _, path = tiny_lm
+    write_examples(tmp_path / "train.jsonl", bot_examples(4))
+    (tmp_path / "c.yaml").write_text("train:\n  batch_size: 2\n  grad_accum: 1\n  dtype: float32\n  lr: 3.0e-3\n")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "parlay", "sft", str(tmp_path / "train.jsonl"), "--model", str(path), "--out", str(tmp_path / "out"),
+        "--config", str(tmp_path / "c.yaml"), "--stats", str(tmp_path / "stats.json"),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["steps"] >= 2 and stats["loss_last"] < stats["loss_first"]
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
