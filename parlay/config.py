@@ -90,6 +90,9 @@ class TrainConfig(_Section):
     lr: float = Field(2e-4, gt=0.0, description="Peak learning rate.")
     warmup_steps: int = Field(2, ge=0, description="Linear warm-up steps.")
     epochs: float = Field(1.0, gt=0.0, description="Passes over the kept examples (fractions allowed).")
+    min_steps: int = Field(
+        0, ge=0, description="Least optimiser steps, repeating the data: a round that kept few examples still learns."
+    )
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
     max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")

@@ -218,8 +218,6 @@ def train(
     """Fine-tune ``base`` (plus ``adapter`` when continuing a LoRA run) on ``examples`` and save
     the result to ``out`` (adapter, or full weights and tokenizer), atomically."""
     from accelerate import Accelerator
-    from transformers import get_constant_schedule_with_warmup
-
     if not any(m["role"] == "assistant" for ex in examples for m in ex.messages):
         raise TrainDataError("no example has any of the player's own tokens to learn from")
     start_time = time.perf_counter()
@@ -253,18 +251,20 @@ def train(
             row["ref_logp"] = ref
 
     n_epochs = epochs if epochs is not None else cfg.epochs
-    micro_steps = max(cfg.grad_accum, math.ceil(n_epochs * math.ceil(len(rows) / cfg.batch_size)))
-    micro_steps -= micro_steps % cfg.grad_accum  # whole optimiser steps only
-    total_steps = micro_steps // cfg.grad_accum
+    micro_steps = math.ceil(n_epochs * math.ceil(len(rows) / cfg.batch_size))
+    micro_steps = max(micro_steps, cfg.min_steps * cfg.grad_accum)
+    # Whole optimiser steps, the same number in every process (DDP needs every rank to step).
+    nproc = accelerator.num_processes
+    per_rank = max(1, math.ceil(micro_steps / nproc / cfg.grad_accum)) * cfg.grad_accum
+    total_steps = per_rank // cfg.grad_accum
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=0.0)
-    scheduler = get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+    # Linear warm-up whose first step already moves (step s of w runs at (s+1)/(w+1) of the peak).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
 
-    batches = _batches(len(rows), cfg.batch_size, micro_steps, seed)
-    # Under several processes each takes its share of every optimiser step's micro-batches.
-    batches = batches[accelerator.process_index :: accelerator.num_processes] or batches[:1]
+    batches = _batches(len(rows), cfg.batch_size, per_rank * nproc, seed)[accelerator.process_index :: nproc]
     losses, nlls, iws = [], [], []
     step_loss, step_nll, tokens, own_tokens = 0.0, 0.0, 0, 0
     for i, batch in enumerate(batches):
