@@ -218,11 +218,15 @@ def train(
     """Fine-tune ``base`` (plus ``adapter`` when continuing a LoRA run) on ``examples`` and save
     the result to ``out`` (adapter, or full weights and tokenizer), atomically."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     if not any(m["role"] == "assistant" for ex in examples for m in ex.messages):
         raise TrainDataError("no example has any of the player's own tokens to learn from")
     start_time = time.perf_counter()
     iw = weights is not None and weights.scheme == "iw_sft"
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # One process may train several times with different settings (warm start, rounds, tests);
+    # accelerate keeps them in a process-wide singleton, so start each training afresh.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         cpu=device == "cpu",
