@@ -219,6 +219,7 @@ def train(
     the result to ``out`` (adapter, or full weights and tokenizer), atomically."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
     if not any(m["role"] == "assistant" for ex in examples for m in ex.messages):
         raise TrainDataError("no example has any of the player's own tokens to learn from")
     start_time = time.perf_counter()
