@@ -39,7 +39,15 @@ import yaml
 
 from parlay.agents import Agent, Sampling, load_agent
 from parlay.config import ConfigError, RunConfig, parse_config
-from parlay.episode import Episode, EpisodeWriter, ReadReport, player_episodes, read_episodes, write_lines_atomic
+from parlay.episode import (
+    Episode,
+    EpisodeWriter,
+    PlayerEpisode,
+    ReadReport,
+    player_episodes,
+    read_episodes,
+    write_lines_atomic,
+)
 from parlay.evaluate import compute_metrics, paired_difference
 from parlay.games.dond import objective
 from parlay.improve import judge as judging
@@ -208,7 +216,7 @@ class Loop:
             info["filter_note"] = selection.note
         ratings: list[float | None] | None = None
         if cfg.weights.scheme == "judge":
-            ratings = self.judge(k, pairs, [pe.reward for pe in pes])
+            ratings = self.judge(k, pairs)
             info["judge"] = judging.correlation(ratings, [pe.reward for pe in pes])
             if cfg.weights.judge.mode == "filter":
                 kept = [i for i in kept if (ratings[i] or 0) >= cfg.weights.judge.min_rating]
@@ -323,12 +331,12 @@ class Loop:
         )
         return {"model": f"openai:{new}" + (f"@{url}" if url else ""), "lines": lines}
 
-    def judge(self, k: int, pairs: list, rewards: list[float]) -> list[float | None]:
+    def judge(self, k: int, pairs: list[tuple[PlayerEpisode, Episode]]) -> list[float | None]:
         cfg = self.cfg.weights.judge
         agent = load_agent(cfg.agent or "", Sampling(temperature=0.0, max_new_tokens=32))
         self.hooks.stage(f"round {k}: judging with {agent.spec}", len(pairs))
         try:
-            ratings = judging.rate(agent, [(pe, ep) for pe, ep in pairs], seed=self.cfg.seed)
+            ratings = judging.rate(agent, pairs, seed=self.cfg.seed)
         finally:
             self.hooks.advance(len(pairs))
             self.hooks.end_stage()
