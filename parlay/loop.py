@@ -54,7 +54,7 @@ from parlay.improve import judge as judging
 from parlay.improve.filters import select
 from parlay.improve.sft import TrainExample, TrainStats, read_examples, train, write_examples
 from parlay.improve.weights import static_weights
-from parlay.rollout import _derive, plan_games, play_games
+from parlay.rollout import derive_seed, plan_games, play_games
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ class ModelRef:
     base: str
     adapter: str | None = None
 
-    def agent_spec(self, dtype: str = "auto") -> str:
+    def agent_spec(self, dtype: str = "auto", batch: int = 64) -> str:
         if self.base.startswith("openai:"):
             return self.base
         spec = f"hf:{self.base}"
         if self.adapter:
             spec += f"+adapter={self.adapter}"
-        return spec + (f"+dtype={dtype}" if dtype != "auto" else "")
+        return spec + (f"+dtype={dtype}" if dtype != "auto" else "") + (f"+batch={batch}" if batch != 64 else "")
 
     def to_dict(self) -> dict[str, str | None]:
         return {"base": self.base, "adapter": self.adapter}
@@ -168,7 +168,7 @@ class Loop:
             episodes = _read(Path(ws.episodes))
         else:
             a, b = (load_agent(s) for s in ws.bots or [])
-            games = plan_games(ws.games, _derive(cfg.seed, 7919))
+            games = plan_games(ws.games, derive_seed(cfg.seed, 7919))
             self.hooks.stage(f"warm start: {a.spec} vs {b.spec}", len(games))
             episodes = play_games(a, b, games, self.obj, cfg.rollout.max_messages, on_episode=self._advance_game)
             self.hooks.end_stage()
@@ -284,7 +284,7 @@ class Loop:
                 cfg.train,
                 adapter=model.adapter,
                 weights=cfg.weights,
-                seed=_derive(cfg.seed, key, 31),
+                seed=derive_seed(cfg.seed, key, 31),
                 epochs=epochs,
                 lr=lr,
                 on_step=step,
@@ -347,7 +347,7 @@ class Loop:
 
     def games(self, k: int):
         r = self.cfg.rollout
-        seed = self.cfg.seed if r.contexts == "same" else _derive(self.cfg.seed, k)
+        seed = self.cfg.seed if r.contexts == "same" else derive_seed(self.cfg.seed, k)
         return plan_games(r.games, seed)
 
     def play(self, k: int, model: ModelRef) -> list[Episode]:
@@ -380,10 +380,7 @@ class Loop:
     def _agent(self, model: ModelRef) -> Agent:
         r = self.cfg.rollout
         sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed)
-        agent = load_agent(model.agent_spec(r.dtype), sampling)
-        if hasattr(agent, "max_batch"):
-            agent.max_batch = r.batch
-        return agent
+        return load_agent(model.agent_spec(r.dtype, r.batch), sampling)
 
     def _advance_game(self, ep: Episode) -> None:
         self.hooks.advance(deals=int(ep.agreed), tokens=sum(t.tokens or 0 for t in ep.turns))

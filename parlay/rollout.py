@@ -34,7 +34,7 @@ class GameSpec:
     seed: int
 
 
-def _derive(*keys: int) -> int:
+def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
@@ -44,7 +44,7 @@ def plan_games(n: int, seed: int, contexts: Sequence[Context] | None = None) -> 
     first k games of a larger plan equal a plan of k."""
     specs = []
     for i in range(n):
-        game_seed = _derive(seed, i)
+        game_seed = derive_seed(seed, i)
         rng = np.random.default_rng(game_seed)
         ctx = contexts[i % len(contexts)] if contexts else sample_contexts(1, rng)[0]
         first = "A" if rng.random() < 0.5 else "B"
@@ -91,7 +91,7 @@ def play_games(
                 proposal_owed=game.proposal_owed,
                 n_messages=game.n_messages,
                 max_messages=max_messages,
-                seed=_derive(spec.seed, len(game.turns)),
+                seed=derive_seed(spec.seed, len(game.turns)),
             )
             by_agent.setdefault(id(agents[player]), []).append((spec, game, request))
         for batch in by_agent.values():
