@@ -157,6 +157,10 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    tracking: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Where else to log rollout/, train/ and eval/ metrics: tensorboard, wandb (WANDB_MODE=offline).",
+    )
 
     @field_validator("objective")
     @classmethod

@@ -48,18 +48,19 @@ from parlay.episode import (
     read_episodes,
     write_lines_atomic,
 )
-from parlay.evaluate import compute_metrics, paired_difference
+from parlay.evaluate import METRICS, compute_metrics, paired_difference
 from parlay.games.dond import objective
 from parlay.improve import judge as judging
 from parlay.improve.filters import select
 from parlay.improve.sft import TrainExample, TrainStats, read_examples, train, write_examples
 from parlay.improve.weights import static_weights
-from parlay.rollout import derive_seed, plan_games, play_games
+from parlay.rollout import derive_seed, plan_games, play_games, split_finished
+from parlay.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
 # Keys that may differ between the saved config and the one given with --resume.
-RESUMABLE_CHANGES = {"rounds", "early_stop"}
+RESUMABLE_CHANGES = {"rounds", "early_stop", "tracking"}
 
 
 class Hooks:
@@ -106,11 +107,20 @@ class Loop:
         self.hooks = hooks or Hooks()
         self.dir = cfg.run_dir
         self.obj = objective(cfg.objective)
+        self.tracker: Tracker | None = None
+        self.train_step = 0
 
     # ------------------------------------------------------------------ the run
 
     def run(self) -> list[dict[str, Any]]:
         """Play and train every round not yet complete; return the metrics of every round."""
+        self.tracker = Tracker(self.cfg.tracking, self.dir, self.cfg.name, self.cfg.model_dump(mode="json"))
+        try:
+            return self._run()
+        finally:
+            self.tracker.close()
+
+    def _run(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         model = self.warm_start() if cfg.warm_start.enabled else ModelRef(cfg.model, cfg.adapter)
         history = self.history()
@@ -128,6 +138,7 @@ class Loop:
             episodes = self.play(k, model)
             row = self.round_metrics(k, model, episodes, stats, time.perf_counter() - started)
             write_lines_atomic(rdir / "metrics.json", [json.dumps(row, indent=1)])
+            self.track_round(row)
             history = self.history()
             self.hooks.round_done(row, history)
         if len(history) < cfg.rounds + 1 and self.stopped_early(history):
@@ -275,6 +286,9 @@ class Loop:
                 total["steps"] = of
                 self.hooks.stage(f"{label} on {len(examples)} examples", of)
             self.hooks.advance(loss=loss)
+            self.train_step += 1
+            if self.tracker is not None:
+                self.tracker.log({"train/loss": loss}, self.train_step, "train/step")
 
         try:
             return train(
@@ -355,13 +369,7 @@ class Loop:
         r = self.cfg.rollout
         path = self.round_dir(k) / "episodes.jsonl"
         games = self.games(k)
-        planned = {g.id for g in games}
-        have: dict[str, Episode] = {}
-        if path.exists():
-            for ep in _read(path, allow_empty=True):
-                if ep.id in planned:
-                    have.setdefault(ep.id, ep)
-        todo = [g for g in games if g.id not in have]
+        have, todo = split_finished(path, games)
         if todo:
             agent = self._agent(model)
             self.hooks.stage(f"round {k}: self-play", len(games))
@@ -387,13 +395,25 @@ class Loop:
 
     # ------------------------------------------------------------------ metrics
 
+    def track_round(self, row: dict[str, Any]) -> None:
+        """A complete round's figures, namespaced: rollout/ (its games), train/, eval/ (vs round 0)."""
+        if self.tracker is None or not self.tracker.active:
+            return
+        games = {k: v for k, v in row.items() if k in METRICS}
+        figures = flatten("rollout", games) | flatten("train", row.get("train") or {})
+        vs = row.get("vs_round0")
+        if vs:
+            figures |= {
+                "eval/vs_round0": vs["mean"],
+                "eval/vs_round0_low": vs["ci95"][0],
+                "eval/vs_round0_high": vs["ci95"][1],
+            }
+        self.tracker.log(figures, row["round"])
+
     def round_metrics(
         self, k: int, model: ModelRef, episodes: list[Episode], stats: dict[str, Any], seconds: float
     ) -> dict[str, Any]:
         row: dict[str, Any] = {"round": k, "model": model.to_dict()} | compute_metrics(episodes)
-        rewards = [pe.reward for ep in episodes for pe in player_episodes(ep)]
-        mean = sum(rewards) / len(rewards) if rewards else 0.0
-        row["above_mean_share"] = sum(r > mean for r in rewards) / len(rewards) if rewards else 0.0
         row["train"] = stats
         row["minutes"] = seconds / 60
         if k > 0 and self.cfg.rollout.contexts == "same":

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from parlay.agents.base import Agent, Reply, TurnRequest
-from parlay.episode import Episode, EpisodeWriter
+from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes
 from parlay.games.contexts import sample_contexts
 from parlay.games.dond import Context, Objective
 from parlay.protocol import DEFAULT_MAX_MESSAGES, Game
@@ -50,6 +51,22 @@ def plan_games(n: int, seed: int, contexts: Sequence[Context] | None = None) -> 
         first = "A" if rng.random() < 0.5 else "B"
         specs.append(GameSpec(id=f"s{seed}-g{i:06d}", context=ctx, first_speaker=first, seed=game_seed))
     return specs
+
+
+def split_finished(path: Path, games: Sequence[GameSpec]) -> tuple[dict[str, Episode], list[GameSpec]]:
+    """The planned games already in the append-only file ``path`` (by id) and those still to play.
+
+    A torn last line (a kill mid-write) is not a finished game: it is played again."""
+    have: dict[str, Episode] = {}
+    if path.exists():
+        report = ReadReport()
+        planned = {g.id for g in games}
+        for ep in read_episodes(path, report):
+            if ep.id in planned:
+                have.setdefault(ep.id, ep)
+        if report.truncated_tail:
+            log.warning("%s: the last line was cut short by an interrupted write; that game is played again", path)
+    return have, [g for g in games if g.id not in have]
 
 
 def play_games(

@@ -83,3 +83,8 @@ def feedback(code: str, context: Context) -> str:
 def judge_prompt() -> str:
     """The judge's instructions (``judge.txt``): rate one player-episode 0-10."""
     return _text("judge.txt")
+
+
+def consistency_prompt() -> str:
+    """The consistency judge's instructions (``consistency.txt``): does a message misstate facts?"""
+    return _text("consistency.txt")

@@ -1,0 +1,245 @@
+"""Metrics of a set of episodes (DESIGN.md, "Metrics" — normative), with bootstrap intervals.
+
+Averages run over games and both players; a game without a valid deal counts as 0. Every
+figure is computed here and nowhere else, so the CLI, the training loop, tournaments and reports
+agree.
+
+- ``error_rate`` is rejected attempts over all attempts (accepted + rejected).
+- ``tokens_per_game`` counts generated tokens where the agents reported them, else words.
+- Vocabulary and n-gram entropy are over the lower-cased words of accepted messages.
+- ``mean_reward_a`` / ``mean_reward_b``: one seat's mean reward (in cross-play: one agent's).
+- ``above_mean_share``: share of player-episodes whose reward is above the mean of the set (what
+  the paper's filter keeps).
+- ``inconsistency_rate``: share of accepted messages that misstate the speaker's own counts or
+  values, by the rules of ``consistency.py``.
+
+Every metric is a function of per-game multiplicities ``w`` (shape resamples × games): the point
+estimate is ``w = 1``, and a bootstrap resample is ``w = how often each game was drawn``. So one
+definition serves both, and 2,000 resamples of every metric take well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from parlay.episode import Episode
+from parlay.evaluate.consistency import violations
+
+_WORD = re.compile(r"[a-z0-9']+")
+NGRAM_ORDERS = (2, 3, 4, 5)
+RESAMPLES = 2000
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def ngram_entropy(token_lists: Sequence[Sequence[str]], n: int) -> float:
+    """Shannon entropy (bits) of the n-gram distribution over all messages."""
+    counts: Counter[tuple[str, ...]] = Counter()
+    for toks in token_lists:
+        counts.update(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+
+
+def episode_figures(ep: Episode) -> dict[str, Any]:
+    """Per-game figures the aggregate metrics are built from."""
+    ctx = ep.game_context()
+    xa, xb = ep.raw_scores
+    agreed = ep.agreed
+    reported = [t.tokens for t in ep.turns if t.tokens is not None]
+    messages = [(t.player, t.message) for t in ep.turns if t.accepted and t.kind == "message" and t.message]
+    return {
+        "agreed": agreed,
+        "reward": sum(ep.rewards) / len(ep.rewards),
+        "raw": (xa + xb) / 2,
+        "ceiling": ctx.reward_ceiling(ep.game_objective()),
+        "raw_ceiling": ctx.max_welfare / 2,
+        "pareto": agreed and ctx.is_pareto_optimal(xa, xb),
+        "welfare_ratio": (xa + xb) / ctx.max_welfare,
+        "attempts": len(ep.turns),
+        "rejected": sum(not t.accepted for t in ep.turns),
+        "aborted": ep.outcome.status == "aborted",
+        "failed": ep.outcome.status == "failed",
+        "messages": len(messages),
+        "inconsistent": sum(bool(violations(text, ctx, who)) for who, text in messages),
+        "tokens": sum(reported) if reported else sum(len(words(t.text)) for t in ep.turns),
+    }
+
+
+class GameTable:
+    """The figures of a set of games as arrays, one entry per game, ready to be weighted."""
+
+    def __init__(self, episodes: Sequence[Episode]) -> None:
+        figs = [episode_figures(ep) for ep in episodes]
+        keys = figs[0].keys() if figs else ()
+        self.games = len(figs)
+        self.col = {k: np.array([f[k] for f in figs], dtype=float) for k in keys}
+        self.player_rewards = np.array([ep.rewards for ep in episodes], dtype=float).reshape(-1, 2)
+        # Word n-grams as (game, id, count) triples: a weighted count is one bincount.
+        self.grams: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+        token_lists = [[words(m) for m in ep.messages()] for ep in episodes]
+        for n in (1, *NGRAM_ORDERS):
+            ids: dict[tuple[str, ...], int] = {}
+            game_idx, gram_idx, counts = [], [], []
+            for g, lists in enumerate(token_lists):
+                c = Counter(tuple(t[i : i + n]) for t in lists for i in range(len(t) - n + 1))
+                for gram, k in c.items():
+                    game_idx.append(g)
+                    gram_idx.append(ids.setdefault(gram, len(ids)))
+                    counts.append(k)
+            self.grams[n] = (np.array(game_idx, int), np.array(gram_idx, int), np.array(counts, float), len(ids))
+
+    def gram_counts(self, w: np.ndarray, n: int) -> np.ndarray:
+        """(resamples × distinct n-grams) counts under game weights ``w``."""
+        game_idx, gram_idx, counts, size = self.grams[n]
+        out = np.zeros((len(w), size))
+        for r, row in enumerate(w):
+            out[r] = np.bincount(gram_idx, weights=row[game_idx] * counts, minlength=size)
+        return out
+
+
+Statistic = Callable[[GameTable, np.ndarray], np.ndarray]
+
+
+def _ratio(num: str, den: str | None = None) -> Statistic:
+    """Σ w·num / Σ w·den (den: one per game); 0 where the denominator is 0."""
+
+    def stat(t: GameTable, w: np.ndarray) -> np.ndarray:
+        top = w @ t.col[num]
+        bottom = w @ t.col[den] if den else w.sum(axis=1)
+        return np.divide(top, bottom, out=np.zeros_like(top), where=bottom > 0)
+
+    return stat
+
+
+def _seat(player: int) -> Statistic:
+    """Mean reward of one seat (0: player A, 1: player B) — in cross-play, of one agent."""
+
+    def stat(t: GameTable, w: np.ndarray) -> np.ndarray:
+        games = w.sum(axis=1)
+        top = w @ t.player_rewards[:, player]
+        return np.divide(top, games, out=np.zeros_like(top), where=games > 0)
+
+    return stat
+
+
+def _above_mean_share(t: GameTable, w: np.ndarray) -> np.ndarray:
+    players = 2 * w.sum(axis=1)
+    safe = np.maximum(players, 1)
+    mean = (w @ t.player_rewards.sum(axis=1)) / safe
+    above = (t.player_rewards[None, :, :] > mean[:, None, None]).sum(axis=2)
+    return np.where(players > 0, (w * above).sum(axis=1) / safe, 0.0)
+
+
+def _vocabulary(t: GameTable, w: np.ndarray) -> np.ndarray:
+    return (t.gram_counts(w, 1) > 0).sum(axis=1).astype(float)
+
+
+def _entropy(n: int) -> Statistic:
+    def stat(t: GameTable, w: np.ndarray) -> np.ndarray:
+        c = t.gram_counts(w, n)
+        total = c.sum(axis=1, keepdims=True)
+        p = np.divide(c, total, out=np.zeros_like(c), where=total > 0)
+        return -(p * np.log2(np.where(p > 0, p, 1.0))).sum(axis=1)
+
+    return stat
+
+
+METRICS: dict[str, Statistic] = {
+    "games": lambda t, w: w.sum(axis=1),
+    "agreement_rate": _ratio("agreed"),
+    "mean_reward": _ratio("reward"),
+    "mean_reward_a": _seat(0),
+    "mean_reward_b": _seat(1),
+    "mean_raw_score": _ratio("raw"),
+    "mean_raw_score_agreed": _ratio("raw", "agreed"),
+    "reward_ceiling": _ratio("ceiling"),
+    "raw_score_ceiling": _ratio("raw_ceiling"),
+    "pareto_rate": _ratio("pareto"),
+    "pareto_rate_agreed": _ratio("pareto", "agreed"),
+    "welfare_ratio": _ratio("welfare_ratio"),
+    "error_rate": _ratio("rejected", "attempts"),
+    "abort_rate": _ratio("aborted"),
+    "failure_rate": _ratio("failed"),
+    "messages_per_game": _ratio("messages"),
+    "tokens_per_game": _ratio("tokens"),
+    "above_mean_share": _above_mean_share,
+    "inconsistency_rate": _ratio("inconsistent", "messages"),
+    "vocabulary_size": _vocabulary,
+    **{f"ngram_entropy_{n}": _entropy(n) for n in NGRAM_ORDERS},
+}
+"""Every metric, in the order tables show them."""
+
+INTEGER_METRICS = {"games", "vocabulary_size"}
+
+
+def compute_metrics(episodes: Sequence[Episode] | GameTable) -> dict[str, Any]:
+    """Every metric over ``episodes``; see the module docstring for definitions."""
+    table = episodes if isinstance(episodes, GameTable) else GameTable(episodes)
+    if not table.games:
+        return {name: 0 if name in INTEGER_METRICS else 0.0 for name in METRICS}
+    ones = np.ones((1, table.games))
+    out: dict[str, Any] = {}
+    for name, stat in METRICS.items():
+        value = float(stat(table, ones)[0])
+        out[name] = round(value) if name in INTEGER_METRICS else value
+    return out
+
+
+def resample_weights(games: int, seed: int = 0, resamples: int = RESAMPLES) -> np.ndarray:
+    """How often each game is drawn in each bootstrap resample (resamples × games)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, games, (resamples, games))
+    return np.stack([np.bincount(row, minlength=games) for row in draws]).astype(float)
+
+
+def metric_intervals(
+    episodes: Sequence[Episode] | GameTable, seed: int = 0, resamples: int = RESAMPLES
+) -> dict[str, list[float]]:
+    """A bootstrap 95 % percentile interval of every metric (``games`` excepted), resampling games."""
+    table = episodes if isinstance(episodes, GameTable) else GameTable(episodes)
+    if not table.games:
+        return {}
+    w = resample_weights(table.games, seed, resamples)
+    out = {}
+    for name, stat in METRICS.items():
+        if name != "games":
+            low, high = np.percentile(stat(table, w), [2.5, 97.5])
+            out[name] = [float(low), float(high)]
+    return out
+
+
+def summarize(episodes: Sequence[Episode], seed: int = 0, resamples: int = RESAMPLES) -> dict[str, Any]:
+    """``{"metrics": …, "ci95": …}`` for one set of games."""
+    table = GameTable(episodes)
+    return {"metrics": compute_metrics(table), "ci95": metric_intervals(table, seed, resamples)}
+
+
+def game_rewards(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Each game's reward, averaged over its two players, by game id."""
+    return {ep.id: sum(ep.rewards) / len(ep.rewards) for ep in episodes}
+
+
+def paired_difference(
+    after: Sequence[Episode], before: Sequence[Episode], seed: int = 0, resamples: int = 10_000
+) -> dict[str, Any] | None:
+    """Mean reward difference over the games both sets played (same ids: same seeded context,
+    first speaker and sampling seeds), with a bootstrap 95 % confidence interval; None when the
+    two sets share no game."""
+    a, b = game_rewards(after), game_rewards(before)
+    common = sorted(a.keys() & b.keys())
+    if not common:
+        return None
+    diffs = np.array([a[i] - b[i] for i in common])
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), (resamples, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"games": len(common), "mean": float(diffs.mean()), "ci95": [float(low), float(high)]}

@@ -1,0 +1,152 @@
+"""Cross-play: every ordered pair of a set of agents on the same seeded games.
+
+Each ordered pair (A, B) — self-play on the diagonal included — plays the same planned games
+(contexts, first speakers, sampling seeds), so pairs differ only in who played: a paired design.
+Every metric of ``metrics.py`` comes with a bootstrap 95 % interval over games.
+
+The output folder is the whole state, and an interrupted tournament continues where it stopped:
+
+    OUT/setup.json           who plays, the objective, games, seed, sampling (checked on resume)
+    OUT/pairs/<i>-<j>.jsonl  the games of agent i (player A) against agent j (player B)
+    OUT/tournament.json      per pair: metrics and intervals; the cross-play matrices
+    OUT/tournament.csv       one row per pair: each metric with its interval
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parlay.agents.base import Agent, Sampling
+from parlay.episode import Episode, EpisodeWriter, write_lines_atomic
+from parlay.evaluate.metrics import METRICS, summarize
+from parlay.games.dond import Objective
+from parlay.rollout import plan_games, play_games, split_finished
+
+log = logging.getLogger(__name__)
+
+
+class TournamentError(ValueError):
+    """A tournament folder that holds a different tournament, or a tournament that cannot run."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a tournament is: saved first, compared on resume."""
+
+    agents: list[str]
+    objective: dict[str, Any]
+    games: int
+    seed: int
+    max_messages: int | None
+    sampling: dict[str, Any]
+
+
+def pair_file(out: Path, i: int, j: int) -> Path:
+    return out / "pairs" / f"{i}-{j}.jsonl"
+
+
+def _check_setup(out: Path, setup: Setup) -> None:
+    path = out / "setup.json"
+    wanted = asdict(setup)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        if differ:
+            raise TournamentError(
+                f"{out} holds a different tournament (it differs in {', '.join(differ)}); "
+                "choose another output folder or remove this one"
+            )
+    else:
+        write_lines_atomic(path, [json.dumps(wanted, indent=1)])
+
+
+def run_tournament(
+    agents: Sequence[Agent],
+    obj: Objective,
+    games: int,
+    seed: int,
+    out: Path,
+    max_messages: int | None,
+    sampling: Sampling,
+    on_pair: Callable[[str, int, int], None] | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
+    resamples: int = 2000,
+) -> dict[str, Any]:
+    """Play every ordered pair of ``agents`` (their ``spec`` names them) and summarise each.
+
+    ``on_pair(description, games, already_played)`` is called before a pair plays. Returns what
+    ``tournament.json`` holds."""
+    specs = [a.spec for a in agents]
+    if len(set(specs)) != len(specs):
+        raise TournamentError(f"an agent is listed twice: {', '.join(specs)}")
+    setup = Setup(specs, obj.to_dict(), games, seed, max_messages, asdict(sampling))
+    _check_setup(out, setup)
+    plan = plan_games(games, seed)
+    pairs = []
+    for i, a in enumerate(agents):
+        for j, b in enumerate(agents):
+            path = pair_file(out, i, j)
+            have, todo = split_finished(path, plan)
+            if on_pair is not None:
+                on_pair(f"{a.spec} vs {b.spec}", len(plan), len(have))
+            if todo:
+                with EpisodeWriter(path, append=True) as writer:
+                    played = play_games(a, b, todo, obj, max_messages, writer, on_episode, {"tournament": str(out)})
+                have |= {ep.id: ep for ep in played}
+            episodes = [have[g.id] for g in plan]
+            summary = summarize(episodes, seed=seed, resamples=resamples)
+            pairs.append({"a": a.spec, "b": b.spec, "a_index": i, "b_index": j, "episodes": str(path.relative_to(out))})
+            pairs[-1] |= summary
+    result = asdict(setup) | {"pairs": pairs, "matrix": cross_play_matrix(specs, pairs)}
+    write_lines_atomic(out / "tournament.json", [json.dumps(result, indent=1)])
+    write_csv(out / "tournament.csv", pairs)
+    return result
+
+
+def cross_play_matrix(specs: list[str], pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Row agent against column agent, over both seats: the row agent's mean reward, and the
+    agreement rate of their games."""
+    n = len(specs)
+    reward, agreement = np.zeros((n, n)), np.zeros((n, n))
+    by = {(p["a_index"], p["b_index"]): p["metrics"] for p in pairs}
+    for i in range(n):
+        for j in range(n):
+            as_a, as_b = by[(i, j)], by[(j, i)]
+            reward[i, j] = (as_a["mean_reward_a"] + as_b["mean_reward_b"]) / 2
+            agreement[i, j] = (as_a["agreement_rate"] + as_b["agreement_rate"]) / 2
+    return {"agents": specs, "reward": reward.tolist(), "agreement": agreement.tolist()}
+
+
+def write_csv(path: Path, pairs: list[dict[str, Any]]) -> None:
+    names = list(METRICS)
+    header = ["a", "b"] + [c for m in names for c in (m, f"{m}_low", f"{m}_high")]
+    rows = []
+    for p in pairs:
+        row: list[Any] = [p["a"], p["b"]]
+        for m in names:
+            low, high = p["ci95"].get(m, ["", ""])
+            row += [p["metrics"][m], low, high]
+        rows.append(row)
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    write_lines_atomic(path, text.getvalue().splitlines())
+
+
+def read_tournament(path: Path) -> dict[str, Any]:
+    """A ``tournament.json`` read back, with a clear error when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TournamentError(f"{path}: not a readable tournament file ({exc})") from None
+    if not isinstance(data, dict) or not {"agents", "pairs", "matrix"} <= data.keys():
+        raise TournamentError(f"{path}: not a tournament file (agents, pairs and matrix are expected)")
+    return data
