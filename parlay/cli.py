@@ -22,11 +22,14 @@ from parlay.agents import Agent, AgentError, Sampling, load_agent
 from parlay.config import ConfigError, load_config
 from parlay.episode import EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
+from parlay.evaluate.analysis import RunDirError
+from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
 from parlay.lewis import LewisFormatError, import_file
 from parlay.protocol import DEFAULT_MAX_MESSAGES
 from parlay.rollout import plan_games, play_games
+from parlay.tracking import TrackingError
 
 app = typer.Typer(
     help="parlay: self-play for language-model negotiators in Deal or No Deal.",
@@ -45,6 +48,9 @@ USER_ERRORS = (
     LewisFormatError,
     ConfigError,
     TrainDataError,
+    TournamentError,
+    TrackingError,
+    RunDirError,
     FileNotFoundError,
 )
 F = TypeVar("F", bound=Callable[..., Any])
@@ -80,7 +86,7 @@ def main(
 
 
 METRIC_ROWS = [
-    ("games", "games", "{:d}"),
+    ("games", "games", "{:.0f}"),
     ("agreement_rate", "agreement rate", "{:.1%}"),
     ("mean_reward", "mean reward", "{:.2f}"),
     ("reward_ceiling", "reward ceiling", "{:.2f}"),
@@ -94,18 +100,28 @@ METRIC_ROWS = [
     ("failure_rate", "failure rate", "{:.1%}"),
     ("messages_per_game", "messages / game", "{:.1f}"),
     ("tokens_per_game", "tokens / game", "{:.1f}"),
-    ("vocabulary_size", "vocabulary", "{:d}"),
+    ("above_mean_share", "above the mean", "{:.1%}"),
+    ("inconsistency_rate", "inconsistent messages", "{:.1%}"),
+    ("vocabulary_size", "vocabulary", "{:.0f}"),
     ("ngram_entropy_2", "2-gram entropy (bits)", "{:.2f}"),
+    ("ngram_entropy_3", "3-gram entropy (bits)", "{:.2f}"),
+    ("ngram_entropy_4", "4-gram entropy (bits)", "{:.2f}"),
     ("ngram_entropy_5", "5-gram entropy (bits)", "{:.2f}"),
 ]
 
 
-def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+def metrics_table(metrics: dict[str, Any], title: str, ci95: dict[str, list[float]] | None = None) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    if ci95:
+        table.add_column("95% CI", justify="right")
     for key, label, fmt in METRIC_ROWS:
-        table.add_row(label, fmt.format(metrics[key]))
+        row = [label, fmt.format(metrics[key])]
+        if ci95:
+            low, high = ci95.get(key, (None, None))
+            row.append("" if low is None else f"[{fmt.format(low)}, {fmt.format(high)}]")
+        table.add_row(*row)
     return table
 
 
@@ -224,26 +240,176 @@ def selfplay(
     _play(agent, agent, n, objective(objective_spec), seed, output, contexts, max_messages, as_json)
 
 
-@app.command("eval")
-@user_errors
-def eval_(
-    files: Annotated[list[Path], typer.Argument(help="Episodes JSONL file(s).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-) -> None:
-    """Every metric of DESIGN.md over the episodes in FILES."""
+def _read_all(files: list[Path]) -> list[Any]:
     episodes = []
     for path in files:
         report = ReadReport()
-        episodes += read_episodes(path, report)
+        got = read_episodes(path, report)
         if report.truncated_tail:
             err.print(f"[yellow]warning:[/] {path}: the last line was truncated and was skipped")
-    if not episodes:
-        raise EpisodeFileError(f"{', '.join(map(str, files))}: no episodes to evaluate")
-    metrics = compute_metrics(episodes)
-    if as_json:
-        console.print_json(json.dumps(metrics))
+        if not got:
+            raise EpisodeFileError(f"{path}: no episodes in this file")
+        episodes += got
+    return episodes
+
+
+def _load_agents(specs: list[str], sampling: Sampling) -> list[Agent]:
+    """Each agent of a tournament, with an error that names the one that cannot be loaded."""
+    from parlay.loop import round_agent_spec
+
+    agents = []
+    for spec in specs:
+        resolved = round_agent_spec(spec)
+        try:
+            agent = load_agent(resolved, sampling)
+        except AgentError as exc:
+            raise AgentError(f"agent {spec!r}: {exc}") from None
+        except Exception as exc:
+            raise AgentError(f"agent {spec!r} ({resolved}) could not be loaded: {type(exc).__name__}: {exc}") from None
+        agent.spec = spec
+        agents.append(agent)
+    return agents
+
+
+def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
+    text = fmt.format(value)
+    return text if not ci else f"{text} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def tournament_table(result: dict[str, Any]) -> Table:
+    """One row per ordered pair: the headline metrics with their intervals."""
+    cols = [
+        ("mean_reward_a", "A's reward", "{:.2f}"),
+        ("mean_reward_b", "B's reward", "{:.2f}"),
+        ("agreement_rate", "agree", "{:.0%}"),
+        ("pareto_rate", "Pareto", "{:.0%}"),
+        ("error_rate", "errors", "{:.0%}"),
+        ("messages_per_game", "messages", "{:.1f}"),
+        ("inconsistency_rate", "inconsistent", "{:.0%}"),
+    ]
+    table = Table(title=f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)")
+    table.add_column("A")
+    table.add_column("B")
+    for _, label, _ in cols:
+        table.add_column(label, justify="right")
+    for p in result["pairs"]:
+        table.add_row(p["a"], p["b"], *(_interval(p["metrics"][k], p["ci95"].get(k), f) for k, _, f in cols))
+    return table
+
+
+def matrix_table(result: dict[str, Any]) -> Table:
+    matrix = result["matrix"]
+    table = Table(title="mean reward of the row agent against the column agent (both seats)")
+    table.add_column("")
+    for spec in matrix["agents"]:
+        table.add_column(spec, justify="right")
+    for spec, row in zip(matrix["agents"], matrix["reward"], strict=True):
+        table.add_row(spec, *(f"{v:.2f}" for v in row))
+    return table
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    files: Annotated[list[Path] | None, typer.Argument(help="Episodes JSONL file(s) to summarise.")] = None,
+    agents: Annotated[
+        str | None,
+        typer.Option(
+            "--agents",
+            help="Comma-separated agent specs for a cross-play tournament; run:DIR[@K] is round K's model "
+            "of a run (default: its last complete round).",
+        ),
+    ] = None,
+    n: GamesOpt = 64,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    seed: SeedOpt = 0,
+    max_messages: CapOpt = DEFAULT_MAX_MESSAGES,
+    temperature: TempOpt = 0.7,
+    top_p: TopPOpt = 1.0,
+    max_new_tokens: MaxTokOpt = 96,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Tournament folder (default: eval/<objective>-n<N>-seed<S>); rerun to resume."),
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option("--judge", help="Agent spec that also checks messages for misstated facts.")
+    ] = None,
+    judge_limit: Annotated[int, typer.Option(min=1, help="Most messages the judge checks.")] = 200,
+    track: Annotated[
+        str | None, typer.Option("--track", help="Also log eval/ metrics to: tensorboard, wandb (comma-separated).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Metrics with 95% intervals of episode FILES, or a cross-play tournament of --agents."""
+    from parlay.evaluate import summarize
+    from parlay.evaluate.consistency import judge_summary
+
+    if bool(files) == bool(agents):
+        raise ConfigError("give either episodes FILES or --agents SPEC,SPEC,… (not both)")
+    obj = objective(objective_spec)
+    sampling = Sampling(temperature, top_p, max_new_tokens, seed)
+    if files:
+        episodes = _read_all(files)
+        result = summarize(episodes, seed=seed)
+        title = ", ".join(map(str, files))
     else:
-        console.print(metrics_table(metrics, ", ".join(map(str, files))))
+        from parlay.evaluate.tournament import run_tournament
+
+        specs = [s.strip() for s in (agents or "").split(",") if s.strip()]
+        if not specs:
+            raise ConfigError("--agents: no agent spec given")
+        loaded = _load_agents(specs, sampling)
+        out = out or Path("eval") / f"{obj.name}-n{n}-seed{seed}"
+        hooks = _RichHooks()
+        try:
+            result = run_tournament(
+                loaded, obj, n, seed, out, max_messages, sampling,
+                on_pair=lambda what, total, done: (hooks.stage(what, total), hooks.advance(done)),
+                on_episode=lambda ep: hooks.advance(deals=int(ep.agreed), tokens=sum(t.tokens or 0 for t in ep.turns)),
+            )  # fmt: skip
+        finally:
+            hooks.end_stage()
+            for agent in loaded:
+                agent.close()
+        episodes = [ep for p in result["pairs"] for ep in read_episodes(out / p["episodes"])]
+    if judge:
+        judge_agent = load_agent(judge, Sampling(temperature=0.0, max_new_tokens=24, seed=seed))
+        result["judge_consistency"] = judge_summary(judge_agent, episodes, seed=seed, limit=judge_limit)
+    if track:
+        _track_eval(track, out or Path("eval"), result)
+    if as_json:
+        console.print_json(json.dumps(result))
+    elif files:
+        console.print(metrics_table(result["metrics"], title, result["ci95"]))
+    else:
+        console.print(tournament_table(result))
+        console.print(matrix_table(result))
+        err.print(f"tournament written to {out}/tournament.json and tournament.csv")
+    if judge and not as_json:
+        j = result["judge_consistency"]
+        rate = "n/a" if j["inconsistency_rate"] is None else f"{j['inconsistency_rate']:.1%}"
+        agree = "n/a" if j["agreement_with_rules"] is None else f"{j['agreement_with_rules']:.1%}"
+        console.print(
+            f"judge {j['judge']}: {rate} of {j['messages']} messages misstate facts "
+            f"({j['unreadable']} unreadable); agrees with the rules on {agree}"
+        )
+
+
+def _track_eval(track: str, log_dir: Path, result: dict[str, Any]) -> None:
+    from parlay.tracking import Tracker, flatten
+
+    tracker = Tracker([t.strip() for t in track.split(",") if t.strip()], log_dir, log_dir.name, None)
+    try:
+        figures: dict[str, float] = {}
+        if "pairs" in result:
+            for p in result["pairs"]:
+                figures |= flatten(f"eval/{p['a']} vs {p['b']}", p["metrics"])
+        else:
+            figures = flatten("eval", result["metrics"])
+        figures |= flatten("eval/judge", result.get("judge_consistency") or {})
+        tracker.log(figures, 0)
+    finally:
+        tracker.close()
 
 
 @app.command("import-lewis")
@@ -391,6 +557,11 @@ def train_cmd(
                 f"{vs['mean']:+.2f}, 95% CI [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]"
             )
     err.print(f"done in {(time.perf_counter() - started) / 60:.1f} min; metrics in {cfg.run_dir / 'metrics.jsonl'}")
+    if history:
+        from parlay.evaluate.report import write_report
+
+        path, _ = write_report(cfg.run_dir, seed=cfg.seed)
+        err.print(f"report: {path}")
 
 
 @app.command()
@@ -429,21 +600,27 @@ def sft(
 @user_errors
 def export(
     source: Annotated[Path, typer.Argument(help="An episodes JSONL file, or a run directory (every round).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
-    fmt: Annotated[str, typer.Option("--format", help="openai (chat fine-tuning JSONL) or jsonl.")] = "openai",
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write (a folder for --format hf).")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="openai (chat fine-tuning JSONL), jsonl, or hf (a datasets folder)."
+        ),
+    ] = "openai",
     keep: Annotated[
         str, typer.Option(help="Filter rule per round: all, above_mean, nonzero, top_fraction, threshold.")
     ] = "all",
 ) -> None:
-    """Player-episodes as training data: OpenAI chat fine-tuning JSONL, or plain JSONL with rewards."""
+    """Player-episodes as training data: OpenAI chat fine-tuning JSONL, plain JSONL with rewards, or a
+    Hugging Face dataset (load it with datasets.load_from_disk)."""
     from parlay.config import FilterConfig
     from parlay.episode import player_episodes, write_lines_atomic
     from parlay.improve.filters import select
     from parlay.improve.openai_ft import export as export_openai
     from parlay.improve.sft import TrainExample
 
-    if fmt not in ("openai", "jsonl"):
-        raise ConfigError(f"--format {fmt!r}: expected openai or jsonl")
+    if fmt not in ("openai", "jsonl", "hf"):
+        raise ConfigError(f"--format {fmt!r}: expected openai, jsonl or hf")
     try:
         rule = FilterConfig(rule=keep)  # type: ignore[arg-type]
     except ValueError:
@@ -462,9 +639,46 @@ def export(
         n = export_openai([TrainExample(messages=pe.messages, reward=pe.reward) for pe in kept], output)
     else:
         fields = ("episode_id", "player", "reward", "raw_score", "agreed", "context_key", "messages", "meta")
-        write_lines_atomic(output, (json.dumps({f: getattr(pe, f) for f in fields}) for pe in kept))
+        rows = [{f: getattr(pe, f) for f in fields} for pe in kept]
+        if fmt == "hf":
+            _save_hf_dataset(rows, output)
+        else:
+            write_lines_atomic(output, (json.dumps(row) for row in rows))
         n = len(kept)
     err.print(f"{n} player-episodes from {len(files)} file(s) written to {output}")
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).")],
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+) -> None:
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png."""
+    from parlay.evaluate.report import write_report
+
+    path, view = write_report(run_dir, seed=seed)
+    for line in view.missing:
+        err.print(f"[yellow]missing:[/] {line}", highlight=False)
+    err.print(f"report written to {path} (plots in {run_dir / 'plots'})")
+
+
+def _save_hf_dataset(rows: list[dict[str, Any]], output: Path) -> None:
+    """Player-episodes as a ``datasets.Dataset`` saved to the folder ``output``. ``meta`` (free-form:
+    agents, seeds, round) is kept as a JSON string, so every row has the same columns."""
+    import shutil
+
+    from datasets import Dataset, disable_progress_bars
+
+    disable_progress_bars()
+    if output.exists() and not (output / "dataset_info.json").exists() and any(output.iterdir()):
+        raise ConfigError(f"{output}: a folder that is not a saved dataset; choose another --output")
+    table = Dataset.from_list([row | {"meta": json.dumps(row["meta"])} for row in rows])
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    table.save_to_disk(str(partial))
+    shutil.rmtree(output, ignore_errors=True)
+    partial.rename(output)
 
 
 def run() -> None:

@@ -474,3 +474,30 @@ def load_saved(run_dir: Path) -> RunConfig:
     if not path.exists():
         raise ConfigError(f"{run_dir}: no run to resume (config.yaml is missing)")
     return parse_config(yaml.safe_load(path.read_text()), str(path))
+
+
+def complete_rounds(run_dir: Path) -> list[int]:
+    """The rounds of a run whose ``metrics.json`` exists, in order (a gap ends the list)."""
+    rounds = []
+    while (run_dir / "rounds" / str(len(rounds)) / "metrics.json").exists():
+        rounds.append(len(rounds))
+    return rounds
+
+
+def round_agent_spec(spec: str) -> str:
+    """``run:DIR[@K]`` → the agent spec of round K's model of the run in DIR (default: its last
+    complete round); any other spec is returned as it is."""
+    if not spec.startswith("run:"):
+        return spec
+    where, _, k = spec.removeprefix("run:").partition("@")
+    run_dir = Path(where)
+    rounds = complete_rounds(run_dir)
+    if not rounds:
+        raise ConfigError(f"{spec}: {run_dir} has no complete round (no rounds/0/metrics.json)")
+    if k and not k.isdigit():
+        raise ConfigError(f"{spec}: the round after @ must be a whole number")
+    chosen = int(k) if k else rounds[-1]
+    if chosen not in rounds:
+        raise ConfigError(f"{spec}: round {chosen} is not complete in {run_dir} (complete: 0..{rounds[-1]})")
+    row = json.loads((run_dir / "rounds" / str(chosen) / "metrics.json").read_text())
+    return ModelRef(**row["model"]).agent_spec(load_saved(run_dir).rollout.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ class Tracker:
                 raise TrackingError("tracking: wandb needs `pip install wandb`") from None
             (log_dir / "wandb").mkdir(parents=True, exist_ok=True)
             id_file = log_dir / "wandb" / "run-id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self._wandb = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", "parlay"),

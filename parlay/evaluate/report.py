@@ -1,0 +1,262 @@
+"""``parlay report RUN_DIR``: ``report.html`` (self-contained, images inlined) and ``plots/*.png``.
+
+The report shows, per round, every metric with its bootstrap 95 % interval; curves of reward,
+agreement, Pareto-optimality, errors, the share above the mean and inconsistent messages; the
+reward distribution; dialogue length and vocabulary; the round-score correlation with and without
+non-agreements; a cross-play heat map when the run holds a tournament (``RUN_DIR/eval``); and the
+best and worst dialogue of each round. A partial run gets a report of what exists, headed by
+what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt
+import numpy as np
+
+from parlay.episode import Episode, write_lines_atomic
+from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
+from parlay.games.dond import ITEMS
+
+CURVES = [
+    ("mean_reward", "mean reward"),
+    ("agreement_rate", "agreement rate"),
+    ("pareto_rate", "Pareto-optimal rate"),
+    ("error_rate", "error rate"),
+    ("above_mean_share", "share above the mean"),
+    ("inconsistency_rate", "inconsistent messages"),
+]
+
+TABLE = [
+    ("mean_reward", "reward", "{:.2f}"),
+    ("agreement_rate", "agree", "{:.0%}"),
+    ("pareto_rate", "Pareto", "{:.0%}"),
+    ("pareto_rate_agreed", "Pareto (agreed)", "{:.0%}"),
+    ("welfare_ratio", "welfare", "{:.2f}"),
+    ("error_rate", "errors", "{:.1%}"),
+    ("abort_rate", "aborts", "{:.0%}"),
+    ("messages_per_game", "messages", "{:.1f}"),
+    ("tokens_per_game", "tokens", "{:.0f}"),
+    ("vocabulary_size", "vocabulary", "{:.0f}"),
+    ("ngram_entropy_2", "H2", "{:.2f}"),
+    ("ngram_entropy_3", "H3", "{:.2f}"),
+    ("ngram_entropy_4", "H4", "{:.2f}"),
+    ("ngram_entropy_5", "H5", "{:.2f}"),
+    ("above_mean_share", "above mean", "{:.0%}"),
+    ("inconsistency_rate", "inconsistent", "{:.0%}"),
+]
+
+
+def write_report(run_dir: Path, seed: int = 0) -> tuple[Path, RunView]:
+    """Write ``report.html`` and ``plots/*.png`` into ``run_dir``; returns the report's path and
+    the run as read (``missing`` says what the run lacks)."""
+    view = load_run(run_dir, seed=seed)
+    plots_dir = view.dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    plots = {
+        "curves": plot_curves(view),
+        "rewards": plot_reward_distribution(view),
+        "dialogue": plot_dialogue(view),
+    }
+    if view.tournament is not None:
+        plots["crossplay"] = plot_crossplay(view.tournament)
+    images = {}
+    for name, fig in plots.items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        (plots_dir / f"{name}.png").write_bytes(buf.getvalue())
+        images[name] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    page = render(view, images, round_score_correlation(view.rounds, seed=seed))
+    out = view.dir / "report.html"
+    write_lines_atomic(out, [page])
+    return out, view
+
+
+# ---------------------------------------------------------------------- plots
+
+
+def _series(view: RunView, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds, values and (2 × rounds) distances to the interval's ends, for error bars."""
+    ks = np.array([r.k for r in view.rounds])
+    values = np.array([r.summary["metrics"][key] for r in view.rounds], dtype=float)
+    ci = np.array([r.summary["ci95"].get(key, [v, v]) for r, v in zip(view.rounds, values, strict=True)])
+    return ks, values, np.abs(ci.T - values)
+
+
+def plot_curves(view: RunView) -> plt.Figure:
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), constrained_layout=True)
+    for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
+        ks, values, err = _series(view, key)
+        ax.errorbar(ks, values, yerr=err, marker="o", capsize=4)
+        if key == "mean_reward":
+            _, ceiling, _ = _series(view, "reward_ceiling")
+            ax.plot(ks, ceiling, "--", color="grey", label="ceiling")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{view.name}: per round, with bootstrap 95% intervals")
+    return fig
+
+
+def plot_reward_distribution(view: RunView) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    data = [[sum(ep.rewards) / 2 for ep in r.episodes] for r in view.rounds]
+    ks = [r.k for r in view.rounds]
+    ax.violinplot(data, positions=ks, showmeans=True, showextrema=True)
+    rng = np.random.default_rng(0)
+    for k, rewards in zip(ks, data, strict=True):
+        ax.scatter(k + rng.uniform(-0.12, 0.12, len(rewards)), rewards, s=6, alpha=0.4, color="black")
+    ax.set_xticks(ks)
+    ax.set_xlabel("round")
+    ax.set_ylabel("game reward (mean of both players)")
+    ax.set_title("reward distribution per round")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_dialogue(view: RunView) -> plt.Figure:
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), constrained_layout=True)
+    panels = [("messages_per_game", "messages per game"), ("vocabulary_size", "vocabulary size")]
+    for ax, (key, label) in zip(axes[:2], panels, strict=True):
+        ks, values, err = _series(view, key)
+        ax.errorbar(ks, values, yerr=err, marker="o", capsize=4)
+        ax.set_title(label)
+    ks = [r.k for r in view.rounds]
+    for n in (2, 3, 4, 5):
+        axes[2].plot(ks, [r.summary["metrics"][f"ngram_entropy_{n}"] for r in view.rounds], marker="o", label=f"n={n}")
+    axes[2].set_title("n-gram entropy (bits)")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_crossplay(tournament: dict[str, Any]) -> plt.Figure:
+    matrix = tournament["matrix"]
+    agents = matrix["agents"]
+    size = 2.2 + 0.9 * len(agents)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), constrained_layout=True)
+    panels = (("reward", "row agent's mean reward", "{:.2f}"), ("agreement", "agreement rate", "{:.0%}"))
+    for ax, (key, label, fmt) in zip(axes, panels, strict=True):
+        data = np.array(matrix[key], dtype=float)
+        im = ax.imshow(data, cmap="viridis")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(agents)), [_short(a) for a in agents], rotation=35, ha="right", fontsize=8)
+        ax.set_yticks(range(len(agents)), [_short(a) for a in agents], fontsize=8)
+        ax.set_xlabel("against")
+        ax.set_title(label)
+        for i in range(len(agents)):
+            for j in range(len(agents)):
+                value = data[i, j]
+                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=8,
+                        color="white" if value < data.mean() else "black")  # fmt: skip
+    fig.suptitle(f"cross-play, {tournament['objective']['name']}, {tournament['games']} games per ordered pair")
+    return fig
+
+
+def _short(spec: str, width: int = 28) -> str:
+    return spec if len(spec) <= width else "…" + spec[-(width - 1) :]
+
+
+# ---------------------------------------------------------------------- page
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def dialogue_html(ep: Episode) -> dict[str, Any]:
+    """What the page shows of one game: context, turns (rejected ones marked), outcome."""
+    ctx = ep.game_context()
+    items = ", ".join(f"{c} {item}{'s' if c != 1 else ''}" for c, item in zip(ctx.counts, ITEMS, strict=True))
+
+    def values(player: str) -> str:
+        return ", ".join(f"{item} {v}" for item, v in zip(ITEMS, ctx.values(player), strict=True))
+
+    turns = [
+        {
+            "player": t.player,
+            "text": t.text,
+            "accepted": t.accepted,
+            "note": "" if t.accepted else f"rejected: {t.detail or t.error}",
+        }
+        for t in ep.turns
+    ]
+    return {
+        "id": ep.id,
+        "items": items,
+        "values_a": values("A"),
+        "values_b": values("B"),
+        "first": ep.first_speaker,
+        "turns": turns,
+        "outcome": ep.outcome.status.replace("_", " ") + (f" ({ep.outcome.reason})" if ep.outcome.reason else ""),
+        "scores": ep.raw_scores,
+        "rewards": [round(r, 2) for r in ep.rewards],
+    }
+
+
+def render(view: RunView, images: dict[str, str], correlation: dict[str, Any]) -> str:
+    rows = []
+    for r in view.rounds:
+        m, ci = r.summary["metrics"], r.summary["ci95"]
+        cells = []
+        for key, _, fmt in TABLE:
+            low, high = ci.get(key, (None, None))
+            cells.append(
+                {"value": fmt.format(m[key]), "ci": f"{_fmt(low, fmt)}–{_fmt(high, fmt)}" if low is not None else ""}
+            )
+        vs = (r.row or {}).get("vs_round0")
+        rows.append(
+            {
+                "k": r.k,
+                "complete": r.complete,
+                "games": m["games"],
+                "cells": cells,
+                "vs": f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "",
+                "kept": r.train.get("kept", ""),
+                "loss": _fmt(r.train.get("loss_last"), "{:.3f}") if "loss_last" in r.train else "",
+            }
+        )
+    dialogues = []
+    for r in view.rounds:
+        picked = r.best_and_worst()
+        if picked:
+            dialogues.append({"k": r.k, "best": dialogue_html(picked[0]), "worst": dialogue_html(picked[1])})
+    cfg = view.config or {}
+    settings = {
+        "model": cfg.get("model"),
+        "objective": cfg.get("objective"),
+        "rounds planned": cfg.get("rounds"),
+        "games per round": (cfg.get("rollout") or {}).get("games"),
+        "filter": (cfg.get("filter") or {}).get("rule"),
+        "weights": (cfg.get("weights") or {}).get("scheme"),
+    }
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env.from_string(resources.files("parlay.evaluate").joinpath("report.html.j2").read_text("utf-8"))
+    return template.render(
+        name=view.name,
+        run_dir=html.escape(str(view.dir)),
+        settings={k: v for k, v in settings.items() if v is not None},
+        missing=view.missing,
+        columns=[label for _, label, _ in TABLE],
+        rows=rows,
+        correlation=correlation,
+        images=images,
+        tournament=view.tournament,
+        dialogues=dialogues,
+    )
