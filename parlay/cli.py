@@ -111,7 +111,7 @@ METRIC_ROWS = [
 
 
 def metrics_table(metrics: dict[str, Any], title: str, ci95: dict[str, list[float]] | None = None) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=title, show_header=bool(ci95), title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     if ci95:
@@ -603,9 +603,7 @@ def export(
     output: Annotated[Path, typer.Option("-o", "--output", help="File to write (a folder for --format hf).")],
     fmt: Annotated[
         str,
-        typer.Option(
-            "--format", help="openai (chat fine-tuning JSONL), jsonl, or hf (a datasets folder)."
-        ),
+        typer.Option("--format", help="openai (chat fine-tuning JSONL), jsonl, or hf (a datasets folder)."),
     ] = "openai",
     keep: Annotated[
         str, typer.Option(help="Filter rule per round: all, above_mean, nonzero, top_fraction, threshold.")

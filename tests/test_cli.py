@@ -24,7 +24,7 @@ def test_play_then_eval(tmp_path):
     assert len(out.read_text().splitlines()) == 60
     r = run("eval", str(out), "--json")
     assert r.returncode == 0, r.stderr
-    metrics = json.loads(r.stdout)
+    metrics = json.loads(r.stdout)["metrics"]
     for key in [
         "games",
         "agreement_rate",
@@ -55,7 +55,7 @@ def test_import_lewis_then_eval(tmp_path):
     r = run("import-lewis", str(src), "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "2 lines that could not be read" in r.stderr and "1 lines whose other side is missing" in r.stderr
-    metrics = json.loads(run("eval", str(out), "--json").stdout)
+    metrics = json.loads(run("eval", str(out), "--json").stdout)["metrics"]
     assert metrics["games"] == 2 and metrics["agreement_rate"] == 0.5
 
 
@@ -127,4 +127,24 @@ def test_export_player_episodes_for_openai_and_as_jsonl(tmp_path):
     r = run("export", str(tmp_path), "-o", str(tmp_path / "x.jsonl"))
     assert r.returncode == 2 and "no rounds" in r.stderr
     r = run("export", str(eps), "-o", str(tmp_path / "x.jsonl"), "--format", "parquet")
-    assert r.returncode == 2 and "expected openai or jsonl" in r.stderr
+    assert r.returncode == 2 and "expected openai, jsonl or hf" in r.stderr
+
+
+def test_export_a_hugging_face_dataset(tmp_path):
+    from datasets import load_from_disk
+
+    eps = tmp_path / "eps.jsonl"
+    assert run("play", "--a", "bot:hard", "--b", "bot:conceder", "-n", "10", "-o", str(eps)).returncode == 0
+    for _ in range(2):  # a second export replaces the first
+        r = run("export", str(eps), "-o", str(tmp_path / "ds"), "--format", "hf", "--keep", "nonzero")
+        assert r.returncode == 0, r.stderr
+    data = load_from_disk(str(tmp_path / "ds"))
+    rows = [json.loads(x) for x in eps.read_text().splitlines()]
+    nonzero = sum(r > 0 for row in rows for r in row["rewards"])
+    assert len(data) == nonzero and set(data.column_names) >= {"reward", "messages", "agreed", "meta"}
+    assert all(r > 0 for r in data["reward"]) and data[0]["messages"][0]["role"] == "system"
+    assert json.loads(data[0]["meta"])["agents"]["A"] == "bot:hard"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    r = run("export", str(eps), "-o", str(tmp_path / "notes"), "--format", "hf")
+    assert r.returncode == 2 and "not a saved dataset" in r.stderr and (tmp_path / "notes" / "mine.txt").exists()

@@ -12,6 +12,7 @@ from parlay.episode import read_episodes
 from parlay.loop import Hooks, Loop, prepare_run
 from tests.openai_server import start_chat_server
 from tests.test_cli import run
+from tests.test_tracking import scalars
 
 
 def config(tmp_path: Path, model: str, **sections):
@@ -87,7 +88,7 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path):
 
 
 def test_rounds_train_play_and_fill_the_run_directory(parrot_lm, tmp_path):
-    cfg = prepare_run(config(tmp_path, str(parrot_lm)), resume=False)
+    cfg = prepare_run(config(tmp_path, str(parrot_lm), tracking=["tensorboard"]), resume=False)
     hooks = Recorder()
     history = Loop(cfg, hooks).run()
     run_dir = tmp_path / "runs" / "t"
@@ -106,6 +107,12 @@ def test_rounds_train_play_and_fill_the_run_directory(parrot_lm, tmp_path):
     # Every round replays the same seeded games.
     ids = [[e.id for e in read_episodes(run_dir / "rounds" / str(k) / "episodes.jsonl")] for k in range(3)]
     assert ids[0] == ids[1] == ids[2]
+    # Tracking: round figures against the round, the loss against the optimiser step.
+    logged = scalars(run_dir / "tensorboard")
+    assert [step for step, _ in logged["rollout/mean_reward"]] == [0, 1, 2]
+    assert logged["rollout/agreement_rate"][2][1] == pytest.approx(history[2]["agreement_rate"])
+    assert [step for step, _ in logged["train/kept"]] == [1, 2] and [s for s, _ in logged["eval/vs_round0"]] == [1, 2]
+    assert len(logged["train/loss"]) == sum(h["train"]["steps"] for h in history[1:])
 
 
 def test_resume_after_a_kill_loses_and_duplicates_nothing(parrot_lm, tmp_path):
@@ -182,6 +189,7 @@ def test_warm_start_from_init_data_on_the_command_line(parrot_lm, tmp_path):
     row = json.loads((run_dir / "rounds" / "0" / "metrics.json").read_text())
     assert row["model"]["adapter"] == str(run_dir / "warm_start" / "model")
     assert "reward" in r.stdout and "agree" in r.stdout  # the round table
+    assert (run_dir / "report.html").exists() and (run_dir / "plots" / "curves.png").exists()  # and a report
 
 
 def test_openai_route_trains_with_a_job_and_plays_the_new_model(tmp_path, monkeypatch):

@@ -5,8 +5,8 @@ worth 2 to me", "I value each hat at 1") and check them against the game's conte
 deliberately conservative: a message is flagged only when what it says cannot be true.
 
 - ``count_exceeds``: a mention of more items of a type than the game has ("3 hats" of 2).
-- ``split_exceeds``: a division whose two sides hold more of a type than exist ("I get 1 book,
-  you get 1 book" with one book). A mention belongs to whoever the last pronoun named (I/me/my or
+- ``split_exceeds``: a division whose two sides, both naming a type, hold more of it than exist
+  ("I get 1 book, you get 1 book" with one book). A mention belongs to whoever the last pronoun named (I/me/my or
   you/your); within one side, the largest count of a type counts.
 - ``value_misstated``: a claim about the speaker's own value of a type that differs from its
   value, per item or in total ("my books are worth 6" with 2 books at 3 passes).
@@ -62,13 +62,14 @@ def violations(message: str, context: Context, speaker: str) -> list[str]:
     mentions = [(m.start(), _item(m.group(2)), _number(m.group(1))) for m in _MENTION.finditer(text)]
     if any(n > context.counts[i] for _, i, n in mentions):
         found.append("count_exceeds")
-    sides: dict[str, list[int]] = {"me": [0, 0, 0], "you": [0, 0, 0]}
+    sides: dict[str, dict[int, int]] = {"me": {}, "you": {}}
     subjects = [(m.start(), "you" if m.group(1).startswith("you") else "me") for m in _SUBJECT.finditer(text)]
     for pos, i, n in mentions:
         owner = next((who for at, who in reversed(subjects) if at < pos), None)
         if owner is not None:
-            sides[owner][i] = max(sides[owner][i], n)
-    if any(sides["me"][i] + sides["you"][i] > context.counts[i] for i in range(len(ITEMS))):
+            sides[owner][i] = max(sides[owner].get(i, 0), n)
+    shared = sides["me"].keys() & sides["you"].keys()
+    if any(sides["me"][i] + sides["you"][i] > context.counts[i] for i in shared):
         found.append("split_exceeds")
     own = context.values(speaker)
     claims = [(_item(m.group(1)), _number(m.group(2))) for pattern in _VALUE_CLAIMS for m in pattern.finditer(text)]

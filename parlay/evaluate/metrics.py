@@ -179,6 +179,9 @@ METRICS: dict[str, Statistic] = {
 """Every metric, in the order tables show them."""
 
 INTEGER_METRICS = {"games", "vocabulary_size"}
+TEXT_METRICS = {"vocabulary_size", *(f"ngram_entropy_{n}" for n in NGRAM_ORDERS)}
+"""Counts of distinct words and n-grams shrink when games are drawn with repetition, so their
+resamples sit below the point estimate; their interval is shifted by that bias (below)."""
 
 
 def compute_metrics(episodes: Sequence[Episode] | GameTable) -> dict[str, Any]:
@@ -204,16 +207,26 @@ def resample_weights(games: int, seed: int = 0, resamples: int = RESAMPLES) -> n
 def metric_intervals(
     episodes: Sequence[Episode] | GameTable, seed: int = 0, resamples: int = RESAMPLES
 ) -> dict[str, list[float]]:
-    """A bootstrap 95 % percentile interval of every metric (``games`` excepted), resampling games."""
+    """A bootstrap 95 % interval of every metric (``games`` excepted), resampling games.
+
+    Percentile intervals, except for ``TEXT_METRICS``: a resample repeats games, so it has fewer
+    distinct words than the games themselves; their percentiles are shifted by the bootstrap's
+    estimate of that bias (mean of resamples − point estimate)."""
     table = episodes if isinstance(episodes, GameTable) else GameTable(episodes)
     if not table.games:
         return {}
     w = resample_weights(table.games, seed, resamples)
+    ones = np.ones((1, table.games))
     out = {}
     for name, stat in METRICS.items():
-        if name != "games":
-            low, high = np.percentile(stat(table, w), [2.5, 97.5])
-            out[name] = [float(low), float(high)]
+        if name == "games":
+            continue
+        values = stat(table, w)
+        low, high = np.percentile(values, [2.5, 97.5])
+        if name in TEXT_METRICS:
+            bias = values.mean() - stat(table, ones)[0]
+            low, high = low - bias, high - bias
+        out[name] = [float(low), float(high)]
     return out
 
 

@@ -49,8 +49,6 @@ TABLE = [
     ("tokens_per_game", "tokens", "{:.0f}"),
     ("vocabulary_size", "vocabulary", "{:.0f}"),
     ("ngram_entropy_2", "H2", "{:.2f}"),
-    ("ngram_entropy_3", "H3", "{:.2f}"),
-    ("ngram_entropy_4", "H4", "{:.2f}"),
     ("ngram_entropy_5", "H5", "{:.2f}"),
     ("above_mean_share", "above mean", "{:.0%}"),
     ("inconsistency_rate", "inconsistent", "{:.0%}"),
@@ -199,7 +197,7 @@ def dialogue_html(ep: Episode) -> dict[str, Any]:
     ]
     return {
         "id": ep.id,
-        "items": items,
+        "inventory": items,
         "values_a": values("A"),
         "values_b": values("B"),
         "first": ep.first_speaker,

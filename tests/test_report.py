@@ -1,0 +1,145 @@
+"""``parlay report``: a run directory read back, the analyses, the HTML page in a real headless
+Chromium, and partial or broken runs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parlay.agents import Sampling, load_agent
+from parlay.config import parse_config
+from parlay.episode import write_episodes
+from parlay.evaluate.analysis import RunDirError, load_run, round_score_correlation
+from parlay.evaluate.report import write_report
+from parlay.evaluate.tournament import run_tournament
+from parlay.games import objective
+from parlay.loop import Loop, ModelRef, prepare_run
+from parlay.rollout import plan_games, play_games
+from tests.test_cli import run
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Rounds get better partners, as a run that learns would: no deals, some, many.
+ROUND_PLAYERS = [("bot:hard", "bot:hard"), ("bot:hard", "bot:conceder"), ("bot:cooperative", "bot:cooperative")]
+
+
+def make_run(root: Path, rounds_played: int = 3, planned: int = 2) -> Path:
+    """A run directory as the loop writes it, with bots standing in for each round's model."""
+    data = {"name": "r", "runs_dir": str(root), "objective": "cooperative", "rounds": planned}
+    cfg = prepare_run(parse_config(data | {"rollout": {"games": 12, "max_messages": 8}}, "test"), resume=False)
+    loop = Loop(cfg)
+    games = plan_games(12, 0)
+    for k in range(rounds_played):
+        a, b = (load_agent(s) for s in ROUND_PLAYERS[k])
+        episodes = play_games(a, b, games, objective("cooperative"), 8, meta={"round": k})
+        rdir = cfg.run_dir / "rounds" / str(k)
+        write_episodes(rdir / "episodes.jsonl", episodes)
+        row = loop.round_metrics(k, ModelRef("smollm2-135m"), episodes, {"kept": 3, "loss_last": 0.5}, 6.0)
+        (rdir / "metrics.json").write_text(json.dumps(row))
+    return cfg.run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_run(tmp_path)
+
+
+def test_load_run_and_round_score_correlation(run_dir):
+    view = load_run(run_dir, resamples=100)
+    assert [r.k for r in view.rounds] == [0, 1, 2] and view.missing == []
+    assert all(r.complete and r.summary["metrics"]["games"] == 12 for r in view.rounds)
+    best, worst = view.rounds[2].best_and_worst()
+    assert sum(best.rewards) >= sum(worst.rewards)
+    corr = round_score_correlation(view.rounds, resamples=200)
+    pairs = [(r.k, sum(ep.rewards) / 2) for r in view.rounds for ep in r.episodes]
+    assert corr["all"]["r"] == pytest.approx(np.corrcoef(np.array(pairs).T)[0, 1])
+    assert corr["all"]["games"] == 36 and corr["all"]["ci95"][0] <= corr["all"]["r"] <= corr["all"]["ci95"][1]
+    agreed = sum(ep.agreed for r in view.rounds for ep in r.episodes)
+    assert corr["agreed"] is None or corr["agreed"]["games"] == agreed
+
+
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    tournament = [load_agent(s) for s in ("bot:hard", "bot:cooperative")]
+    run_tournament(tournament, objective("cooperative"), 4, 0, run_dir / "eval", 8, Sampling(), resamples=50)
+    r = run("report", str(run_dir))
+    assert r.returncode == 0, r.stderr
+    report = run_dir / "report.html"
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {
+        "curves.png",
+        "rewards.png",
+        "dialogue.png",
+        "crossplay.png",
+    }
+    page_text = report.read_text()
+    assert 'src="data:image/png;base64,' in page_text and "plots/" not in page_text  # self-contained
+    moved = tmp_path / "elsewhere.html"
+    shutil.copy(report, moved)  # it renders away from its run directory too
+
+    assert CHROMIUM.exists(), "the report test needs Debian's chromium (apt-get install chromium; .ci/run does)"
+    from playwright.sync_api import sync_playwright
+
+    shot = tmp_path / "shot.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(moved.as_uri())
+            assert page.locator("#title").inner_text() == "parlay report: r"
+            assert page.locator("#rounds tr").count() == 4  # header + 3 rounds
+            assert page.locator("#correlation tr").count() == 3
+            assert page.locator("#crossplay tr").count() == 5  # header + 4 ordered pairs
+            assert page.locator(".dialogue").count() == 6  # best and worst of 3 rounds
+            assert page.locator("#missing").count() == 0
+            text = page.locator("body").inner_text()
+            assert "object at 0x" not in text and "items: " in text and "outcome: " in text
+            widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+            assert len(widths) == 4 and all(w > 300 for w in widths)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[0] > 1500  # the whole page, not a first screen
+    assert pixels.std() > 0.05 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # not blank
+
+
+def test_partial_run_reports_what_exists_and_what_is_missing(tmp_path):
+    run_dir = make_run(tmp_path, rounds_played=2, planned=3)
+    r1 = run_dir / "rounds" / "1"
+    (r1 / "metrics.json").unlink()  # round 1 still playing: a few games written, the last one torn
+    lines = (r1 / "episodes.jsonl").read_text().splitlines(keepends=True)
+    (r1 / "episodes.jsonl").write_text("".join(lines[:5]) + lines[5][:40])
+    (run_dir / "rounds" / "2").mkdir()
+    (run_dir / "rounds" / "2" / "train_stats.json").write_text("{}")
+    path, view = write_report(run_dir)
+    assert [r.k for r in view.rounds] == [0, 1] and not view.rounds[1].complete
+    assert view.rounds[1].summary["metrics"]["games"] == 5
+    missing = "\n".join(view.missing)
+    assert "round 1 is not complete: 5 game(s) so far" in missing
+    assert "cut short" in missing and "round 2: trained, but no game played yet" in missing
+    assert "round(s) 2, 3 of 0..3 not played yet" in missing
+    page = path.read_text()
+    assert 'id="missing"' in page and "round 1 is not complete" in page
+
+
+def test_broken_runs_get_clear_errors(tmp_path):
+    with pytest.raises(RunDirError, match="no such run directory"):
+        load_run(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunDirError, match="not a run directory"):
+        load_run(tmp_path / "empty")
+    run_dir = make_run(tmp_path / "x", rounds_played=1)
+    (run_dir / "rounds" / "0" / "episodes.jsonl").write_text("{broken\n")
+    with pytest.raises(RunDirError, match="no round has games yet"):
+        load_run(run_dir)
+    r = run("report", str(run_dir))
+    assert r.returncode == 2 and "no round has games yet" in r.stderr and "Traceback" not in r.stderr
+    run_dir = make_run(tmp_path / "y", rounds_played=2)
+    (run_dir / "rounds" / "1" / "episodes.jsonl").write_text("{broken\n")
+    _, view = write_report(run_dir)
+    assert any("round 1: games cannot be read" in m and "episodes.jsonl:1" in m for m in view.missing)
