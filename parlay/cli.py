@@ -259,14 +259,14 @@ def _load_agents(specs: list[str], sampling: Sampling) -> list[Agent]:
 
     agents = []
     for spec in specs:
-        resolved = round_agent_spec(spec)
+        name, resolved = round_agent_spec(spec)
         try:
             agent = load_agent(resolved, sampling)
         except AgentError as exc:
             raise AgentError(f"agent {spec!r}: {exc}") from None
         except Exception as exc:
             raise AgentError(f"agent {spec!r} ({resolved}) could not be loaded: {type(exc).__name__}: {exc}") from None
-        agent.spec = spec
+        agent.spec = name  # run:DIR@K, so that a resumed tournament plays the same models
         agents.append(agent)
     return agents
 
@@ -651,11 +651,17 @@ def export(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).")],
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    judge: Annotated[
+        str | None,
+        typer.Option("--judge", help="Agent spec that also checks messages for misstated facts."),
+    ] = None,
+    judge_limit: Annotated[int, typer.Option(min=1, help="Most messages the judge checks per round.")] = 100,
 ) -> None:
     """Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png."""
     from parlay.evaluate.report import write_report
 
-    path, view = write_report(run_dir, seed=seed)
+    judge_agent = load_agent(judge, Sampling(temperature=0.0, max_new_tokens=24, seed=seed)) if judge else None
+    path, view = write_report(run_dir, seed=seed, judge=judge_agent, judge_limit=judge_limit)
     for line in view.missing:
         err.print(f"[yellow]missing:[/] {line}", highlight=False)
     err.print(f"report written to {path} (plots in {run_dir / 'plots'})")

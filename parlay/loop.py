@@ -484,11 +484,11 @@ def complete_rounds(run_dir: Path) -> list[int]:
     return rounds
 
 
-def round_agent_spec(spec: str) -> str:
-    """``run:DIR[@K]`` → the agent spec of round K's model of the run in DIR (default: its last
-    complete round); any other spec is returned as it is."""
+def round_agent_spec(spec: str) -> tuple[str, str]:
+    """``run:DIR[@K]`` → (``run:DIR@K``, the agent spec of round K's model of the run in DIR);
+    K defaults to the last complete round. Any other spec is returned as (spec, spec)."""
     if not spec.startswith("run:"):
-        return spec
+        return spec, spec
     where, _, k = spec.removeprefix("run:").partition("@")
     run_dir = Path(where)
     rounds = complete_rounds(run_dir)
@@ -500,4 +500,4 @@ def round_agent_spec(spec: str) -> str:
     if chosen not in rounds:
         raise ConfigError(f"{spec}: round {chosen} is not complete in {run_dir} (complete: 0..{rounds[-1]})")
     row = json.loads((run_dir / "rounds" / str(chosen) / "metrics.json").read_text())
-    return ModelRef(**row["model"]).agent_spec(load_saved(run_dir).rollout.dtype)
+    return f"run:{where}@{chosen}", ModelRef(**row["model"]).agent_spec(load_saved(run_dir).rollout.dtype)

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from parlay.agents import Sampling, load_agent
-from parlay.config import parse_config
+from parlay.config import ConfigError, parse_config
 from parlay.episode import write_episodes
 from parlay.evaluate.analysis import RunDirError, load_run, round_score_correlation
 from parlay.evaluate.report import write_report
 from parlay.evaluate.tournament import run_tournament
 from parlay.games import objective
-from parlay.loop import Loop, ModelRef, prepare_run
+from parlay.loop import Loop, ModelRef, prepare_run, round_agent_spec
 from parlay.rollout import plan_games, play_games
 from tests.test_cli import run
+from tests.test_evaluate import ScriptedJudge
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Rounds get better partners, as a run that learns would: no deals, some, many.
@@ -106,6 +107,22 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape[0] > 1500  # the whole page, not a first screen
     assert pixels.std() > 0.05 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # not blank
+
+
+def test_run_specs_name_a_round_model(run_dir):
+    assert round_agent_spec(f"run:{run_dir}") == (f"run:{run_dir}@2", "hf:smollm2-135m")
+    assert round_agent_spec(f"run:{run_dir}@0")[0] == f"run:{run_dir}@0"
+    assert round_agent_spec("bot:hard") == ("bot:hard", "bot:hard")
+    with pytest.raises(ConfigError, match="round 5 is not complete"):
+        round_agent_spec(f"run:{run_dir}@5")
+    with pytest.raises(ConfigError, match="whole number"):
+        round_agent_spec(f"run:{run_dir}@last")
+
+
+def test_a_judge_adds_its_inconsistency_rate_per_round(run_dir):
+    path, _ = write_report(run_dir, judge=ScriptedJudge(), judge_limit=5)
+    page = path.read_text()
+    assert "inconsistent (judge)" in page and "judge:scripted" in page
 
 
 def test_partial_run_reports_what_exists_and_what_is_missing(tmp_path):

@@ -24,8 +24,10 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 import numpy as np
 
+from parlay.agents.base import Agent
 from parlay.episode import Episode, write_lines_atomic
 from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
+from parlay.evaluate.consistency import judge_summary
 from parlay.games.dond import ITEMS
 
 CURVES = [
@@ -55,10 +57,14 @@ TABLE = [
 ]
 
 
-def write_report(run_dir: Path, seed: int = 0) -> tuple[Path, RunView]:
+def write_report(
+    run_dir: Path, seed: int = 0, judge: Agent | None = None, judge_limit: int = 100
+) -> tuple[Path, RunView]:
     """Write ``report.html`` and ``plots/*.png`` into ``run_dir``; returns the report's path and
-    the run as read (``missing`` says what the run lacks)."""
+    the run as read (``missing`` says what the run lacks). With a ``judge``, it also checks up to
+    ``judge_limit`` messages per round for misstated facts."""
     view = load_run(run_dir, seed=seed)
+    judged = {r.k: judge_summary(judge, r.episodes, seed, judge_limit) for r in view.rounds} if judge else {}
     plots_dir = view.dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     plots = {
@@ -75,7 +81,7 @@ def write_report(run_dir: Path, seed: int = 0) -> tuple[Path, RunView]:
         plt.close(fig)
         (plots_dir / f"{name}.png").write_bytes(buf.getvalue())
         images[name] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-    page = render(view, images, round_score_correlation(view.rounds, seed=seed))
+    page = render(view, images, round_score_correlation(view.rounds, seed=seed), judged)
     out = view.dir / "report.html"
     write_lines_atomic(out, [page])
     return out, view
@@ -208,7 +214,9 @@ def dialogue_html(ep: Episode) -> dict[str, Any]:
     }
 
 
-def render(view: RunView, images: dict[str, str], correlation: dict[str, Any]) -> str:
+def render(
+    view: RunView, images: dict[str, str], correlation: dict[str, Any], judged: dict[int, dict[str, Any]]
+) -> str:
     rows = []
     for r in view.rounds:
         m, ci = r.summary["metrics"], r.summary["ci95"]
@@ -226,6 +234,7 @@ def render(view: RunView, images: dict[str, str], correlation: dict[str, Any]) -
                 "games": m["games"],
                 "cells": cells,
                 "vs": f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "",
+                "judge": _fmt((judged.get(r.k) or {}).get("inconsistency_rate"), "{:.0%}"),
                 "kept": r.train.get("kept", ""),
                 "loss": _fmt(r.train.get("loss_last"), "{:.3f}") if "loss_last" in r.train else "",
             }
@@ -252,6 +261,7 @@ def render(view: RunView, images: dict[str, str], correlation: dict[str, Any]) -
         settings={k: v for k, v in settings.items() if v is not None},
         missing=view.missing,
         columns=[label for _, label, _ in TABLE],
+        judge=next(iter(judged.values()))["judge"] if judged else None,
         rows=rows,
         correlation=correlation,
         images=images,
