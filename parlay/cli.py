@@ -23,6 +23,7 @@ from parlay.config import ConfigError, load_config
 from parlay.episode import EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
 from parlay.evaluate.analysis import RunDirError
+from parlay.evaluate.metrics import LABELS
 from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
@@ -85,29 +86,7 @@ def main(
     )
 
 
-METRIC_ROWS = [
-    ("games", "games", "{:.0f}"),
-    ("agreement_rate", "agreement rate", "{:.1%}"),
-    ("mean_reward", "mean reward", "{:.2f}"),
-    ("reward_ceiling", "reward ceiling", "{:.2f}"),
-    ("mean_raw_score", "mean raw score", "{:.2f}"),
-    ("mean_raw_score_agreed", "raw score (agreed)", "{:.2f}"),
-    ("pareto_rate", "Pareto-optimal", "{:.1%}"),
-    ("pareto_rate_agreed", "Pareto-optimal (agreed)", "{:.1%}"),
-    ("welfare_ratio", "welfare ratio", "{:.3f}"),
-    ("error_rate", "error rate", "{:.1%}"),
-    ("abort_rate", "abort rate", "{:.1%}"),
-    ("failure_rate", "failure rate", "{:.1%}"),
-    ("messages_per_game", "messages / game", "{:.1f}"),
-    ("tokens_per_game", "tokens / game", "{:.1f}"),
-    ("above_mean_share", "above the mean", "{:.1%}"),
-    ("inconsistency_rate", "inconsistent messages", "{:.1%}"),
-    ("vocabulary_size", "vocabulary", "{:.0f}"),
-    ("ngram_entropy_2", "2-gram entropy (bits)", "{:.2f}"),
-    ("ngram_entropy_3", "3-gram entropy (bits)", "{:.2f}"),
-    ("ngram_entropy_4", "4-gram entropy (bits)", "{:.2f}"),
-    ("ngram_entropy_5", "5-gram entropy (bits)", "{:.2f}"),
-]
+METRIC_ROWS = [(name, label, fmt) for name, (label, _, fmt) in LABELS.items()]
 
 
 def metrics_table(metrics: dict[str, Any], title: str, ci95: dict[str, list[float]] | None = None) -> Table:
@@ -278,15 +257,8 @@ def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
 
 def tournament_table(result: dict[str, Any]) -> Table:
     """One row per ordered pair: the headline metrics with their intervals."""
-    cols = [
-        ("mean_reward_a", "A's reward", "{:.2f}"),
-        ("mean_reward_b", "B's reward", "{:.2f}"),
-        ("agreement_rate", "agree", "{:.0%}"),
-        ("pareto_rate", "Pareto", "{:.0%}"),
-        ("error_rate", "errors", "{:.0%}"),
-        ("messages_per_game", "messages", "{:.1f}"),
-        ("inconsistency_rate", "inconsistent", "{:.0%}"),
-    ]
+    names = ["mean_reward_a", "mean_reward_b", "agreement_rate", "pareto_rate", "error_rate", "inconsistency_rate"]
+    cols = [(name, LABELS[name][1], LABELS[name][2]) for name in names]
     table = Table(title=f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)")
     table.add_column("A")
     table.add_column("B")

@@ -178,6 +178,32 @@ METRICS: dict[str, Statistic] = {
 }
 """Every metric, in the order tables show them."""
 
+LABELS: dict[str, tuple[str, str, str]] = {
+    # name: (label, short label for wide tables, format)
+    "games": ("games", "games", "{:.0f}"),
+    "agreement_rate": ("agreement rate", "agree", "{:.1%}"),
+    "mean_reward": ("mean reward", "reward", "{:.2f}"),
+    "mean_reward_a": ("mean reward of A", "A's reward", "{:.2f}"),
+    "mean_reward_b": ("mean reward of B", "B's reward", "{:.2f}"),
+    "mean_raw_score": ("mean raw score", "raw", "{:.2f}"),
+    "mean_raw_score_agreed": ("raw score (agreed)", "raw (agreed)", "{:.2f}"),
+    "reward_ceiling": ("reward ceiling", "ceiling", "{:.2f}"),
+    "raw_score_ceiling": ("raw score ceiling", "raw ceiling", "{:.2f}"),
+    "pareto_rate": ("Pareto-optimal", "Pareto", "{:.1%}"),
+    "pareto_rate_agreed": ("Pareto-optimal (agreed)", "Pareto (agreed)", "{:.1%}"),
+    "welfare_ratio": ("welfare ratio", "welfare", "{:.3f}"),
+    "error_rate": ("error rate", "errors", "{:.1%}"),
+    "abort_rate": ("abort rate", "aborts", "{:.1%}"),
+    "failure_rate": ("failure rate", "failures", "{:.1%}"),
+    "messages_per_game": ("messages / game", "messages", "{:.1f}"),
+    "tokens_per_game": ("tokens / game", "tokens", "{:.0f}"),
+    "above_mean_share": ("above the mean", "above mean", "{:.1%}"),
+    "inconsistency_rate": ("inconsistent messages", "inconsistent", "{:.1%}"),
+    "vocabulary_size": ("vocabulary", "vocabulary", "{:.0f}"),
+    **{f"ngram_entropy_{n}": (f"{n}-gram entropy (bits)", f"H{n}", "{:.2f}") for n in NGRAM_ORDERS},
+}
+"""How tables name and print each metric."""
+
 INTEGER_METRICS = {"games", "vocabulary_size"}
 TEXT_METRICS = {"vocabulary_size", *(f"ngram_entropy_{n}" for n in NGRAM_ORDERS)}
 """Counts of distinct words and n-grams shrink when games are drawn with repetition, so their

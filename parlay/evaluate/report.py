@@ -28,6 +28,7 @@ from parlay.agents.base import Agent
 from parlay.episode import Episode, write_lines_atomic
 from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
 from parlay.evaluate.consistency import judge_summary
+from parlay.evaluate.metrics import LABELS
 from parlay.games.dond import ITEMS
 
 CURVES = [
@@ -39,22 +40,12 @@ CURVES = [
     ("inconsistency_rate", "inconsistent messages"),
 ]
 
-TABLE = [
-    ("mean_reward", "reward", "{:.2f}"),
-    ("agreement_rate", "agree", "{:.0%}"),
-    ("pareto_rate", "Pareto", "{:.0%}"),
-    ("pareto_rate_agreed", "Pareto (agreed)", "{:.0%}"),
-    ("welfare_ratio", "welfare", "{:.2f}"),
-    ("error_rate", "errors", "{:.1%}"),
-    ("abort_rate", "aborts", "{:.0%}"),
-    ("messages_per_game", "messages", "{:.1f}"),
-    ("tokens_per_game", "tokens", "{:.0f}"),
-    ("vocabulary_size", "vocabulary", "{:.0f}"),
-    ("ngram_entropy_2", "H2", "{:.2f}"),
-    ("ngram_entropy_5", "H5", "{:.2f}"),
-    ("above_mean_share", "above mean", "{:.0%}"),
-    ("inconsistency_rate", "inconsistent", "{:.0%}"),
-]
+TABLE_METRICS = [
+    "mean_reward", "agreement_rate", "pareto_rate", "pareto_rate_agreed", "welfare_ratio", "error_rate",
+    "abort_rate", "messages_per_game", "tokens_per_game", "vocabulary_size", "ngram_entropy_2",
+    "ngram_entropy_5", "above_mean_share", "inconsistency_rate",
+]  # fmt: skip
+TABLE = [(name, LABELS[name][1], LABELS[name][2]) for name in TABLE_METRICS]
 
 
 def write_report(
