@@ -15,7 +15,8 @@ agree.
 
 Every metric is a function of per-game multiplicities ``w`` (shape resamples × games): the point
 estimate is ``w = 1``, and a bootstrap resample is ``w = how often each game was drawn``. So one
-definition serves both, and 2,000 resamples of every metric take well under a second.
+definition serves both, and 2,000 resamples of every metric of a 64-game round take about 0.1 s
+on two CPU cores.
 """
 
 from __future__ import annotations
