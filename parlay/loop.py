@@ -124,6 +124,10 @@ class Loop:
         cfg = self.cfg
         model = self.warm_start() if cfg.warm_start.enabled else ModelRef(cfg.model, cfg.adapter)
         history = self.history()
+        # A resumed run's loss curve continues after the steps already taken.
+        self.train_step = sum((r.get("train") or {}).get("steps", 0) for r in history)
+        if (self.dir / "warm_start" / "train_stats.json").exists():
+            self.train_step += json.loads((self.dir / "warm_start" / "train_stats.json").read_text()).get("steps", 0)
         for k in range(cfg.rounds + 1):
             rdir = self.round_dir(k)
             if (rdir / "metrics.json").exists():
@@ -150,11 +154,7 @@ class Loop:
 
     def history(self) -> list[dict[str, Any]]:
         """Metrics of every complete round, in order; also rewrites ``metrics.jsonl`` from them."""
-        rows = []
-        k = 0
-        while (path := self.round_dir(k) / "metrics.json").exists():
-            rows.append(json.loads(path.read_text()))
-            k += 1
+        rows = [json.loads((self.round_dir(k) / "metrics.json").read_text()) for k in complete_rounds(self.dir)]
         write_lines_atomic(self.dir / "metrics.jsonl", [json.dumps(r) for r in rows])
         return rows
 
@@ -421,12 +421,12 @@ class Loop:
         return row
 
 
-def _read(path: Path, allow_empty: bool = False) -> list[Episode]:
+def _read(path: Path) -> list[Episode]:
     report = ReadReport()
     episodes = read_episodes(path, report)
     if report.truncated_tail:
         log.warning("%s: the last line was cut short by an interrupted write; that game is played again", path)
-    if not episodes and not allow_empty:
+    if not episodes:
         raise ConfigError(f"{path}: no episodes")
     return episodes
 
