@@ -123,17 +123,21 @@ def plot_reward_distribution(view: RunView) -> plt.Figure:
 
 
 def plot_dialogue(view: RunView) -> plt.Figure:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), constrained_layout=True)
-    panels = [("messages_per_game", "messages per game"), ("vocabulary_size", "vocabulary size")]
-    for ax, (key, label) in zip(axes[:2], panels, strict=True):
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), constrained_layout=True)
+    panels = [
+        ("messages_per_game", "messages per game"),
+        ("tokens_per_game", "tokens per game"),
+        ("vocabulary_size", "vocabulary size"),
+    ]
+    for ax, (key, label) in zip(axes[:3], panels, strict=True):
         ks, values, err = _series(view, key)
         ax.errorbar(ks, values, yerr=err, marker="o", capsize=4)
         ax.set_title(label)
     ks = [r.k for r in view.rounds]
     for n in (2, 3, 4, 5):
-        axes[2].plot(ks, [r.summary["metrics"][f"ngram_entropy_{n}"] for r in view.rounds], marker="o", label=f"n={n}")
-    axes[2].set_title("n-gram entropy (bits)")
-    axes[2].legend(fontsize=8)
+        axes[3].plot(ks, [r.summary["metrics"][f"ngram_entropy_{n}"] for r in view.rounds], marker="o", label=f"n={n}")
+    axes[3].set_title("word n-gram entropy (bits)")
+    axes[3].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("round")
         ax.set_xticks(ks)
