@@ -23,6 +23,9 @@ def _completion(body: dict) -> dict:
     if body["messages"][0]["content"] == prompts.judge_prompt():  # asked to judge: rate by length
         text = f"{min(10, len(body['messages'][1]['content']) // 200)} - a fair effort"
         return _chat(body, text)
+    if body["messages"][0]["content"] == prompts.consistency_prompt():  # asked to check facts: rules of thumb
+        message = body["messages"][1]["content"].rsplit("The message:", 1)[-1]
+        return _chat(body, "Yes, too many." if any(d in message for d in "56789") else "No.")
     last = body["messages"][-1]["content"]
     owed = last == prompts.protocol_lines()["partner_proposed"]
     n = sum(m["role"] == "assistant" for m in body["messages"])

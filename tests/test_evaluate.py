@@ -9,12 +9,14 @@ import pytest
 
 from parlay.agents import Reply, Sampling, load_agent
 from parlay.agents.base import Agent
+from parlay.episode import read_episodes
 from parlay.evaluate import METRICS, compute_metrics, metric_intervals
-from parlay.evaluate.consistency import judge_summary, parse_verdict, violations
+from parlay.evaluate.consistency import judge_summary, messages_of, parse_verdict, violations
 from parlay.evaluate.metrics import GameTable, resample_weights
 from parlay.evaluate.tournament import TournamentError, pair_file, run_tournament
 from parlay.games import Context, objective
 from parlay.rollout import plan_games, play_games
+from tests.openai_server import start_chat_server
 from tests.test_cli import run
 
 
@@ -170,6 +172,23 @@ def test_eval_agents_writes_tables_csv_and_json(tmp_path):
     assert r.returncode == 2 and "no complete round" in r.stderr
     r = run("eval", str(out / "pairs" / "0-1.jsonl"), "--agents", "bot:hard")
     assert r.returncode == 2 and "either" in r.stderr
+
+
+def test_eval_with_a_judge_behind_an_openai_compatible_endpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    eps = tmp_path / "eps.jsonl"
+    assert run("play", "--a", "bot:random", "--b", "bot:hard", "-n", "8", "-o", str(eps)).returncode == 0
+    server, url = start_chat_server()
+    try:
+        r = run("eval", str(eps), "--judge", f"openai:checker@{url}", "--judge-limit", "12", "--json")
+    finally:
+        server.shutdown()
+    assert r.returncode == 0, r.stderr
+    judged = json.loads(r.stdout)["judge_consistency"]
+    assert judged["messages"] == 12 and judged["unreadable"] == 0
+    checked = messages_of(read_episodes(eps))[:12]
+    flagged = sum(any(d in m.text for d in "56789") for m in checked)  # the server's rule of thumb
+    assert judged["judge"] == f"openai:checker@{url}" and judged["inconsistency_rate"] == flagged / 12
 
 
 def test_eval_files_prints_intervals_and_rejects_bad_files(tmp_path):
