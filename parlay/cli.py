@@ -255,28 +255,42 @@ def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
     return text if not ci else f"{text} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
+def agents_table(result: dict[str, Any]) -> Table:
+    """The tournament's agents by number; the other tables name them by it."""
+    table = Table(title="agents", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("spec")
+    for i, spec in enumerate(result["agents"]):
+        table.add_row(str(i), spec)
+    return table
+
+
 def tournament_table(result: dict[str, Any]) -> Table:
-    """One row per ordered pair: the headline metrics with their intervals."""
+    """One row per ordered pair (agents by number): the headline metrics with their intervals."""
     names = ["mean_reward_a", "mean_reward_b", "agreement_rate", "pareto_rate", "error_rate", "inconsistency_rate"]
     cols = [(name, LABELS[name][1], LABELS[name][2]) for name in names]
-    table = Table(title=f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)")
-    table.add_column("A")
-    table.add_column("B")
+    table = Table(
+        title=f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)",
+        title_justify="left",
+    )
+    table.add_column("A", justify="right")
+    table.add_column("B", justify="right")
     for _, label, _ in cols:
         table.add_column(label, justify="right")
     for p in result["pairs"]:
-        table.add_row(p["a"], p["b"], *(_interval(p["metrics"][k], p["ci95"].get(k), f) for k, _, f in cols))
+        cells = (_interval(p["metrics"][k], p["ci95"].get(k), f) for k, _, f in cols)
+        table.add_row(str(p["a_index"]), str(p["b_index"]), *cells)
     return table
 
 
 def matrix_table(result: dict[str, Any]) -> Table:
     matrix = result["matrix"]
-    table = Table(title="mean reward of the row agent against the column agent (both seats)")
-    table.add_column("")
-    for spec in matrix["agents"]:
-        table.add_column(spec, justify="right")
-    for spec, row in zip(matrix["agents"], matrix["reward"], strict=True):
-        table.add_row(spec, *(f"{v:.2f}" for v in row))
+    table = Table(title="mean reward of the row agent against the column agent (both seats)", title_justify="left")
+    table.add_column("", justify="right")
+    for i in range(len(matrix["agents"])):
+        table.add_column(str(i), justify="right")
+    for i, row in enumerate(matrix["reward"]):
+        table.add_row(str(i), *(f"{v:.2f}" for v in row))
     return table
 
 
@@ -354,6 +368,7 @@ def eval_(
     elif files:
         console.print(metrics_table(result["metrics"], title, result["ci95"]))
     else:
+        console.print(agents_table(result))
         console.print(tournament_table(result))
         console.print(matrix_table(result))
         err.print(f"tournament written to {out}/tournament.json and tournament.csv")

@@ -165,6 +165,7 @@ def test_eval_agents_writes_tables_csv_and_json(tmp_path):
     r = run("eval", "--agents", "bot:hard,bot:cooperative", "-n", "4", "--out", str(out), "--objective", "cooperative")
     assert r.returncode == 0, r.stderr
     assert "cross-play" in r.stdout and "bot:cooperative" in r.stdout and "row agent" in r.stdout
+    assert "[" in r.stdout  # intervals
     assert (out / "tournament.csv").exists() and len(list((out / "pairs").glob("*.jsonl"))) == 4
     r = run("eval", "--agents", "bot:hard,hf:/no/such/model", "-n", "2", "--out", str(tmp_path / "u"))
     assert r.returncode == 2 and "hf:/no/such/model" in r.stderr and "Traceback" not in r.stderr
