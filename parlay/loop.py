@@ -16,6 +16,9 @@ The run directory (DESIGN.md, "Runs") is the whole state:
     runs/<name>/rounds/<k>/train_stats.json  what training did, or why it was skipped
     runs/<name>/rounds/<k>/metrics.json      written last: the round is complete
     runs/<name>/metrics.jsonl                one line per complete round, rewritten from the above
+    runs/<name>/tensorboard/, wandb/         with ``tracking:`` set
+    runs/<name>/report.html, plots/          written by ``parlay report`` (and at the end of ``parlay train``)
+    runs/<name>/eval/                        a tournament the report shows (``parlay eval --out``)
 
 ``resume`` continues from the last complete round and, inside the current round, from whatever
 exists: a finished model is not retrained, finished games are not replayed, and the games still
