@@ -294,6 +294,25 @@ def matrix_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def changes_table(result: dict[str, Any]) -> Table:
+    """Each agent's paired change from agent 0 against every partner."""
+    table = Table(
+        title="own reward minus agent 0's against the same partner, same games (95% CI)", title_justify="left"
+    )
+    for col in ("agent", "partner", "change", "95% CI"):
+        table.add_column(col, justify="right")
+    number = {spec: str(i) for i, spec in enumerate(result["agents"])}
+    for c in result["vs_first"]:
+        low, high = c["ci95"]
+        table.add_row(
+            number[c["agent"]],
+            number.get(c["partner"], c["partner"]),
+            f"{c['mean']:+.2f}",
+            f"[{low:+.2f}, {high:+.2f}]",
+        )
+    return table
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -371,6 +390,7 @@ def eval_(
         console.print(agents_table(result))
         console.print(tournament_table(result))
         console.print(matrix_table(result))
+        console.print(changes_table(result))
         err.print(f"tournament written to {out}/tournament.json and tournament.csv")
     if judge and not as_json:
         j = result["judge_consistency"]

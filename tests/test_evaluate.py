@@ -135,6 +135,21 @@ def test_tournament_plays_every_ordered_pair_on_the_same_games(tmp_path):
         by[("bot:hard", "bot:conceder")]["mean_reward_a"] + by[("bot:conceder", "bot:hard")]["mean_reward_b"]
     ) / 2
     assert matrix["reward"][0][1] == pytest.approx(expected)
+    changes = {(c["agent"], c["partner"]): c for c in result["vs_first"]}
+    assert len(changes) == 2 * 3  # agents 1 and 2, each against all three partners
+    files = {(p["a"], p["b"]): tmp_path / p["episodes"] for p in result["pairs"]}
+
+    def own(agent, partner):  # agent's reward per game against partner, both seats averaged
+        as_a = {e["id"]: e["rewards"][0] for e in map(json.loads, files[(agent, partner)].read_text().splitlines())}
+        as_b = {e["id"]: e["rewards"][1] for e in map(json.loads, files[(partner, agent)].read_text().splitlines())}
+        return {g: (as_a[g] + as_b[g]) / 2 for g in as_a}
+
+    conceder, hard = own("bot:conceder", "bot:cooperative"), own("bot:hard", "bot:cooperative")
+    diffs = [conceder[g] - hard[g] for g in conceder]
+
+    change = changes[("bot:conceder", "bot:cooperative")]
+    assert change["mean"] == pytest.approx(sum(diffs) / len(diffs)) and change["games"] == 6
+    assert changes[("bot:conceder", "itself")]["first"] == "bot:hard"
     rows = list(csv.DictReader((tmp_path / "tournament.csv").open()))
     assert len(rows) == 9 and {"a", "b", "mean_reward", "mean_reward_low", "mean_reward_high"} <= rows[0].keys()
     assert json.loads((tmp_path / "tournament.json").read_text())["agents"] == [a.spec for a in agents]

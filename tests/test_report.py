@@ -93,6 +93,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
             assert page.locator("#rounds tr").count() == 4  # header + 3 rounds
             assert page.locator("#correlation tr").count() == 3
             assert page.locator("#crossplay tr").count() == 5  # header + 4 ordered pairs
+            assert page.locator("#vs-first tr").count() == 3  # header + agent 1 against both partners
             assert page.locator(".dialogue").count() == 6  # best and worst of 3 rounds
             assert page.locator("#missing").count() == 0
             text = page.locator("body").inner_text()

@@ -274,11 +274,18 @@ def paired_difference(
     """Mean reward difference over the games both sets played (same ids: same seeded context,
     first speaker and sampling seeds), with a bootstrap 95 % confidence interval; None when the
     two sets share no game."""
-    a, b = game_rewards(after), game_rewards(before)
-    common = sorted(a.keys() & b.keys())
+    return paired_bootstrap(game_rewards(after), game_rewards(before), seed, resamples)
+
+
+def paired_bootstrap(
+    after: dict[str, float], before: dict[str, float], seed: int = 0, resamples: int = 10_000
+) -> dict[str, Any] | None:
+    """Mean of ``after[g] - before[g]`` over the games g both have, with a bootstrap 95 % interval
+    over games; None when they share no game."""
+    common = sorted(after.keys() & before.keys())
     if not common:
         return None
-    diffs = np.array([a[i] - b[i] for i in common])
+    diffs = np.array([after[g] - before[g] for g in common])
     rng = np.random.default_rng(seed)
     means = diffs[rng.integers(0, len(diffs), (resamples, len(diffs)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])

@@ -8,7 +8,8 @@ The output folder is the whole state, and an interrupted tournament continues wh
 
     OUT/setup.json           who plays, the objective, games, seed, sampling (checked on resume)
     OUT/pairs/<i>-<j>.jsonl  the games of agent i (player A) against agent j (player B)
-    OUT/tournament.json      per pair: metrics and intervals; the cross-play matrices
+    OUT/tournament.json      per pair: metrics and intervals; the cross-play matrices; each agent's
+                             paired change from the first agent against every partner
     OUT/tournament.csv       one row per pair: each metric with its interval
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from parlay.agents.base import Agent, Sampling
 from parlay.episode import Episode, EpisodeWriter, write_lines_atomic
-from parlay.evaluate.metrics import METRICS, summarize
+from parlay.evaluate.metrics import METRICS, paired_bootstrap, summarize
 from parlay.games.dond import Objective
 from parlay.rollout import plan_games, play_games, split_finished
 
@@ -91,7 +92,8 @@ def run_tournament(
     setup = Setup(specs, obj.to_dict(), games, seed, max_messages, asdict(sampling))
     _check_setup(out, setup)
     plan = plan_games(games, seed)
-    pairs = []
+    pairs: list[dict[str, Any]] = []
+    by_pair: dict[tuple[int, int], list[Episode]] = {}
     for i, a in enumerate(agents):
         for j, b in enumerate(agents):
             path = pair_file(out, i, j)
@@ -103,10 +105,12 @@ def run_tournament(
                     played = play_games(a, b, todo, obj, max_messages, writer, on_episode, {"tournament": str(out)})
                 have |= {ep.id: ep for ep in played}
             episodes = [have[g.id] for g in plan]
+            by_pair[(i, j)] = episodes
             summary = summarize(episodes, seed=seed, resamples=resamples)
             pairs.append({"a": a.spec, "b": b.spec, "a_index": i, "b_index": j, "episodes": str(path.relative_to(out))})
             pairs[-1] |= summary
-    result = asdict(setup) | {"pairs": pairs, "matrix": cross_play_matrix(specs, pairs)}
+    changes = changes_from_first(specs, by_pair, seed)
+    result = asdict(setup) | {"pairs": pairs, "matrix": cross_play_matrix(specs, pairs), "vs_first": changes}
     write_lines_atomic(out / "tournament.json", [json.dumps(result, indent=1)])
     write_csv(out / "tournament.csv", pairs)
     return result
@@ -124,6 +128,28 @@ def cross_play_matrix(specs: list[str], pairs: list[dict[str, Any]]) -> dict[str
             reward[i, j] = (as_a["mean_reward_a"] + as_b["mean_reward_b"]) / 2
             agreement[i, j] = (as_a["agreement_rate"] + as_b["agreement_rate"]) / 2
     return {"agents": specs, "reward": reward.tolist(), "agreement": agreement.tolist()}
+
+
+def _own_rewards(played: dict[tuple[int, int], list[Episode]], i: int, j: int) -> dict[str, float]:
+    """Agent i's reward against agent j in each planned game, averaged over its two seats."""
+    as_a = {ep.id: ep.rewards[0] for ep in played[(i, j)]}
+    as_b = {ep.id: ep.rewards[1] for ep in played[(j, i)]}
+    return {g: (as_a[g] + as_b[g]) / 2 for g in as_a.keys() & as_b.keys()}
+
+
+def changes_from_first(
+    specs: list[str], played: dict[tuple[int, int], list[Episode]], seed: int
+) -> list[dict[str, Any]]:
+    """How each agent does against each partner compared with the first agent (say, round 0) with
+    the same partner, game by game (paired): agent x's own reward against z minus the first
+    agent's against z. Against "itself": x's self-play minus the first agent's self-play."""
+    out = []
+    for x in range(1, len(specs)):
+        for z in range(len(specs)):
+            before = _own_rewards(played, 0, 0 if z == x else z)
+            change = paired_bootstrap(_own_rewards(played, x, z), before, seed)
+            out.append({"agent": specs[x], "partner": "itself" if z == x else specs[z], "first": specs[0]} | change)
+    return out
 
 
 def write_csv(path: Path, pairs: list[dict[str, Any]]) -> None:
@@ -147,6 +173,6 @@ def read_tournament(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise TournamentError(f"{path}: not a readable tournament file ({exc})") from None
-    if not isinstance(data, dict) or not {"agents", "pairs", "matrix"} <= data.keys():
-        raise TournamentError(f"{path}: not a tournament file (agents, pairs and matrix are expected)")
+    if not isinstance(data, dict) or not {"agents", "pairs", "matrix", "vs_first"} <= data.keys():
+        raise TournamentError(f"{path}: not a tournament file (agents, pairs, matrix and vs_first are expected)")
     return data
