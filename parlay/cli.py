@@ -20,7 +20,7 @@ from rich.table import Table
 from parlay import __version__
 from parlay.agents import Agent, AgentError, Sampling, load_agent
 from parlay.config import ConfigError, load_config
-from parlay.episode import EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
+from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
 from parlay.evaluate.analysis import RunDirError
 from parlay.evaluate.metrics import LABELS
@@ -219,7 +219,7 @@ def selfplay(
     _play(agent, agent, n, objective(objective_spec), seed, output, contexts, max_messages, as_json)
 
 
-def _read_all(files: list[Path]) -> list[Any]:
+def _read_all(files: list[Path]) -> list[Episode]:
     episodes = []
     for path in files:
         report = ReadReport()
@@ -376,8 +376,9 @@ def eval_(
             hooks.end_stage()
             for agent in loaded:
                 agent.close()
-        episodes = [ep for p in result["pairs"] for ep in read_episodes(out / p["episodes"])]
     if judge:
+        if not files:  # the tournament's games, read back from its folder
+            episodes = [ep for p in result["pairs"] for ep in read_episodes(out / p["episodes"])]
         judge_agent = load_agent(judge, Sampling(temperature=0.0, max_new_tokens=24, seed=seed))
         result["judge_consistency"] = judge_summary(judge_agent, episodes, seed=seed, limit=judge_limit)
     if track:
