@@ -20,10 +20,10 @@ from rich.table import Table
 from parlay import __version__
 from parlay.agents import Agent, AgentError, Sampling, load_agent
 from parlay.config import ConfigError, load_config
-from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, ReadReport, read_episodes, write_episodes
+from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
 from parlay.evaluate.analysis import RunDirError
-from parlay.evaluate.metrics import LABELS
+from parlay.evaluate.metrics import LABELS, format_change
 from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
@@ -222,10 +222,7 @@ def selfplay(
 def _read_all(files: list[Path]) -> list[Episode]:
     episodes = []
     for path in files:
-        report = ReadReport()
-        got = read_episodes(path, report)
-        if report.truncated_tail:
-            err.print(f"[yellow]warning:[/] {path}: the last line was truncated and was skipped")
+        got = read_episodes(path)  # a torn last line is skipped and logged there
         if not got:
             raise EpisodeFileError(f"{path}: no episodes in this file")
         episodes += got
@@ -236,17 +233,23 @@ def _load_agents(specs: list[str], sampling: Sampling) -> list[Agent]:
     """Each agent of a tournament, with an error that names the one that cannot be loaded."""
     from parlay.loop import round_agent_spec
 
-    agents = []
-    for spec in specs:
-        name, resolved = round_agent_spec(spec)
-        try:
-            agent = load_agent(resolved, sampling)
-        except AgentError as exc:
-            raise AgentError(f"agent {spec!r}: {exc}") from None
-        except Exception as exc:
-            raise AgentError(f"agent {spec!r} ({resolved}) could not be loaded: {type(exc).__name__}: {exc}") from None
-        agent.spec = name  # run:DIR@K, so that a resumed tournament plays the same models
-        agents.append(agent)
+    agents: list[Agent] = []
+    try:
+        for spec in specs:
+            name, resolved = round_agent_spec(spec)
+            try:
+                agent = load_agent(resolved, sampling)
+            except AgentError as exc:
+                raise AgentError(f"agent {spec!r}: {exc}") from None
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                raise AgentError(f"agent {spec!r} ({resolved}) could not be loaded: {why}") from None
+            agent.spec = name  # run:DIR@K, so that a resumed tournament plays the same models
+            agents.append(agent)
+    except (AgentError, ConfigError):
+        for agent in agents:
+            agent.close()
+        raise
     return agents
 
 
@@ -512,7 +515,7 @@ def rounds_table(history: list[dict[str, Any]]) -> Table:
         table.add_row(
             str(row["round"]),
             f"{row['mean_reward']:.2f}",
-            f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "",
+            format_change(vs),
             f"{row['agreement_rate']:.0%}",
             f"{row['pareto_rate']:.0%}",
             f"{row['error_rate']:.0%}",

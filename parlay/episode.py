@@ -85,8 +85,12 @@ class Episode(BaseModel):
     def accepted_turns(self) -> list[Turn]:
         return [t for t in self.turns if t.accepted]
 
+    def message_turns(self) -> list[tuple[int, Turn]]:
+        """The accepted messages (not proposals), with their index among all turns."""
+        return [(i, t) for i, t in enumerate(self.turns) if t.accepted and t.kind == "message" and t.message]
+
     def messages(self) -> list[str]:
-        return [t.message for t in self.turns if t.accepted and t.kind == "message" and t.message]
+        return [t.message or "" for _, t in self.message_turns()]
 
 
 @dataclass

@@ -67,11 +67,6 @@ class RunView:
     def name(self) -> str:
         return (self.config or {}).get("name") or self.dir.name
 
-    @property
-    def planned_rounds(self) -> int | None:
-        rounds = (self.config or {}).get("rounds")
-        return rounds + 1 if isinstance(rounds, int) else None
-
 
 def load_run(run_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> RunView:
     """Read a run directory; see the module docstring for what counts as missing."""
@@ -86,6 +81,9 @@ def load_run(run_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> RunVie
             config = yaml.safe_load(config_path.read_text())
         except yaml.YAMLError as exc:
             missing.append(f"config.yaml cannot be read ({exc}); settings are not shown")
+        if config is not None and not isinstance(config, dict):
+            missing.append("config.yaml is not a mapping of settings; settings are not shown")
+            config = None
     else:
         missing.append("config.yaml is missing; settings are not shown")
     rounds = []
@@ -149,7 +147,10 @@ def round_score_correlation(
     over all games, and over agreed games only. None where fewer than two rounds or no spread."""
 
     def corr(agreed_only: bool) -> dict[str, Any] | None:
-        pairs = [(r.k, sum(ep.rewards) / 2) for r in rounds for ep in r.episodes if ep.agreed or not agreed_only]
+        pairs = []
+        for r in rounds:
+            rewards = game_rewards(r.episodes)
+            pairs += [(r.k, rewards[ep.id]) for ep in r.episodes if ep.agreed or not agreed_only]
         if len(pairs) < 3:
             return None
         x, y = np.array(pairs, dtype=float).T

@@ -90,12 +90,7 @@ class MessageRef:
 
 
 def messages_of(episodes: Sequence[Episode]) -> list[MessageRef]:
-    return [
-        MessageRef(ep, i, t.player, t.message)
-        for ep in episodes
-        for i, t in enumerate(ep.turns)
-        if t.accepted and t.kind == "message" and t.message
-    ]
+    return [MessageRef(ep, i, t.player, t.message or "") for ep in episodes for i, t in ep.message_turns()]
 
 
 def judge_messages(judge: Agent, messages: Sequence[MessageRef], seed: int = 0) -> list[bool | None]:

@@ -56,7 +56,7 @@ def episode_figures(ep: Episode) -> dict[str, Any]:
     xa, xb = ep.raw_scores
     agreed = ep.agreed
     reported = [t.tokens for t in ep.turns if t.tokens is not None]
-    messages = [(t.player, t.message) for t in ep.turns if t.accepted and t.kind == "message" and t.message]
+    messages = [(t.player, t.message or "") for _, t in ep.message_turns()]
     return {
         "agreed": agreed,
         "reward": sum(ep.rewards) / len(ep.rewards),
@@ -275,6 +275,14 @@ def paired_difference(
     first speaker and sampling seeds), with a bootstrap 95 % confidence interval; None when the
     two sets share no game."""
     return paired_bootstrap(game_rewards(after), game_rewards(before), seed, resamples)
+
+
+def format_change(change: dict[str, Any] | None) -> str:
+    """A paired change as "+1.23 [+0.45, +2.01]" (empty when there is none)."""
+    if not change:
+        return ""
+    low, high = change["ci95"]
+    return f"{change['mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
 def paired_bootstrap(

@@ -11,7 +11,6 @@ what is missing.
 from __future__ import annotations
 
 import base64
-import html
 import io
 from importlib import resources
 from pathlib import Path
@@ -24,11 +23,12 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 import numpy as np
 
+from parlay import prompts
 from parlay.agents.base import Agent
 from parlay.episode import Episode, write_lines_atomic
 from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
 from parlay.evaluate.consistency import judge_summary
-from parlay.evaluate.metrics import LABELS
+from parlay.evaluate.metrics import LABELS, format_change, game_rewards
 from parlay.games.dond import ITEMS
 
 CURVES = [
@@ -108,7 +108,7 @@ def plot_curves(view: RunView) -> plt.Figure:
 
 def plot_reward_distribution(view: RunView) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
-    data = [[sum(ep.rewards) / 2 for ep in r.episodes] for r in view.rounds]
+    data = [list(game_rewards(r.episodes).values()) for r in view.rounds]
     ks = [r.k for r in view.rounds]
     ax.violinplot(data, positions=ks, showmeans=True, showextrema=True)
     rng = np.random.default_rng(0)
@@ -182,7 +182,6 @@ def _fmt(value: float | None, fmt: str) -> str:
 def dialogue_html(ep: Episode) -> dict[str, Any]:
     """What the page shows of one game: context, turns (rejected ones marked), outcome."""
     ctx = ep.game_context()
-    items = ", ".join(f"{c} {item}{'s' if c != 1 else ''}" for c, item in zip(ctx.counts, ITEMS, strict=True))
 
     def values(player: str) -> str:
         return ", ".join(f"{item} {v}" for item, v in zip(ITEMS, ctx.values(player), strict=True))
@@ -198,7 +197,7 @@ def dialogue_html(ep: Episode) -> dict[str, Any]:
     ]
     return {
         "id": ep.id,
-        "inventory": items,
+        "inventory": prompts.inventory(ctx.counts),
         "values_a": values("A"),
         "values_b": values("B"),
         "first": ep.first_speaker,
@@ -218,9 +217,8 @@ def render(
         cells = []
         for key, _, fmt in TABLE:
             low, high = ci.get(key, (None, None))
-            cells.append(
-                {"value": fmt.format(m[key]), "ci": f"{_fmt(low, fmt)}–{_fmt(high, fmt)}" if low is not None else ""}
-            )
+            interval = f"{fmt.format(low)}–{fmt.format(high)}" if low is not None else ""
+            cells.append({"value": fmt.format(m[key]), "ci": interval})
         vs = (r.row or {}).get("vs_round0")
         rows.append(
             {
@@ -228,7 +226,7 @@ def render(
                 "complete": r.complete,
                 "games": m["games"],
                 "cells": cells,
-                "vs": f"{vs['mean']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "",
+                "vs": format_change(vs),
                 "judge": _fmt((judged.get(r.k) or {}).get("inconsistency_rate"), "{:.0%}"),
                 "kept": r.train.get("kept", ""),
                 "loss": _fmt(r.train.get("loss_last"), "{:.3f}") if "loss_last" in r.train else "",
@@ -252,7 +250,7 @@ def render(
     template = env.from_string(resources.files("parlay.evaluate").joinpath("report.html.j2").read_text("utf-8"))
     return template.render(
         name=view.name,
-        run_dir=html.escape(str(view.dir)),
+        run_dir=str(view.dir),
         settings={k: v for k, v in settings.items() if v is not None},
         missing=view.missing,
         columns=[label for _, label, _ in TABLE],
