@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from parlay.agents.base import Sampling
-from parlay.agents.hf import HFAgent, load_model, pick_dtype
+from parlay.agents.hf import HFAgent, load_model
+from parlay.agents.hf_layer import pick_dtype
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 

@@ -15,22 +15,21 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from parlay import __version__
-from parlay.agents import Agent, AgentError, Sampling, load_agent
-from parlay.config import ConfigError, load_config
+from parlay.agents import Agent, AgentError, Sampling, load_agent, load_judge
+from parlay.agents.base import TemplateError
+from parlay.config import ConfigError, RolloutConfig, load_config
 from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
-from parlay.evaluate.analysis import RunDirError
-from parlay.evaluate.metrics import LABELS, format_change
+from parlay.evaluate.tables import metrics_table, rounds_table, tournament_tables
 from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
 from parlay.lewis import LewisFormatError, import_file
-from parlay.protocol import DEFAULT_MAX_MESSAGES
 from parlay.rollout import plan_games, play_games
-from parlay.tracking import TrackingError
+from parlay.run import RoundRecord, RunDir, RunDirError, prepare_run, round_agent_spec
+from parlay.tracking import TrackingError, track_eval
 
 app = typer.Typer(
     help="parlay: self-play for language-model negotiators in Deal or No Deal.",
@@ -52,6 +51,7 @@ USER_ERRORS = (
     TournamentError,
     TrackingError,
     RunDirError,
+    TemplateError,
     FileNotFoundError,
 )
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,368 +86,12 @@ def main(
     )
 
 
-METRIC_ROWS = [(name, label, fmt) for name, (label, _, fmt) in LABELS.items()]
+# ---------------------------------------------------------------------- progress
 
 
-def metrics_table(metrics: dict[str, Any], title: str, ci95: dict[str, list[float]] | None = None) -> Table:
-    table = Table(title=title, show_header=bool(ci95), title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    if ci95:
-        table.add_column("95% CI", justify="right")
-    for key, label, fmt in METRIC_ROWS:
-        row = [label, fmt.format(metrics[key])]
-        if ci95:
-            low, high = ci95.get(key, (None, None))
-            row.append("" if low is None else f"[{fmt.format(low)}, {fmt.format(high)}]")
-        table.add_row(*row)
-    return table
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("deals {task.fields[deals]}"),
-        TextColumn("{task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(),
-        console=err,
-        disable=not err.is_terminal,
-    )
-
-
-def _play(
-    agent_a: Agent,
-    agent_b: Agent,
-    n: int,
-    obj: Objective,
-    seed: int,
-    output: Path | None,
-    contexts: Path | None,
-    max_messages: int,
-    as_json: bool,
-) -> None:
-    ctxs = read_selfplay_file(contexts) if contexts else None
-    games = plan_games(n, seed, ctxs)
-    writer = EpisodeWriter(output) if output else None
-    totals = {"deals": 0, "tokens": 0}
-    start = time.perf_counter()
-    try:
-        with _progress() as progress:
-            task = progress.add_task(f"{agent_a.spec} vs {agent_b.spec}", total=n, deals=0, tps=0.0)
-
-            def advance(ep: Any) -> None:
-                totals["deals"] += ep.agreed
-                totals["tokens"] += sum(t.tokens or 0 for t in ep.turns)
-                tps = totals["tokens"] / max(1e-9, time.perf_counter() - start)
-                progress.update(task, advance=1, deals=totals["deals"], tps=tps)
-
-            episodes = play_games(agent_a, agent_b, games, obj, max_messages, writer=writer, on_episode=advance)
-    finally:
-        if writer:
-            writer.close()
-    metrics = compute_metrics(episodes)
-    if as_json:
-        console.print_json(json.dumps(metrics))
-    else:
-        console.print(metrics_table(metrics, f"{agent_a.spec} vs {agent_b.spec}, {obj.name}, {n} games"))
-    if output:
-        err.print(f"episodes written to {output}")
-
-
-ObjectiveOpt = Annotated[
-    str, typer.Option("--objective", help="cooperative, semi-competitive, competitive, or λ in [-1, 1].")
-]
-GamesOpt = Annotated[int, typer.Option("-n", "--games", min=1, help="Number of games.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for contexts, first speakers and sampling.")]
-OutputOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Write episodes to this JSONL file.")]
-ContextsOpt = Annotated[
-    Path | None, typer.Option(help="Lewis selfplay.txt-format context file (default: sample uniformly).")
-]
-CapOpt = Annotated[int, typer.Option(min=1, help="Messages before a game ends without a deal.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")]
-TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature of model agents (0 = greedy).")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass of model agents.")]
-MaxTokOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest model reply, in tokens.")]
-
-
-@app.command()
-@user_errors
-def play(
-    a: Annotated[str, typer.Option("--a", help="Agent spec of player A, e.g. bot:hard or hf:smollm2-135m.")] = (
-        "bot:hard"
-    ),
-    b: Annotated[str, typer.Option("--b", help="Agent spec of player B.")] = "bot:conceder",
-    n: GamesOpt = 100,
-    objective_spec: ObjectiveOpt = "semi-competitive",
-    seed: SeedOpt = 0,
-    output: OutputOpt = None,
-    contexts: ContextsOpt = None,
-    max_messages: CapOpt = DEFAULT_MAX_MESSAGES,
-    human: Annotated[bool, typer.Option("--human", help="Play side A yourself, in this terminal.")] = False,
-    temperature: TempOpt = 0.7,
-    top_p: TopPOpt = 1.0,
-    max_new_tokens: MaxTokOpt = 96,
-    as_json: JsonOpt = False,
-) -> None:
-    """Play games between two agents and print their metrics."""
-    obj = objective(objective_spec)
-    sampling = Sampling(temperature, top_p, max_new_tokens, seed)
-    agent_a = load_agent("human" if human else a, sampling)
-    agent_b = agent_a if b == a and not human else load_agent(b, sampling)
-    _play(agent_a, agent_b, n, obj, seed, output, contexts, max_messages, as_json)
-
-
-@app.command()
-@user_errors
-def selfplay(
-    model: Annotated[str, typer.Option("--model", help="Agent spec that plays both sides.")] = "hf:smollm2-135m",
-    n: GamesOpt = 32,
-    objective_spec: ObjectiveOpt = "semi-competitive",
-    seed: SeedOpt = 0,
-    output: OutputOpt = None,
-    contexts: ContextsOpt = None,
-    max_messages: CapOpt = DEFAULT_MAX_MESSAGES,
-    temperature: TempOpt = 0.7,
-    top_p: TopPOpt = 1.0,
-    max_new_tokens: MaxTokOpt = 96,
-    as_json: JsonOpt = False,
-) -> None:
-    """One agent plays both sides of every game (one model load, one batch per step)."""
-    agent = load_agent(model, Sampling(temperature, top_p, max_new_tokens, seed))
-    _play(agent, agent, n, objective(objective_spec), seed, output, contexts, max_messages, as_json)
-
-
-def _read_all(files: list[Path]) -> list[Episode]:
-    episodes = []
-    for path in files:
-        got = read_episodes(path)  # a torn last line is skipped and logged there
-        if not got:
-            raise EpisodeFileError(f"{path}: no episodes in this file")
-        episodes += got
-    return episodes
-
-
-def _load_agents(specs: list[str], sampling: Sampling) -> list[Agent]:
-    """Each agent of a tournament, with an error that names the one that cannot be loaded."""
-    from parlay.loop import round_agent_spec
-
-    agents: list[Agent] = []
-    try:
-        for spec in specs:
-            name, resolved = round_agent_spec(spec)
-            try:
-                agent = load_agent(resolved, sampling)
-            except AgentError as exc:
-                raise AgentError(f"agent {spec!r}: {exc}") from None
-            except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"
-                raise AgentError(f"agent {spec!r} ({resolved}) could not be loaded: {why}") from None
-            agent.spec = name  # run:DIR@K, so that a resumed tournament plays the same models
-            agents.append(agent)
-    except (AgentError, ConfigError):
-        for agent in agents:
-            agent.close()
-        raise
-    return agents
-
-
-def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
-    text = fmt.format(value)
-    return text if not ci else f"{text} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
-
-
-def agents_table(result: dict[str, Any]) -> Table:
-    """The tournament's agents by number; the other tables name them by it."""
-    table = Table(title="agents", title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("spec")
-    for i, spec in enumerate(result["agents"]):
-        table.add_row(str(i), spec)
-    return table
-
-
-def tournament_table(result: dict[str, Any]) -> Table:
-    """One row per ordered pair (agents by number): the headline metrics with their intervals."""
-    names = ["mean_reward_a", "mean_reward_b", "agreement_rate", "pareto_rate", "error_rate", "inconsistency_rate"]
-    cols = [(name, LABELS[name][1], LABELS[name][2]) for name in names]
-    table = Table(
-        title=f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)",
-        title_justify="left",
-    )
-    table.add_column("A", justify="right")
-    table.add_column("B", justify="right")
-    for _, label, _ in cols:
-        table.add_column(label, justify="right")
-    for p in result["pairs"]:
-        cells = (_interval(p["metrics"][k], p["ci95"].get(k), f) for k, _, f in cols)
-        table.add_row(str(p["a_index"]), str(p["b_index"]), *cells)
-    return table
-
-
-def matrix_table(result: dict[str, Any]) -> Table:
-    matrix = result["matrix"]
-    table = Table(title="mean reward of the row agent against the column agent (both seats)", title_justify="left")
-    table.add_column("", justify="right")
-    for i in range(len(matrix["agents"])):
-        table.add_column(str(i), justify="right")
-    for i, row in enumerate(matrix["reward"]):
-        table.add_row(str(i), *(f"{v:.2f}" for v in row))
-    return table
-
-
-def changes_table(result: dict[str, Any]) -> Table:
-    """Each agent's paired change from agent 0 against every partner."""
-    table = Table(
-        title="own reward minus agent 0's against the same partner, same games (95% CI)", title_justify="left"
-    )
-    for col in ("agent", "partner", "change", "95% CI"):
-        table.add_column(col, justify="right")
-    number = {spec: str(i) for i, spec in enumerate(result["agents"])}
-    for c in result["vs_first"]:
-        low, high = c["ci95"]
-        table.add_row(
-            number[c["agent"]],
-            number.get(c["partner"], c["partner"]),
-            f"{c['mean']:+.2f}",
-            f"[{low:+.2f}, {high:+.2f}]",
-        )
-    return table
-
-
-@app.command("eval")
-@user_errors
-def eval_(
-    files: Annotated[list[Path] | None, typer.Argument(help="Episodes JSONL file(s) to summarise.")] = None,
-    agents: Annotated[
-        str | None,
-        typer.Option(
-            "--agents",
-            help="Comma-separated agent specs for a cross-play tournament; run:DIR[@K] is round K's model "
-            "of a run (default: its last complete round).",
-        ),
-    ] = None,
-    n: GamesOpt = 64,
-    objective_spec: ObjectiveOpt = "semi-competitive",
-    seed: SeedOpt = 0,
-    max_messages: CapOpt = DEFAULT_MAX_MESSAGES,
-    temperature: TempOpt = 0.7,
-    top_p: TopPOpt = 1.0,
-    max_new_tokens: MaxTokOpt = 96,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Tournament folder (default: eval/<objective>-n<N>-seed<S>); rerun to resume."),
-    ] = None,
-    judge: Annotated[
-        str | None, typer.Option("--judge", help="Agent spec that also checks messages for misstated facts.")
-    ] = None,
-    judge_limit: Annotated[int, typer.Option(min=1, help="Most messages the judge checks.")] = 200,
-    track: Annotated[
-        str | None, typer.Option("--track", help="Also log eval/ metrics to: tensorboard, wandb (comma-separated).")
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Metrics with 95% intervals of episode FILES, or a cross-play tournament of --agents."""
-    from parlay.evaluate import summarize
-    from parlay.evaluate.consistency import judge_summary
-
-    if bool(files) == bool(agents):
-        raise ConfigError("give either episodes FILES or --agents SPEC,SPEC,… (not both)")
-    obj = objective(objective_spec)
-    sampling = Sampling(temperature, top_p, max_new_tokens, seed)
-    if files:
-        episodes = _read_all(files)
-        result = summarize(episodes, seed=seed)
-        title = ", ".join(map(str, files))
-    else:
-        from parlay.evaluate.tournament import run_tournament
-
-        specs = [s.strip() for s in (agents or "").split(",") if s.strip()]
-        if not specs:
-            raise ConfigError("--agents: no agent spec given")
-        loaded = _load_agents(specs, sampling)
-        out = out or Path("eval") / f"{obj.name}-n{n}-seed{seed}"
-        hooks = _RichHooks()
-        try:
-            result = run_tournament(
-                loaded, obj, n, seed, out, max_messages, sampling,
-                on_pair=lambda what, total, done: (hooks.stage(what, total), hooks.advance(done)),
-                on_episode=lambda ep: hooks.advance(deals=int(ep.agreed), tokens=sum(t.tokens or 0 for t in ep.turns)),
-            )  # fmt: skip
-        finally:
-            hooks.end_stage()
-            for agent in loaded:
-                agent.close()
-    if judge:
-        if not files:  # the tournament's games, read back from its folder
-            episodes = [ep for p in result["pairs"] for ep in read_episodes(out / p["episodes"])]
-        judge_agent = load_agent(judge, Sampling(temperature=0.0, max_new_tokens=24, seed=seed))
-        result["judge_consistency"] = judge_summary(judge_agent, episodes, seed=seed, limit=judge_limit)
-    if track:
-        _track_eval(track, out or Path("eval"), result)
-    if as_json:
-        console.print_json(json.dumps(result))
-    elif files:
-        console.print(metrics_table(result["metrics"], title, result["ci95"]))
-    else:
-        console.print(agents_table(result))
-        console.print(tournament_table(result))
-        console.print(matrix_table(result))
-        console.print(changes_table(result))
-        err.print(f"tournament written to {out}/tournament.json and tournament.csv")
-    if judge and not as_json:
-        j = result["judge_consistency"]
-        rate = "n/a" if j["inconsistency_rate"] is None else f"{j['inconsistency_rate']:.1%}"
-        agree = "n/a" if j["agreement_with_rules"] is None else f"{j['agreement_with_rules']:.1%}"
-        console.print(
-            f"judge {j['judge']}: {rate} of {j['messages']} messages misstate facts "
-            f"({j['unreadable']} unreadable); agrees with the rules on {agree}"
-        )
-
-
-def _track_eval(track: str, log_dir: Path, result: dict[str, Any]) -> None:
-    from parlay.tracking import Tracker, flatten
-
-    tracker = Tracker([t.strip() for t in track.split(",") if t.strip()], log_dir, log_dir.name, None)
-    try:
-        figures: dict[str, float] = {}
-        if "pairs" in result:
-            for p in result["pairs"]:
-                figures |= flatten(f"eval/{p['a']} vs {p['b']}", p["metrics"])
-        else:
-            figures = flatten("eval", result["metrics"])
-        figures |= flatten("eval/judge", result.get("judge_consistency") or {})
-        tracker.log(figures, 0)
-    finally:
-        tracker.close()
-
-
-@app.command("import-lewis")
-@user_errors
-def import_lewis(
-    file: Annotated[Path, typer.Argument(help="A Lewis et al. 2017 train/val/test.txt-format file.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Episodes JSONL to write.")],
-) -> None:
-    """Import human Deal or No Deal dialogues as semi-competitive episodes."""
-    result = import_file(file)
-    for label, items in (
-        ("lines that could not be read", [f"line {n}: {why}" for n, why in result.bad_lines]),
-        ("lines whose other side is missing", [f"line {n}" for n in result.unpaired]),
-    ):
-        if items:
-            err.print(f"[yellow]{len(items)} {label}[/]; first: " + "; ".join(items[:3]), highlight=False)
-    if not result.episodes:
-        raise LewisFormatError(f"{file}: no dialogue could be imported")
-    write_episodes(output, result.episodes)
-    err.print(f"{len(result.episodes)} dialogues written to {output}")
-
-
-# ---------------------------------------------------------------------- training
-
-
-class _RichHooks:
-    """The loop's hooks (``parlay.loop.Hooks``): a progress bar per stage, a table after each round."""
+class RichHooks:
+    """Progress for every long command (``parlay.loop.Hooks``): a bar per stage, deals and tokens
+    per second while games are played, the loss while training, a table after each round."""
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
@@ -496,35 +140,271 @@ class _RichHooks:
                 err.print(f"  done in {seconds:.0f} s; {self.info}", highlight=False)
             self.progress = None
 
-    def round_done(self, row: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        console.print(rounds_table(history))
+    def game_done(self, ep: Episode) -> None:
+        self.advance(deals=int(ep.agreed), tokens=sum(t.tokens or 0 for t in ep.turns))
+
+    def round_done(self, record: RoundRecord, records: list[RoundRecord]) -> None:
+        console.print(rounds_table(records))
 
     def note(self, text: str) -> None:
         err.print(f"[yellow]{text}[/]", highlight=False)
 
 
-def rounds_table(history: list[dict[str, Any]]) -> Table:
-    """One row per round: reward (and its paired change from round 0), agreement, Pareto, errors,
-    kept examples, train loss, minutes."""
-    table = Table(title="rounds", title_justify="left")
-    for col in ("round", "reward", "vs round 0 (95% CI)", "agree", "Pareto", "errors", "kept", "loss", "min"):
-        table.add_column(col, justify="right")
-    for row in history:
-        train = row.get("train") or {}
-        vs = row.get("vs_round0")
-        table.add_row(
-            str(row["round"]),
-            f"{row['mean_reward']:.2f}",
-            format_change(vs),
-            f"{row['agreement_rate']:.0%}",
-            f"{row['pareto_rate']:.0%}",
-            f"{row['error_rate']:.0%}",
-            str(train.get("kept", "")),
-            f"{train['loss_last']:.3f}" if "loss_last" in train else ("skipped" if train.get("skipped") else ""),
-            f"{row['minutes']:.1f}",
-        )
-    return table
+# ---------------------------------------------------------------------- options
 
+ROLLOUT = RolloutConfig()
+ObjectiveOpt = Annotated[
+    str, typer.Option("--objective", help="cooperative, semi-competitive, competitive, or λ in [-1, 1].")
+]
+GamesOpt = Annotated[int, typer.Option("-n", "--games", min=1, help="Number of games.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for contexts, first speakers and sampling.")]
+OutputOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Write episodes to this JSONL file.")]
+ContextsOpt = Annotated[
+    Path | None, typer.Option(help="Lewis selfplay.txt-format context file (default: sample uniformly).")
+]
+CapOpt = Annotated[int, typer.Option(min=1, help="Messages before a game ends without a deal.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")]
+TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature of model agents (0 = greedy).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass of model agents.")]
+MaxTokOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest model reply, in tokens.")]
+
+
+# ---------------------------------------------------------------------- play
+
+
+def _play(
+    agent_a: Agent,
+    agent_b: Agent,
+    n: int,
+    obj: Objective,
+    seed: int,
+    output: Path | None,
+    contexts: Path | None,
+    max_messages: int,
+    as_json: bool,
+) -> None:
+    games = plan_games(n, seed, read_selfplay_file(contexts) if contexts else None)
+    hooks = RichHooks()
+    writer = EpisodeWriter(output) if output else None
+    hooks.stage(f"{agent_a.spec} vs {agent_b.spec}", n)
+    try:
+        episodes = play_games(agent_a, agent_b, games, obj, max_messages, writer=writer, on_episode=hooks.game_done)
+    finally:
+        hooks.end_stage()
+        if writer:
+            writer.close()
+    metrics = compute_metrics(episodes)
+    if as_json:
+        console.print_json(json.dumps(metrics))
+    else:
+        console.print(metrics_table(metrics, f"{agent_a.spec} vs {agent_b.spec}, {obj.name}, {n} games"))
+    if output:
+        err.print(f"episodes written to {output}")
+
+
+@app.command()
+@user_errors
+def play(
+    a: Annotated[str, typer.Option("--a", help="Agent spec of player A, e.g. bot:hard or hf:smollm2-135m.")] = (
+        "bot:hard"
+    ),
+    b: Annotated[str, typer.Option("--b", help="Agent spec of player B (default: the same agent as A).")] = (
+        "bot:conceder"
+    ),
+    n: GamesOpt = 100,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    seed: SeedOpt = 0,
+    output: OutputOpt = None,
+    contexts: ContextsOpt = None,
+    max_messages: CapOpt = ROLLOUT.max_messages,
+    human: Annotated[bool, typer.Option("--human", help="Play side A yourself, in this terminal.")] = False,
+    temperature: TempOpt = ROLLOUT.temperature,
+    top_p: TopPOpt = ROLLOUT.top_p,
+    max_new_tokens: MaxTokOpt = ROLLOUT.max_new_tokens,
+    as_json: JsonOpt = False,
+) -> None:
+    """Play games between two agents and print their metrics (one agent on both sides when A = B)."""
+    obj = objective(objective_spec)
+    sampling = Sampling(temperature, top_p, max_new_tokens, seed)
+    agent_a = load_agent("human" if human else a, sampling)
+    agent_b = agent_a if b == a and not human else load_agent(b, sampling)
+    try:
+        _play(agent_a, agent_b, n, obj, seed, output, contexts, max_messages, as_json)
+    finally:
+        for agent in {id(agent_a): agent_a, id(agent_b): agent_b}.values():
+            agent.close()
+
+
+@app.command()
+@user_errors
+def selfplay(
+    model: Annotated[str, typer.Option("--model", help="Agent spec that plays both sides.")] = "hf:smollm2-135m",
+    n: GamesOpt = 32,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    seed: SeedOpt = 0,
+    output: OutputOpt = None,
+    contexts: ContextsOpt = None,
+    max_messages: CapOpt = ROLLOUT.max_messages,
+    temperature: TempOpt = ROLLOUT.temperature,
+    top_p: TopPOpt = ROLLOUT.top_p,
+    max_new_tokens: MaxTokOpt = ROLLOUT.max_new_tokens,
+    as_json: JsonOpt = False,
+) -> None:
+    """One agent plays both sides of every game (one model load, one batch per step): play --a M --b M."""
+    play(
+        a=model, b=model, n=n, objective_spec=objective_spec, seed=seed, output=output, contexts=contexts,
+        max_messages=max_messages, human=False, temperature=temperature, top_p=top_p,
+        max_new_tokens=max_new_tokens, as_json=as_json,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def _read_all(files: list[Path]) -> list[Episode]:
+    episodes = []
+    for path in files:
+        got = read_episodes(path)  # a torn last line is skipped and logged there
+        if not got:
+            raise EpisodeFileError(f"{path}: no episodes in this file")
+        episodes += got
+    return episodes
+
+
+def _load_agents(specs: list[str], sampling: Sampling) -> list[Agent]:
+    """Each agent of a tournament, with an error that names the one that cannot be loaded."""
+    agents: list[Agent] = []
+    try:
+        for spec in specs:
+            name, resolved = round_agent_spec(spec)
+            try:
+                agent = load_agent(resolved, sampling)
+            except AgentError as exc:
+                raise AgentError(f"agent {spec!r}: {exc}") from None
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                raise AgentError(f"agent {spec!r} ({resolved}) could not be loaded: {why}") from None
+            agent.spec = name  # run:DIR@K, so that a resumed tournament plays the same models
+            agents.append(agent)
+    except (AgentError, ConfigError, RunDirError):
+        for agent in agents:
+            agent.close()
+        raise
+    return agents
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    files: Annotated[list[Path] | None, typer.Argument(help="Episodes JSONL file(s) to summarise.")] = None,
+    agents: Annotated[
+        str | None,
+        typer.Option(
+            "--agents",
+            help="Comma-separated agent specs for a cross-play tournament; run:DIR[@K] is round K's model "
+            "of a run (default: its last complete round).",
+        ),
+    ] = None,
+    n: GamesOpt = 64,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    seed: SeedOpt = 0,
+    max_messages: CapOpt = ROLLOUT.max_messages,
+    temperature: TempOpt = ROLLOUT.temperature,
+    top_p: TopPOpt = ROLLOUT.top_p,
+    max_new_tokens: MaxTokOpt = ROLLOUT.max_new_tokens,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Tournament folder (default: eval/<objective>-n<N>-seed<S>); rerun to resume."),
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option("--judge", help="Agent spec that also checks messages for misstated facts.")
+    ] = None,
+    judge_limit: Annotated[int, typer.Option(min=1, help="Most messages the judge checks.")] = 200,
+    track: Annotated[
+        str | None, typer.Option("--track", help="Also log eval/ metrics to: tensorboard, wandb (comma-separated).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Metrics with 95% intervals of episode FILES, or a cross-play tournament of --agents."""
+    from parlay.evaluate import summarize
+    from parlay.evaluate.consistency import judge_summary
+
+    if bool(files) == bool(agents):
+        raise ConfigError("give either episodes FILES or --agents SPEC,SPEC,… (not both)")
+    obj = objective(objective_spec)
+    judge_agent = load_judge(judge, seed) if judge else None  # a bad judge spec fails before any game
+    if files:
+        episodes = _read_all(files)
+        summary = summarize(episodes, seed=seed)
+        result = summary["metrics"] | {"ci95": summary["ci95"]}
+    else:
+        from parlay.evaluate.tournament import run_tournament
+
+        specs = [s.strip() for s in (agents or "").split(",") if s.strip()]
+        if not specs:
+            raise ConfigError("--agents: no agent spec given")
+        loaded = _load_agents(specs, Sampling(temperature, top_p, max_new_tokens, seed))
+        out = out or Path("eval") / f"{obj.name}-n{n}-seed{seed}"
+        hooks = RichHooks()
+        try:
+            result = run_tournament(
+                loaded, obj, n, seed, out, max_messages, Sampling(temperature, top_p, max_new_tokens, seed),
+                on_pair=lambda what, total, done: (hooks.stage(what, total), hooks.advance(done)),
+                on_episode=hooks.game_done,
+            )  # fmt: skip
+        finally:
+            hooks.end_stage()
+            for agent in loaded:
+                agent.close()
+        episodes = None
+    if judge_agent is not None:
+        try:
+            if episodes is None:  # the tournament's games, read back from its folder
+                episodes = [ep for p in result["pairs"] for ep in read_episodes(out / p["episodes"])]
+            result["judge_consistency"] = judge_summary(judge_agent, episodes, seed=seed, limit=judge_limit)
+        finally:
+            judge_agent.close()
+    if track:
+        track_eval(track, out or Path("eval"), result)
+    if as_json:
+        console.print_json(json.dumps(result))
+    elif files:
+        console.print(metrics_table(result, ", ".join(map(str, files)), result["ci95"]))
+    else:
+        for table in tournament_tables(result):
+            console.print(table)
+        err.print(f"tournament written to {out}/tournament.json and tournament.csv")
+    if judge_agent is not None and not as_json:
+        j = result["judge_consistency"]
+        rate = "n/a" if j["inconsistency_rate"] is None else f"{j['inconsistency_rate']:.1%}"
+        agree = "n/a" if j["agreement_with_rules"] is None else f"{j['agreement_with_rules']:.1%}"
+        console.print(
+            f"judge {j['judge']}: {rate} of {j['messages']} messages misstate facts "
+            f"({j['unreadable']} unreadable); agrees with the rules on {agree}"
+        )
+
+
+@app.command("import-lewis")
+@user_errors
+def import_lewis(
+    file: Annotated[Path, typer.Argument(help="A Lewis et al. 2017 train/val/test.txt-format file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Episodes JSONL to write.")],
+) -> None:
+    """Import human Deal or No Deal dialogues as semi-competitive episodes."""
+    result = import_file(file)
+    for label, items in (
+        ("lines that could not be read", [f"line {n}: {why}" for n, why in result.bad_lines]),
+        ("lines whose other side is missing", [f"line {n}" for n in result.unpaired]),
+    ):
+        if items:
+            err.print(f"[yellow]{len(items)} {label}[/]; first: " + "; ".join(items[:3]), highlight=False)
+    if not result.episodes:
+        raise LewisFormatError(f"{file}: no dialogue could be imported")
+    write_episodes(output, result.episodes)
+    err.print(f"{len(result.episodes)} dialogues written to {output}")
+
+
+# ---------------------------------------------------------------------- training
 
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: --set rollout.games=32 (repeatable).")
@@ -544,7 +424,8 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Self-play rounds: play, keep the good games, fine-tune, play again."""
-    from parlay.loop import Loop, prepare_run
+    from parlay.evaluate.report import write_report
+    from parlay.loop import Loop
 
     cfg = load_config(config, overrides)
     if init_data is not None:
@@ -552,26 +433,23 @@ def train_cmd(
             raise FileNotFoundError(f"{init_data}: no such episodes file")
         cfg.warm_start.episodes, cfg.warm_start.bots = str(init_data), None
     cfg = prepare_run(cfg, resume)
-    err.print(f"run directory: {cfg.run_dir}")
+    run_dir = RunDir(cfg.run_dir)
+    err.print(f"run directory: {run_dir.path}")
     started = time.perf_counter()
-    hooks = _RichHooks()
+    hooks = RichHooks()
     try:
-        history = Loop(cfg, hooks).run()
+        records = Loop(cfg, hooks).run()
     finally:
         hooks.end_stage()
-    if history:
-        last = history[-1]
-        vs = last.get("vs_round0")
-        if vs:
-            console.print(
-                f"round {last['round']} vs round 0 on the same {vs['games']} games: mean reward "
-                f"{vs['mean']:+.2f}, 95% CI [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]"
-            )
-    err.print(f"done in {(time.perf_counter() - started) / 60:.1f} min; metrics in {cfg.run_dir / 'metrics.jsonl'}")
-    if history:
-        from parlay.evaluate.report import write_report
-
-        path, _ = write_report(cfg.run_dir, seed=cfg.seed)
+    if records and records[-1].vs_round0:
+        last, vs = records[-1], records[-1].vs_round0
+        console.print(
+            f"round {last.round} vs round 0 on the same {vs['games']} games: mean reward "
+            f"{vs['mean']:+.2f}, 95% CI [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]"
+        )
+    err.print(f"done in {(time.perf_counter() - started) / 60:.1f} min; metrics in {run_dir.metrics_file}")
+    if records:
+        path, _ = write_report(run_dir.path, seed=cfg.seed)
         err.print(f"report: {path}")
 
 
@@ -586,17 +464,19 @@ def sft(
     overrides: SetOpt = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data (default: train.epochs).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: train.lr).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and order (default: the config's).")] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Write the training figures here.")] = None,
 ) -> None:
     """Fine-tune on a train.jsonl file; runs unchanged under `accelerate launch -m parlay sft …`."""
     from accelerate import PartialState
 
-    from parlay.improve.sft import read_examples, save_stats, train
+    from parlay.improve.examples import read_examples
+    from parlay.improve.sft import save_stats, train
 
     cfg = load_config(config, overrides)
     result = train(
         read_examples(data), model, out, cfg.train, adapter=adapter, weights=cfg.weights,
-        seed=cfg.seed, epochs=epochs, lr=lr,
+        seed=cfg.seed if seed is None else seed, epochs=epochs, lr=lr,
     )  # fmt: skip
     if PartialState().is_main_process:
         if stats:
@@ -610,51 +490,35 @@ def sft(
 @app.command()
 @user_errors
 def export(
-    source: Annotated[Path, typer.Argument(help="An episodes JSONL file, or a run directory (every round).")],
+    source: Annotated[Path, typer.Argument(help="An episodes JSONL file, or a run directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="File to write (a folder for --format hf).")],
     fmt: Annotated[
         str,
-        typer.Option("--format", help="openai (chat fine-tuning JSONL), jsonl, or hf (a datasets folder)."),
+        typer.Option(
+            "--format",
+            help="openai (chat fine-tuning JSONL), train (train.jsonl lines), jsonl (rows with rewards), "
+            "or hf (a datasets folder).",
+        ),
     ] = "openai",
     keep: Annotated[
-        str, typer.Option(help="Filter rule per round: all, above_mean, nonzero, top_fraction, threshold.")
-    ] = "all",
+        str | None,
+        typer.Option(
+            help="Filter rule: all, above_mean, nonzero, agreed, top_fraction, threshold (default: all for a "
+            "file; a run's own filter and weights for a run directory)."
+        ),
+    ] = None,
+    round_k: Annotated[
+        int | None,
+        typer.Option("--round", min=1, help="Run directory only: exactly what round K trained on (its train.jsonl)."),
+    ] = None,
 ) -> None:
-    """Player-episodes as training data: OpenAI chat fine-tuning JSONL, plain JSONL with rewards, or a
-    Hugging Face dataset (load it with datasets.load_from_disk)."""
-    from parlay.config import FilterConfig
-    from parlay.episode import player_episodes, write_lines_atomic
-    from parlay.improve.filters import select
-    from parlay.improve.openai_ft import export as export_openai
-    from parlay.improve.sft import TrainExample
+    """Training examples, selected as a round selects them: OpenAI chat fine-tuning JSONL, train.jsonl
+    lines, plain JSONL with rewards, or a Hugging Face dataset (load it with datasets.load_from_disk)."""
+    from parlay.improve import export as exporting
 
-    if fmt not in ("openai", "jsonl", "hf"):
-        raise ConfigError(f"--format {fmt!r}: expected openai, jsonl or hf")
-    try:
-        rule = FilterConfig(rule=keep)  # type: ignore[arg-type]
-    except ValueError:
-        raise ConfigError(f"--keep {keep!r}: expected all, above_mean, nonzero, top_fraction or threshold") from None
-    if source.is_dir():
-        files = sorted(source.glob("rounds/*/episodes.jsonl"), key=lambda p: int(p.parent.name))
-        if not files:
-            raise EpisodeFileError(f"{source}: no rounds/<k>/episodes.jsonl in this run directory")
-    else:
-        files = [source]
-    kept = []
-    for path in files:  # each file is one round: the filter compares within it
-        pes = [pe for ep in read_episodes(path) for pe in player_episodes(ep)]
-        kept += [pes[i] for i in select(pes, rule).kept]
-    if fmt == "openai":
-        n = export_openai([TrainExample(messages=pe.messages, reward=pe.reward) for pe in kept], output)
-    else:
-        fields = ("episode_id", "player", "reward", "raw_score", "agreed", "context_key", "messages", "meta")
-        rows = [{f: getattr(pe, f) for f in fields} for pe in kept]
-        if fmt == "hf":
-            _save_hf_dataset(rows, output)
-        else:
-            write_lines_atomic(output, (json.dumps(row) for row in rows))
-        n = len(kept)
-    err.print(f"{n} player-episodes from {len(files)} file(s) written to {output}")
+    sources = exporting.sources(source, keep, round_k)
+    n = exporting.export(sources, output, fmt)
+    err.print(f"{n} examples from {len(sources)} file(s) written to {output}")
 
 
 @app.command()
@@ -671,29 +535,15 @@ def report(
     """Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png."""
     from parlay.evaluate.report import write_report
 
-    judge_agent = load_agent(judge, Sampling(temperature=0.0, max_new_tokens=24, seed=seed)) if judge else None
-    path, view = write_report(run_dir, seed=seed, judge=judge_agent, judge_limit=judge_limit)
+    judge_agent = load_judge(judge, seed) if judge else None
+    try:
+        path, view = write_report(run_dir, seed=seed, judge=judge_agent, judge_limit=judge_limit)
+    finally:
+        if judge_agent is not None:
+            judge_agent.close()
     for line in view.missing:
         err.print(f"[yellow]missing:[/] {line}", highlight=False)
-    err.print(f"report written to {path} (plots in {run_dir / 'plots'})")
-
-
-def _save_hf_dataset(rows: list[dict[str, Any]], output: Path) -> None:
-    """Player-episodes as a ``datasets.Dataset`` saved to the folder ``output``. ``meta`` (free-form:
-    agents, seeds, round) is kept as a JSON string, so every row has the same columns."""
-    import shutil
-
-    from datasets import Dataset, disable_progress_bars
-
-    disable_progress_bars()
-    if output.exists() and not (output / "dataset_info.json").exists() and any(output.iterdir()):
-        raise ConfigError(f"{output}: a folder that is not a saved dataset; choose another --output")
-    table = Dataset.from_list([row | {"meta": json.dumps(row["meta"])} for row in rows])
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    table.save_to_disk(str(partial))
-    shutil.rmtree(output, ignore_errors=True)
-    partial.rename(output)
+    err.print(f"report written to {path} (plots in {RunDir(run_dir).plots})")
 
 
 def run() -> None:

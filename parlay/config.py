@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from parlay.games.dond import RuleError, objective
+from parlay.games.dond import DEFAULT_MAX_MESSAGES, RuleError, objective
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,7 @@ class _Section(BaseModel):
 
 class RolloutConfig(_Section):
     games: int = Field(64, ge=1, description="Self-play games per round.")
-    max_messages: int = Field(6, ge=1, description="Messages before a game ends without a deal.")
+    max_messages: int = Field(DEFAULT_MAX_MESSAGES, ge=1, description="Messages before a game ends without a deal.")
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(48, ge=1, description="Longest reply, in tokens.")
@@ -39,11 +39,14 @@ class RolloutConfig(_Section):
     dtype: str = Field("auto", description="Rollout dtype: auto, float32 or bfloat16.")
 
 
+FilterRule = Literal["above_mean", "nonzero", "agreed", "all", "top_fraction", "threshold"]
+
+
 class FilterConfig(_Section):
-    rule: Literal["above_mean", "nonzero", "all", "top_fraction", "threshold"] = Field(
+    rule: FilterRule = Field(
         "above_mean",
         description="Which player-episodes to learn from: reward above the baseline (the paper), reward "
-        "above zero, all, the top fraction, or reward at least a threshold.",
+        "above zero, sides of valid deals, all, the top fraction, or reward at least a threshold.",
     )
     fraction: float = Field(0.5, gt=0.0, le=1.0, description="Share kept by top_fraction.")
     threshold: float = Field(0.0, description="Least reward kept by threshold.")
@@ -113,11 +116,18 @@ class WarmStartConfig(_Section):
         None, description="Or: two bot specs whose games are played first and used (the demonstrators)."
     )
     games: int = Field(128, ge=1, description="Bot games to play when bots are given.")
-    filter: Literal["all", "nonzero", "agreed"] = Field(
-        "agreed", description="Which demonstration sides to keep: all, reward above zero, or valid deals."
+    filter: FilterConfig = Field(
+        default_factory=lambda: FilterConfig(rule="agreed"),
+        description="Which demonstration sides to keep: any filter rule (default: sides of valid deals). "
+        "A rule name alone is short for {rule: NAME}.",
     )
     epochs: float = Field(1.0, gt=0.0, description="Passes over the demonstrations.")
     lr: float | None = Field(None, gt=0.0, description="Learning rate (default: train.lr).")
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _rule_name(cls, value: Any) -> Any:
+        return {"rule": value} if isinstance(value, str) else value
 
     @field_validator("bots")
     @classmethod

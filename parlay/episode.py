@@ -82,9 +82,6 @@ class Episode(BaseModel):
     def game_objective(self) -> Objective:
         return objective(self.objective["lam"])
 
-    def accepted_turns(self) -> list[Turn]:
-        return [t for t in self.turns if t.accepted]
-
     def message_turns(self) -> list[tuple[int, Turn]]:
         """The accepted messages (not proposals), with their index among all turns."""
         return [(i, t) for i, t in enumerate(self.turns) if t.accepted and t.kind == "message" and t.message]
@@ -126,6 +123,11 @@ def player_episodes(episode: Episode) -> list[PlayerEpisode]:
             )
         )
     return out
+
+
+def all_player_episodes(episodes: Iterable[Episode]) -> list[PlayerEpisode]:
+    """Both sides of every game, in order: A then B of the first game, and so on."""
+    return [pe for ep in episodes for pe in player_episodes(ep)]
 
 
 # --------------------------------------------------------------------------- files
@@ -229,10 +231,17 @@ class EpisodeWriter:
 
     def __init__(self, path: str | Path, append: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append:
-            _repair_tail(self.path)
-        self._file = self.path.open("a" if append else "w", encoding="utf-8")
+        if self.path.is_dir():
+            raise EpisodeFileError(
+                f"{self.path}: is a folder; give the path of an episodes file, e.g. {self.path}/eps.jsonl"
+            )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if append:
+                _repair_tail(self.path)
+            self._file = self.path.open("a" if append else "w", encoding="utf-8")
+        except OSError as exc:
+            raise EpisodeFileError(f"{self.path}: cannot write episodes here: {exc.strerror or exc}") from None
         self.count = 0
 
     def write(self, episode: Episode) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from parlay.episode import Episode
 from parlay.games.contexts import parse_player_line
 from parlay.games.dond import Context, Counts, RuleError, context_problems, objective
-from parlay.protocol import Game
+from parlay.protocol import Game, message_reply, proposal_reply
 
 _SECTION = {
     name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("input", "dialogue", "output", "partner_input")
@@ -124,7 +124,7 @@ def _episode(a: LewisLine, b: LewisLine, source: str) -> Episode:
     game = Game(ctx, objective("semi-competitive"), first_speaker=first, max_messages=None)
     for who, text in a.utterances:
         assert game.current_player == player[who]  # merged utterances alternate
-        turn = game.step(f"[message] {text}")
+        turn = game.step(message_reply(text))
         if not turn.accepted:
             raise LewisFormatError(f"utterance rejected by the protocol ({turn.error}): {text[:40]!r}")
     if a.output is None or b.output is None:
@@ -133,7 +133,7 @@ def _episode(a: LewisLine, b: LewisLine, source: str) -> Episode:
         kept = {"A": a.output[0], "B": b.output[0]}
         for _ in range(2):
             p = game.current_player
-            turn = game.step(f"[propose] ({kept[p][0]} books, {kept[p][1]} hats, {kept[p][2]} balls)")  # type: ignore[index]
+            turn = game.step(proposal_reply(kept[p]))  # type: ignore[index]
             if not turn.accepted:
                 raise LewisFormatError(f"selection rejected by the protocol ({turn.error}: {turn.detail})")
     return Episode.from_game(game, f"lewis-{a.lineno}-{b.lineno}", {"source": source, "lines": [a.lineno, b.lineno]})

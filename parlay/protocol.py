@@ -1,11 +1,14 @@
 """The text protocol: parsing a player's reply, and the game core that referees a dialogue.
 
 A reply is ``[message] text`` or ``[propose] (x books, y hats, z balls)`` (the counts the
-speaker keeps); anything after ``[END]`` is dropped. ``parse_reply`` maps *any* string to a
-``Message``, a ``Proposal`` or a typed ``ProtocolError`` — it never raises.
+speaker keeps); anything after ``[END]`` is dropped. This module is the wire format's one home:
+``message_reply`` and ``proposal_reply`` write a well-formed reply (bots, the terminal player,
+the Lewis importer and the tests all go through them), ``parse_reply`` maps *any* string to a
+``Message``, a ``Proposal`` or a typed ``ProtocolError`` — it never raises — and
+``message_text`` reads the text of an accepted message back out of a transcript line.
 
 ``Game`` is the one referee used everywhere (rollouts, the terminal, the web app, the Lewis
-importer). It owns whose turn it is, the hidden proposals, the rejection rules of DESIGN.md, the
+importer). It owns whose turn it is, the hidden proposals, the rejection rules, the
 message cap, the abort after consecutive rejections, and each player's chat transcript. It
 returns structured results and does no I/O.
 """
@@ -20,11 +23,19 @@ from typing import Literal
 from pydantic import BaseModel
 
 from parlay import prompts
-from parlay.games.dond import ITEMS, Context, Counts, Objective, describe_items, other
-
-DEFAULT_MAX_MESSAGES = 20
-MAX_CONSECUTIVE_ERRORS = 5
-
+from parlay.games.dond import (
+    ARTICLES,
+    DEFAULT_MAX_MESSAGES,
+    ITEM_PATTERN,
+    ITEMS,
+    MAX_CONSECUTIVE_ERRORS,
+    NUMBER_WORDS,
+    Context,
+    Counts,
+    Objective,
+    describe_items,
+    other,
+)
 
 # --------------------------------------------------------------------------- parsing
 
@@ -42,12 +53,26 @@ class ErrorCode(StrEnum):
     PROPOSAL_TOO_EARLY = "proposal_too_early"
 
 
+MESSAGE_TAG = "[message]"
+PROPOSE_TAG = "[propose]"
+
+
+def message_reply(text: str) -> str:
+    """'Hello' → '[message] Hello': a message reply."""
+    return f"{MESSAGE_TAG} {text}"
+
+
+def proposal_reply(kept: Counts) -> str:
+    """(1, 2, 0) → '[propose] (1 book, 2 hats, 0 balls)': a proposal to keep these counts."""
+    return f"{PROPOSE_TAG} ({describe_items(kept)})"
+
+
 @dataclass(frozen=True)
 class Message:
     text: str
 
     def canonical(self) -> str:
-        return f"[message] {self.text}"
+        return message_reply(self.text)
 
 
 @dataclass(frozen=True)
@@ -56,7 +81,7 @@ class Proposal:
     """How many books, hats and balls the proposer keeps (may be out of range until checked)."""
 
     def canonical(self) -> str:
-        return f"[propose] ({describe_items(self.kept)})"
+        return proposal_reply(self.kept)
 
 
 @dataclass(frozen=True)
@@ -69,12 +94,9 @@ Parsed = Message | Proposal | ProtocolError
 
 _END = re.compile(r"\[\s*end\s*\]", re.IGNORECASE)
 _TAG = re.compile(r"\[\s*(message|propose|proposal)\s*\]", re.IGNORECASE)
-_NUMBER_WORDS = {
-    w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])
-} | {"no": 0, "a": 1, "an": 1}
+_COUNT_WORDS = NUMBER_WORDS | ARTICLES
 _ITEM_COUNT = re.compile(
-    r"(?P<num>-?\d+|zero|one|two|three|four|five|six|seven|eight|nine|ten|no|an?)\s+"
-    r"(?P<item>book|hat|ball)(?:e?s)?\b",
+    rf"(?P<num>-?\d+|{'|'.join(_COUNT_WORDS)})\s+(?P<item>{ITEM_PATTERN})(?:e?s)?\b",
     re.IGNORECASE,
 )
 
@@ -89,7 +111,7 @@ def _parse_proposal_body(body: str) -> Proposal | ProtocolError:
         if item in counts:
             return ProtocolError(ErrorCode.MALFORMED_PROPOSAL, f"{item}s given twice")
         num = m["num"].lower()
-        counts[item] = _NUMBER_WORDS[num] if num in _NUMBER_WORDS else int(num)
+        counts[item] = _COUNT_WORDS[num] if num in _COUNT_WORDS else int(num)
     missing = [f"{item}s" for item in ITEMS if item not in counts]
     if missing:
         return ProtocolError(ErrorCode.MALFORMED_PROPOSAL, f"missing {', '.join(missing)}")
@@ -117,6 +139,13 @@ def parse_reply(text: str) -> Parsed:
             return ProtocolError(ErrorCode.EMPTY_MESSAGE, "no text after [message]")
         return Message(" ".join(body.split()))
     return _parse_proposal_body(body)
+
+
+def message_text(line: str) -> str | None:
+    """The text of a transcript line that is an accepted message, else None (proposals, the
+    game's own lines)."""
+    parsed = parse_reply(line)
+    return parsed.text if isinstance(parsed, Message) else None
 
 
 # --------------------------------------------------------------------------- records of play

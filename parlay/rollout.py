@@ -19,8 +19,8 @@ import numpy as np
 from parlay.agents.base import Agent, Reply, TurnRequest
 from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes
 from parlay.games.contexts import sample_contexts
-from parlay.games.dond import Context, Objective
-from parlay.protocol import DEFAULT_MAX_MESSAGES, Game
+from parlay.games.dond import DEFAULT_MAX_MESSAGES, Context, Objective
+from parlay.protocol import Game
 
 log = logging.getLogger(__name__)
 

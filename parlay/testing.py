@@ -12,8 +12,8 @@ import numpy as np
 
 from parlay.agents.base import Agent
 from parlay.episode import Episode
-from parlay.games.dond import Context, Objective, describe_items
-from parlay.protocol import Game
+from parlay.games.dond import Context, Objective
+from parlay.protocol import Game, message_reply, proposal_reply
 from parlay.rollout import plan_games, play_games
 
 
@@ -56,7 +56,7 @@ def check_episode(ep: Episode, obj: Objective) -> None:
         partner = "B" if player == "A" else "A"
         for t in ep.turns:
             if t.player == partner and t.kind == "proposal":
-                hidden = f"[propose] ({describe_items(tuple(t.proposal))})"  # type: ignore[arg-type]
+                hidden = proposal_reply(tuple(t.proposal))  # type: ignore[arg-type]
                 leaked = any(hidden in m["content"] for m in ep.transcripts[player] if m["role"] == "user")
                 _require(not leaked, f"{partner}'s proposal leaked to {player}", ep)
     if ep.max_messages is not None:
@@ -81,8 +81,8 @@ def random_reply(rng: np.random.Generator, counts: tuple[int, ...]) -> str:
     """A random reply: valid messages and proposals, and every kind of malformed output."""
     kept = tuple(int(rng.integers(0, c + 2)) for c in counts)
     options = [
-        f"[message] offer {int(rng.integers(100))}",
-        f"[propose] ({describe_items(kept)})",  # type: ignore[arg-type]
+        message_reply(f"offer {int(rng.integers(100))}"),
+        proposal_reply(kept),  # type: ignore[arg-type]
         f"[PROPOSE] ({kept[0]} book, {kept[1]} hat, {kept[2]} ball) [END] trailing",
         "",
         "no tag at all",

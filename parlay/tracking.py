@@ -94,3 +94,20 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def track_eval(backends: str, log_dir: Path, result: Mapping[str, Any]) -> None:
+    """Log an evaluation once (step 0): per pair of a tournament (``eval/A vs B/…``), or the
+    metrics of a set of games (``eval/…``), plus a judge's figures (``eval/judge/…``)."""
+    tracker = Tracker([t.strip() for t in backends.split(",") if t.strip()], log_dir, log_dir.name, None)
+    try:
+        figures: dict[str, float] = {}
+        if "pairs" in result:
+            for p in result["pairs"]:
+                figures |= flatten(f"eval/{p['a']} vs {p['b']}", p["metrics"])
+        else:
+            figures = flatten("eval", {k: v for k, v in result.items() if k not in ("ci95", "judge_consistency")})
+        figures |= flatten("eval/judge", result.get("judge_consistency") or {})
+        tracker.log(figures, 0)
+    finally:
+        tracker.close()

@@ -74,7 +74,8 @@ def parrot_lm(tiny_lm, tmp_path_factory):
     from parlay import prompts
     from parlay.config import TrainConfig
     from parlay.games import all_contexts, objective
-    from parlay.improve.sft import TrainExample, train
+    from parlay.improve.examples import TrainExample
+    from parlay.improve.sft import train
 
     _, tokenizer, path = tiny_lm
     examples = [

@@ -56,9 +56,11 @@ def test_the_conceder_concedes_over_time():
 
 
 def test_random_bot_exercises_the_protocol():
-    m = _metrics("random", "random", n=100)
-    assert m["error_rate"] > 0.1 and m["abort_rate"] >= 0
     eps = play_games(load_agent("bot:random"), load_agent("bot:random"), plan_games(100, 1), objective(0))
+    m = compute_metrics(eps)
+    rejected = sum(not t.accepted for e in eps for t in e.turns)
+    assert m["error_rate"] > 0.1 and m["error_rate"] == rejected / sum(len(e.turns) for e in eps)
+    assert m["abort_rate"] == sum(e.outcome.status == "aborted" for e in eps) / len(eps)
     codes = {t.error for e in eps for t in e.turns if t.error}
     assert len(codes) >= 6
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from parlay.agents import Reply, Sampling, load_agent
-from parlay.agents.base import Agent
+from parlay.agents.base import Agent, ModelAgent
 from parlay.episode import read_episodes
 from parlay.evaluate import METRICS, compute_metrics, metric_intervals
 from parlay.evaluate.consistency import judge_summary, messages_of, parse_verdict, violations
@@ -80,14 +80,14 @@ def test_consistency_rules(message, speaker, broken):
     assert violations(message, CTX, speaker) == broken
 
 
-class ScriptedJudge(Agent):
+class ScriptedJudge(ModelAgent):
     """Says yes when a message mentions four of something, else no; one reply unreadable."""
 
     spec = "judge:scripted"
 
-    def act(self, requests):
+    def complete(self, prompts):
         replies = []
-        for r in requests:
+        for r in prompts:
             text = r.messages[-1]["content"]
             verdict = "Yes, there are not that many." if " 4 " in text else "No."
             replies.append(Reply("maybe" if "two balls" in text else verdict))
@@ -213,7 +213,7 @@ def test_eval_files_prints_intervals_and_rejects_bad_files(tmp_path):
     r = run("eval", str(eps))
     assert r.returncode == 0 and "95% CI" in r.stdout and "inconsistent messages" in r.stdout
     result = json.loads(run("eval", str(eps), "--json").stdout)
-    assert result["metrics"]["games"] == 12 and len(result["ci95"]["mean_reward"]) == 2
+    assert result["games"] == 12 and len(result["ci95"]["mean_reward"]) == 2
     empty, corrupt = tmp_path / "empty.jsonl", tmp_path / "corrupt.jsonl"
     empty.write_text("")
     corrupt.write_text(eps.read_text().splitlines()[0] + "\n{not json\n" + eps.read_text().splitlines()[1] + "\n")

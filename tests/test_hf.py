@@ -6,6 +6,7 @@ import torch
 from parlay.agents import AgentError, load_agent
 from parlay.agents.base import Sampling
 from parlay.agents.hf import HFAgent, load_model
+from parlay.agents.hf_layer import render
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 from parlay.testing import check_agents
@@ -44,7 +45,7 @@ def test_prefix_reuse_gives_the_same_games_with_less_prefill(model64):
 def test_batched_generation_equals_one_at_a_time(model64):
     model, tokenizer = model64
     agent = HFAgent(model, tokenizer, GREEDY, prefix_reuse=False)
-    prompts = [agent.encode([{"role": "user", "content": "hi " * n}]) for n in (1, 5, 17)]
+    prompts = [render(tokenizer, [{"role": "user", "content": "hi " * n}], True) for n in (1, 5, 17)]
     batched = agent.generate(prompts, None, [0, 1, 2])
     single = [agent.generate([p], None, [s])[0] for s, p in enumerate(prompts)]
     assert batched == single
@@ -53,7 +54,7 @@ def test_batched_generation_equals_one_at_a_time(model64):
 def test_sampling_is_seeded(tiny_lm):
     model, tokenizer, _ = tiny_lm
     agent = HFAgent(model.to(torch.float32), tokenizer, Sampling(temperature=1.0, max_new_tokens=10))
-    prompt = [agent.encode([{"role": "user", "content": "hello"}])]
+    prompt = [render(tokenizer, [{"role": "user", "content": "hello"}], True)]
     assert agent.generate(prompt, None, [7]) == agent.generate(prompt, None, [7])
     outs = {tuple(agent.generate(prompt, None, [s])[0]) for s in range(6)}
     assert len(outs) > 1

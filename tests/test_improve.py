@@ -9,9 +9,9 @@ import torch
 from parlay.config import FilterConfig, WeightConfig
 from parlay.episode import PlayerEpisode
 from parlay.improve import judge as judging
+from parlay.improve.examples import TrainExample, select_examples
 from parlay.improve.filters import baselines, select
 from parlay.improve.openai_ft import FineTuneError, chat_record, copies, export, fine_tune
-from parlay.improve.sft import TrainExample
 from parlay.improve.weights import awr_weights, iw_factor, normalise, static_weights
 
 
@@ -32,6 +32,7 @@ ROUND = [pe(0, False, i=0), pe(4, i=1), pe(6, i=2), pe(10, i=3), pe(0, True, i=4
     [
         ({"rule": "above_mean"}, [2, 3]),  # strictly above 4
         ({"rule": "nonzero"}, [1, 2, 3]),
+        ({"rule": "agreed"}, [1, 2, 3, 4]),
         ({"rule": "all"}, [0, 1, 2, 3, 4]),
         ({"rule": "threshold", "threshold": 6}, [2, 3]),
         ({"rule": "top_fraction", "fraction": 0.4}, [2, 3]),
@@ -57,6 +58,41 @@ def test_empty_selection_is_reported_and_follows_the_policy():
     fallback = select(flat, FilterConfig(on_empty="nonzero"))
     assert fallback.kept == [0, 1, 2, 3] and fallback.rule == "nonzero" and "fell back" in fallback.note
     assert select([], FilterConfig()).kept == []
+
+
+def test_one_path_from_games_to_examples():
+    """Rule, then sides with turns of their own, then the judge gate, then weights; zero weights dropped."""
+    from parlay.agents import load_agent
+    from parlay.episode import Episode, all_player_episodes
+    from parlay.games import objective
+    from parlay.protocol import Game
+    from parlay.rollout import plan_games, play_games
+
+    episodes = play_games(load_agent("bot:hard"), load_agent("bot:conceder"), plan_games(10, 3), objective(1), 8)
+    aborted = Game(episodes[0].game_context(), objective(1))
+    for _ in range(5):
+        aborted.step("no tag")  # five rejections: neither side ever had a turn accepted
+    episodes.append(Episode.from_game(aborted, "aborted"))
+    sides = all_player_episodes(episodes)
+    silent = [i for i, s in enumerate(sides) if not any(m["role"] == "assistant" for m in s.messages)]
+    assert len(silent) == 2
+    everything = select_examples(episodes, FilterConfig(rule="all"), WeightConfig())
+    assert everything.info.passed_filter == len(sides) and everything.info.kept == len(sides) - len(silent)
+    assert [(e.episode_id, e.player) for e in everything.examples] == [
+        (s.episode_id, s.player) for i, s in enumerate(sides) if i not in silent
+    ]
+    # A judge gate at 5 of ratings 0, 3, 6, 9, …: only the sides rated 6 and 9 pass.
+    ratings = [float((3 * i) % 12) for i in range(len(sides))]
+    judged = WeightConfig(scheme="judge", judge={"agent": "x", "mode": "filter", "min_rating": 5})
+    gated = select_examples(episodes, FilterConfig(rule="all"), judged, ratings)
+    assert {e.rating for e in gated.examples} <= {6.0, 9.0} and gated.info.judge["rated"] == len(sides)
+    # Judge weights: a rating of 0 weighs 0, and such examples are not written at all.
+    weighted = select_examples(
+        episodes, FilterConfig(rule="all"), WeightConfig(scheme="judge", judge={"agent": "x"}), ratings
+    )
+    assert all(e.weight > 0 for e in weighted.examples) and all(e.rating != 0 for e in weighted.examples)
+    with pytest.raises(ValueError, match="rating of every player-episode"):
+        select_examples(episodes, FilterConfig(), judged)
 
 
 def test_awr_weights_follow_the_formula_and_are_clipped():
@@ -94,27 +130,26 @@ def test_parse_rating(text, rating):
 
 
 def test_judge_rates_through_any_agent_and_reports_correlation():
-    from parlay.agents import Agent, Reply, load_agent
-    from parlay.games import objective
-    from parlay.rollout import plan_games, play_games
+    from parlay.agents import AgentError, ModelAgent, Reply, load_agent
 
-    class RewardReader(Agent):
+    class RewardReader(ModelAgent):
         """A judge that reads the player's reward from a marker we plant in the dialogue."""
 
         spec = "test:judge"
 
-        def act(self, requests):
-            return [Reply(f"Rating {r.messages[1]['content'].count('good')}") for r in requests]
+        def complete(self, prompts):
+            return [Reply(f"Rating {p.messages[1]['content'].count('good')}") for p in prompts]
 
-    ep = play_games(load_agent("bot:cooperative"), load_agent("bot:cooperative"), plan_games(1, 0), objective(1))[0]
     items = []
     for i in range(4):
         p = pe(i * 2, i=i)
         p.messages[-1]["content"] += " good" * i
-        items.append((p, ep))
+        items.append(p)
     ratings = judging.rate(RewardReader(), items)
     assert ratings == [0, 1, 2, 3]
-    corr = judging.correlation(ratings, [p.reward for p, _ in items])
+    with pytest.raises(AgentError, match="cannot answer free-form prompts"):
+        judging.rate(load_agent("bot:hard"), items)
+    corr = judging.correlation(ratings, [p.reward for p in items])
     assert corr["pearson"] == pytest.approx(1.0) and corr["spearman"] == pytest.approx(1.0)
     assert judging.correlation([None, 1, None], [1, 2, 3]) == {
         "rated": 1,

@@ -9,7 +9,8 @@ import yaml
 
 from parlay.config import ConfigError, load_config, parse_config
 from parlay.episode import read_episodes
-from parlay.loop import Hooks, Loop, prepare_run
+from parlay.loop import Hooks, Loop
+from parlay.run import RunDir, prepare_run
 from tests.openai_server import start_chat_server
 from tests.test_cli import run
 from tests.test_tracking import scalars
@@ -38,8 +39,8 @@ class Recorder(Hooks):
     def note(self, text):
         self.notes.append(text)
 
-    def round_done(self, row, history):
-        self.rounds.append(row["round"])
+    def round_done(self, record, records):
+        self.rounds.append(record.round)
 
 
 # --------------------------------------------------------------------------- config
@@ -92,16 +93,17 @@ def test_rounds_train_play_and_fill_the_run_directory(parrot_lm, tmp_path):
     hooks = Recorder()
     history = Loop(cfg, hooks).run()
     run_dir = tmp_path / "runs" / "t"
-    assert [r["round"] for r in history] == hooks.rounds == [0, 1, 2]
+    assert [r.round for r in history] == hooks.rounds == [0, 1, 2]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["rollout"]["games"] == 4
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    assert RunDir(run_dir).records() == history  # what was written reads back as it was
     for k in (1, 2):
         stats = json.loads((run_dir / "rounds" / str(k) / "train_stats.json").read_text())
-        assert not stats["skipped"] and stats["kept"] == 8 and stats["steps"] >= 1
+        assert stats["trained"] and stats["selection"]["kept"] == 8 and stats["stats"]["steps"] >= 1
         assert (run_dir / "rounds" / str(k) / "model" / "adapter_model.safetensors").exists()
         assert len((run_dir / "rounds" / str(k) / "train.jsonl").read_text().splitlines()) == 8
-        assert history[k]["model"]["adapter"] == str(run_dir / "rounds" / str(k) / "model")
-        assert history[k]["vs_round0"]["games"] == 4
+        assert history[k].model.adapter == str(run_dir / "rounds" / str(k) / "model")
+        assert history[k].train.model == history[k].model and history[k].vs_round0["games"] == 4
     episodes = read_episodes(run_dir / "rounds" / "2" / "episodes.jsonl")
     assert episodes[0].meta["agents"]["A"].startswith(f"hf:{parrot_lm}+adapter=")
     # Every round replays the same seeded games.
@@ -110,9 +112,9 @@ def test_rounds_train_play_and_fill_the_run_directory(parrot_lm, tmp_path):
     # Tracking: round figures against the round, the loss against the optimiser step.
     logged = scalars(run_dir / "tensorboard")
     assert [step for step, _ in logged["rollout/mean_reward"]] == [0, 1, 2]
-    assert logged["rollout/agreement_rate"][2][1] == pytest.approx(history[2]["agreement_rate"])
+    assert logged["rollout/agreement_rate"][2][1] == pytest.approx(history[2].metrics["agreement_rate"])
     assert [step for step, _ in logged["train/kept"]] == [1, 2] and [s for s, _ in logged["eval/vs_round0"]] == [1, 2]
-    assert len(logged["train/loss"]) == sum(h["train"]["steps"] for h in history[1:])
+    assert len(logged["train/loss"]) == sum(h.train.steps for h in history[1:])
 
 
 def test_resume_after_a_kill_loses_and_duplicates_nothing(parrot_lm, tmp_path):
@@ -145,10 +147,10 @@ def test_resume_refuses_changed_settings_but_takes_more_rounds(parrot_lm, tmp_pa
     Loop(cfg).run()
     with pytest.raises(ConfigError, match=r"rollout\.games"):
         prepare_run(config(tmp_path, str(parrot_lm), rounds=0, rollout={"games": 5}), resume=True)
-    with pytest.raises(ConfigError, match="no run to resume"):
+    with pytest.raises(ConfigError, match="no run here"):
         prepare_run(config(tmp_path / "elsewhere", str(parrot_lm)), resume=True)
     history = Loop(prepare_run(config(tmp_path, str(parrot_lm), rounds=1), resume=True)).run()
-    assert [r["round"] for r in history] == [0, 1]
+    assert [r.round for r in history] == [0, 1]
 
 
 def test_an_empty_filter_skips_training_and_says_so(parrot_lm, tmp_path):
@@ -156,8 +158,8 @@ def test_an_empty_filter_skips_training_and_says_so(parrot_lm, tmp_path):
     cfg = prepare_run(config(tmp_path, str(parrot_lm), rounds=1, filter={"rule": "above_mean"}), resume=False)
     hooks = Recorder()
     history = Loop(cfg, hooks).run()
-    assert history[1]["train"]["skipped"] and history[1]["train"]["kept"] == 0
-    assert history[1]["model"] == history[0]["model"]
+    assert not history[1].train.trained and history[1].train.selection.kept == 0
+    assert history[1].model == history[0].model
     assert any("kept none" in n for n in hooks.notes) and any("plays the round 0 model" in n for n in hooks.notes)
 
 
@@ -165,7 +167,7 @@ def test_early_stop_ends_the_run_when_reward_stops_improving(parrot_lm, tmp_path
     cfg = config(tmp_path, str(parrot_lm), rounds=4, early_stop={"patience": 1}, filter={"rule": "above_mean"})
     hooks = Recorder()
     history = Loop(prepare_run(cfg, resume=False), hooks).run()
-    assert [r["round"] for r in history] == [0, 1]
+    assert [r.round for r in history] == [0, 1]
     assert any("stopped early" in n for n in hooks.notes)
 
 
@@ -185,7 +187,7 @@ def test_warm_start_from_init_data_on_the_command_line(parrot_lm, tmp_path):
     assert r.returncode == 0, r.stderr
     run_dir = tmp_path / "runs" / "t"
     stats = json.loads((run_dir / "warm_start" / "train_stats.json").read_text())
-    assert stats["examples"] == 8 and stats["steps"] >= 1
+    assert stats["stats"]["examples"] == 8 and stats["stats"]["steps"] >= 1 and stats["selection"]["rule"] == "agreed"
     row = json.loads((run_dir / "rounds" / "0" / "metrics.json").read_text())
     assert row["model"]["adapter"] == str(run_dir / "warm_start" / "model")
     assert "reward" in r.stdout and "agree" in r.stdout  # the round table
@@ -207,11 +209,51 @@ def test_openai_route_trains_with_a_job_and_plays_the_new_model(tmp_path, monkey
     finally:
         server.shutdown()
     r1 = tmp_path / "runs" / "t" / "rounds" / "1"
-    assert history[1]["model"]["base"] == f"openai:ft:base-model:parlay:1@{url}"
-    assert read_episodes(r1 / "episodes.jsonl")[0].meta["agents"]["A"] == history[1]["model"]["base"]
-    judged = history[1]["train"]["judge"]
+    assert history[1].model.base == f"openai:ft:base-model:parlay:1@{url}"
+    assert read_episodes(r1 / "episodes.jsonl")[0].meta["agents"]["A"] == history[1].model.base
+    assert history[1].train.job.lines > 0
+    judged = history[1].train.selection.judge
     assert judged["rated"] == 8 and judged["unreadable"] == 0
     examples = [json.loads(x) for x in (r1 / "train.jsonl").read_text().splitlines()]
     assert all(e["rating"] is not None for e in examples)
     exported = (r1 / "openai_train.jsonl").read_text().splitlines()
     assert exported and '"weight": 1' in exported[0]
+
+
+def test_export_of_a_round_is_exactly_what_it_trained_on(tmp_path):
+    """`parlay export RUN --round K --format train` goes through the same selection as round K."""
+    from parlay.agents import load_agent
+    from parlay.episode import write_episodes
+    from parlay.games import objective
+    from parlay.rollout import plan_games, play_games
+    from parlay.run import ModelRef, TrainInfo
+
+    cfg = config(
+        tmp_path,
+        "unused",
+        rounds=1,
+        objective="semi-competitive",
+        filter={"rule": "above_mean", "baseline": "context", "keep_valid_ties": True},
+        weights={"scheme": "awr", "beta": 2.0},
+    )
+    prepare_run(cfg, resume=False)
+    episodes = play_games(load_agent("bot:hard"), load_agent("bot:conceder"), plan_games(16, 1), objective(0), 8)
+    run_dir = RunDir(cfg.run_dir)
+    write_episodes(run_dir.round(0).episodes, episodes)
+
+    class Recorded:  # stands in for the trainer: what round 1 trains on is all this test reads
+        def fit(self, job, on_step=None, note=None):
+            return TrainInfo(selection=job.selection, trained=True, model=ModelRef(base="trained"))
+
+    loop = Loop(cfg)
+    loop.trainer = Recorded()
+    info = loop.improve(1, ModelRef(base="unused"))
+    trained_on = run_dir.round(1).train_data.read_text()
+    weights = [json.loads(line)["weight"] for line in trained_on.splitlines()]
+    assert 0 < info.selection.kept < 32 and len(set(weights)) > 1  # a real selection, real AWR weights
+    out = tmp_path / "exported.jsonl"
+    r = run("export", str(cfg.run_dir), "--round", "1", "--format", "train", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == trained_on
+    r = run("export", str(cfg.run_dir), "--round", "2", "-o", str(out))
+    assert r.returncode == 2 and "round 1's games" in r.stderr

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from parlay.episode import Episode
-from parlay.evaluate import compute_metrics, ngram_entropy
+from parlay.evaluate import compute_metrics
 from parlay.games import Context, objective
 from parlay.protocol import Game
 
@@ -55,8 +55,9 @@ def test_cooperative_rewards_and_aborts():
     assert m["abort_rate"] == 0.5 and m["reward_ceiling"] == 12.0
 
 
-def test_ngram_entropy():
-    assert ngram_entropy([["a", "b", "a", "b"]], 2) == pytest.approx(
-        -(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3)
-    )
-    assert ngram_entropy([["a"]], 2) == 0.0
+def test_ngram_entropy_and_vocabulary_of_the_shipped_metrics():
+    # Bigrams are counted within each message: "a b a b" gives ab, ba, ab; "a" gives none.
+    m = compute_metrics([played(["[message] A b a B", "[message] a"], cap=2)])
+    assert m["ngram_entropy_2"] == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
+    assert m["vocabulary_size"] == 2
+    assert compute_metrics([played(["[message] a"], cap=1)])["ngram_entropy_2"] == 0.0

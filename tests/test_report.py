@@ -11,33 +11,46 @@ import pytest
 from parlay.agents import Sampling, load_agent
 from parlay.config import ConfigError, parse_config
 from parlay.episode import write_episodes
+from parlay.evaluate import compute_metrics
 from parlay.evaluate.analysis import RunDirError, load_run, round_score_correlation
 from parlay.evaluate.report import write_report
 from parlay.evaluate.tournament import run_tournament
 from parlay.games import objective
-from parlay.loop import Loop, ModelRef, prepare_run, round_agent_spec
+from parlay.loop import Loop
 from parlay.rollout import plan_games, play_games
+from parlay.run import ModelRef, RunDir, SelectionInfo, TrainInfo, TrainStats, prepare_run, round_agent_spec
 from tests.test_cli import run
 from tests.test_evaluate import ScriptedJudge
 
 CHROMIUM = Path("/usr/bin/chromium")
+STATS = TrainStats(
+    examples=3, skipped_examples=0, truncated_examples=0, steps=2, tokens=90, own_tokens=30, loss_first=0.9,
+    loss_last=0.5, nll_first=0.9, nll_last=0.5, seconds=1.0, tokens_per_second=90.0,
+)  # fmt: skip
 # Rounds get better partners, as a run that learns would: no deals, some, many.
 ROUND_PLAYERS = [("bot:hard", "bot:hard"), ("bot:hard", "bot:conceder"), ("bot:cooperative", "bot:cooperative")]
 
 
 def make_run(root: Path, rounds_played: int = 3, planned: int = 2) -> Path:
-    """A run directory as the loop writes it, with bots standing in for each round's model."""
+    """A run directory as the loop writes it, with bots standing in for each round's model. Round 0's
+    record is written as the first version of parlay wrote it (metrics flat beside the rest), which
+    must still read."""
     data = {"name": "r", "runs_dir": str(root), "objective": "cooperative", "rounds": planned}
     cfg = prepare_run(parse_config(data | {"rollout": {"games": 12, "max_messages": 8}}, "test"), resume=False)
-    loop = Loop(cfg)
+    loop, run = Loop(cfg), RunDir(cfg.run_dir)
     games = plan_games(12, 0)
+    model = ModelRef(base="smollm2-135m")
+    selection = SelectionInfo(player_episodes=24, rule="above_mean", passed_filter=3, kept=3)
     for k in range(rounds_played):
         a, b = (load_agent(s) for s in ROUND_PLAYERS[k])
         episodes = play_games(a, b, games, objective("cooperative"), 8, meta={"round": k})
-        rdir = cfg.run_dir / "rounds" / str(k)
-        write_episodes(rdir / "episodes.jsonl", episodes)
-        row = loop.round_metrics(k, ModelRef("smollm2-135m"), episodes, {"kept": 3, "loss_last": 0.5}, 6.0)
-        (rdir / "metrics.json").write_text(json.dumps(row))
+        write_episodes(run.round(k).episodes, episodes)
+        if k == 0:
+            flat = {"round": 0, "model": {"base": model.base, "adapter": None}} | compute_metrics(episodes)
+            run.round(0).record_file.write_text(json.dumps(flat | {"train": {}, "minutes": 6.0}))
+            continue
+        info = TrainInfo(selection=selection, trained=True, model=model, stats=STATS)
+        run.write_record(loop.record(k, model, episodes, info, 6.0))
     return cfg.run_dir
 
 
@@ -50,6 +63,9 @@ def test_load_run_and_round_score_correlation(run_dir):
     view = load_run(run_dir, resamples=100)
     assert [r.k for r in view.rounds] == [0, 1, 2] and view.missing == []
     assert all(r.complete and r.summary["metrics"]["games"] == 12 for r in view.rounds)
+    old, new = view.rounds[0].record, view.rounds[1].record  # a version-1 record, converted; a new one
+    assert old.schema_version == 1 and old.train is None and old.metrics == view.rounds[0].summary["metrics"]
+    assert new.schema_version == 2 and new.train.selection.kept == 3 and new.vs_round0["games"] == 12
     best, worst = view.rounds[2].best_and_worst()
     assert sum(best.rewards) >= sum(worst.rewards)
     corr = round_score_correlation(view.rounds, resamples=200)
@@ -112,7 +128,7 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 def test_run_specs_name_a_round_model(run_dir):
     assert round_agent_spec(f"run:{run_dir}") == (f"run:{run_dir}@2", "hf:smollm2-135m")
-    assert round_agent_spec(f"run:{run_dir}@0")[0] == f"run:{run_dir}@0"
+    assert round_agent_spec(f"run:{run_dir}@0") == (f"run:{run_dir}@0", "hf:smollm2-135m")  # a version-1 record
     assert round_agent_spec("bot:hard") == ("bot:hard", "bot:hard")
     with pytest.raises(ConfigError, match="round 5 is not complete"):
         round_agent_spec(f"run:{run_dir}@5")

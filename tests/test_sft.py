@@ -7,11 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 from parlay.agents import load_agent
+from parlay.agents.hf_layer import TemplateError, assistant_mask, stop_ids
 from parlay.config import TrainConfig, WeightConfig
 from parlay.episode import player_episodes
 from parlay.games import objective
 from parlay.improve import TrainDataError
-from parlay.improve.sft import TrainExample, assistant_mask, read_examples, train, weighted_nll, write_examples
+from parlay.improve.examples import TrainExample, read_examples, write_examples
+from parlay.improve.sft import train, weighted_nll
 from parlay.rollout import plan_games, play_games
 from tests.conftest import tiny_tokenizer
 
@@ -39,7 +41,7 @@ def test_mask_covers_exactly_the_players_own_turns_and_their_end_tokens():
 def test_a_template_that_does_not_render_prefixes_as_prefixes_is_refused():
     tok = tiny_tokenizer()
     tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}"
-    with pytest.raises(TrainDataError, match="prefixes"):
+    with pytest.raises(TemplateError, match="prefixes"):
         assistant_mask(tok, bot_examples(1)[0].messages)
 
 
@@ -49,12 +51,31 @@ def test_weighted_nll_by_hand():
     ids = torch.tensor([[0, 1, 0], [1, 1, 1]])
     mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
     w = torch.tensor([1.0, 3.0])
-    loss, seq_logp = weighted_nll(logits, ids, mask, w)
+    loss, seq_logp, factor = weighted_nll(logits, ids, mask, w)
     ln2 = torch.log(torch.tensor(2.0))
     assert loss.item() == pytest.approx(((2 * 1 + 1 * 3) * ln2 / 3).item())
-    assert seq_logp.tolist() == pytest.approx([-ln2.item(), -ln2.item()])
-    zero, _ = weighted_nll(logits, ids, mask, torch.zeros(2))
+    assert seq_logp.tolist() == pytest.approx([-ln2.item(), -ln2.item()]) and factor.tolist() == [1.0, 1.0]
+    zero, _, _ = weighted_nll(logits, ids, mask, torch.zeros(2))
     assert zero.item() == 0
+    # A reweighting (iw-SFT's) multiplies the weights, from the same forward pass.
+    doubled, _, factor = weighted_nll(logits, ids, mask, w, reweight=lambda logp: torch.full_like(logp, 2.0))
+    assert doubled.item() == pytest.approx(2 * loss.item()) and factor.tolist() == [2.0, 2.0]
+
+
+def test_stop_tokens_come_from_the_tokenizer_and_its_template():
+    tok = tiny_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert stop_ids(tok) == {end}
+    # A template whose turns end with another special token: that token stops a reply too.
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|eot|>{% endfor %}" + (
+        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    )
+    eot = tok.convert_tokens_to_ids("<|eot|>")
+
+    from transformers import GenerationConfig
+
+    assert stop_ids(tok, GenerationConfig(eos_token_id=[end, 5])) == {end, eot, 5}
 
 
 def _tensors(path):

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
-from parlay.agents.base import Agent, AgentError, Reply, Sampling, TurnRequest
+from dataclasses import replace
+
+from parlay.agents.base import JUDGE_SAMPLING, Agent, AgentError, ModelAgent, Prompt, Reply, Sampling, TurnRequest
 from parlay.agents.scripted import BOTS
 
 
@@ -73,4 +75,24 @@ def load_agent(spec: str, sampling: Sampling | None = None) -> Agent:
     return agent
 
 
-__all__ = ["Agent", "AgentError", "Reply", "Sampling", "TurnRequest", "load_agent"]
+def load_judge(spec: str, seed: int = 0) -> Agent:
+    """A judge: the model a spec names, sampling as every judge does (``JUDGE_SAMPLING``)."""
+    agent = load_agent(spec, replace(JUDGE_SAMPLING, seed=seed))
+    if not isinstance(agent, ModelAgent):
+        agent.close()
+        raise AgentError(f"{spec!r} cannot judge: a judge must be a language model (hf:, openai: or vllm:)")
+    return agent
+
+
+__all__ = [
+    "JUDGE_SAMPLING",
+    "Agent",
+    "AgentError",
+    "ModelAgent",
+    "Prompt",
+    "Reply",
+    "Sampling",
+    "TurnRequest",
+    "load_agent",
+    "load_judge",
+]

@@ -1,6 +1,7 @@
 """transformers backend: batched sampling with per-conversation KV-cache reuse.
 
-Each ``act`` call prefills and decodes every request of the batch together. With
+Each ``complete`` call (``act``, for a batch of game turns) prefills and decodes every prompt of
+the batch together; model loading, chat rendering and stop tokens come from ``hf_layer``. With
 ``prefix_reuse`` on, the agent keeps, per conversation (game, player), the keys and values of
 the tokens it has already processed; at the next turn only the tokens after the longest common
 prefix with the new prompt are prefilled. Rows of different lengths share one batch: cached
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from parlay.agents.base import Agent, AgentError, Reply, Sampling, TurnRequest
-from parlay.agents.models import resolve
+from parlay.agents import hf_layer
+from parlay.agents.base import ModelAgent, Prompt, Reply, Sampling
+from parlay.agents.hf_layer import default_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -33,61 +34,11 @@ class _Entry:
     last_used: int
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 is faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(name: str, device: str, training: bool = False) -> torch.dtype:
-    """``auto``: bf16 on GPU; on CPU fp32 for play (a LoRA delta merged into bf16 weights would be
-    rounded away) and, for training, bf16 where the CPU computes it natively (measured 1.4x faster
-    on an AVX512-BF16 machine, see docs/RESULTS.md), else fp32."""
-    if name == "auto":
-        if device.startswith("cuda") or (training and cpu_has_bf16()):
-            return torch.bfloat16
-        return torch.float32
-    try:
-        return {
-            "float32": torch.float32,
-            "fp32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16,
-            "float16": torch.float16,
-            "fp16": torch.float16,
-        }[name]
-    except KeyError:
-        raise AgentError(f"unknown dtype {name!r}: expected auto, float32, bfloat16 or float16") from None
-
-
 def load_model(name: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer) for a model name, hub id or path, with an optional LoRA adapter."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, device))
-    except (OSError, ValueError) as exc:
-        raise AgentError(f"cannot load model {name!r}: {exc}") from None
-    if adapter:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, adapter)
-        except (OSError, ValueError) as exc:
-            raise AgentError(f"cannot load adapter {adapter!r}: {exc}") from None
-        model = model.merge_and_unload()  # folded into the weights: decoding costs what the base costs
-    model.to(device).eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    """(model, tokenizer) ready to play: an adapter merged in, in eval mode, on ``device``."""
+    device = device or default_device()
+    model, tokenizer = hf_layer.load(name, adapter, pick_dtype(dtype, device), device)
+    return model.eval(), tokenizer
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -98,7 +49,7 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return n
 
 
-class HFAgent(Agent):
+class HFAgent(ModelAgent):
     """A transformers causal LM playing many conversations at once."""
 
     def __init__(
@@ -119,8 +70,7 @@ class HFAgent(Agent):
         self.device = next(model.parameters()).device
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._calls = 0
-        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        self.stop_ids = {t for t in stop if isinstance(t, int) and t >= 0}
+        self.stop_ids = hf_layer.stop_ids(tokenizer, getattr(model, "generation_config", None))
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
         """Running counts: tokens prefilled, taken from the cache, and generated."""
         self.conversation_tokens: dict[tuple[str, str], int] = {}
@@ -128,23 +78,15 @@ class HFAgent(Agent):
 
     # -- prompts
 
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):
-            ids = ids["input_ids"]
-        return list(ids)
-
-    def act(self, requests: list[TurnRequest]) -> list[Reply]:
+    def complete(self, prompts: list[Prompt]) -> list[Reply]:
         self._calls += 1
         replies: list[Reply] = []
-        for start in range(0, len(requests), self.max_batch):
-            chunk = requests[start : start + self.max_batch]
-            prompts = [self.encode(r.messages) for r in chunk]
-            keys = [(r.game_id, r.player) for r in chunk]
-            outs = self.generate(prompts, keys, [r.seed for r in chunk])
-            for ids in outs:
-                text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                replies.append(Reply(text, tokens=len(ids)))
+        for start in range(0, len(prompts), self.max_batch):
+            chunk = prompts[start : start + self.max_batch]
+            encoded = [hf_layer.render(self.tokenizer, p.messages, generation_prompt=True) for p in chunk]
+            for out in self.generate(encoded, [p.key for p in chunk], [p.seed for p in chunk]):
+                text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+                replies.append(Reply(text, tokens=len(out)))
         self._evict()
         return replies
 

@@ -13,7 +13,7 @@ from rich.panel import Panel
 
 from parlay import prompts
 from parlay.agents.base import Agent, Reply, TurnRequest
-from parlay.games.dond import describe_items
+from parlay.protocol import message_reply, message_text, proposal_reply
 
 _SHORT_PROPOSAL = re.compile(r"^/?propose\s+(\d+)\s+(\d+)\s+(\d+)\s*$", re.IGNORECASE)
 
@@ -23,10 +23,10 @@ def to_protocol(text: str) -> str:
     text = text.strip()
     m = _SHORT_PROPOSAL.match(text)
     if m:
-        return f"[propose] ({describe_items(tuple(int(g) for g in m.groups()))})"  # type: ignore[arg-type]
+        return proposal_reply(tuple(int(g) for g in m.groups()))  # type: ignore[arg-type]
     if text.startswith("[") or not text:
         return text
-    return f"[message] {text}"
+    return message_reply(text)
 
 
 class HumanAgent(Agent):
@@ -59,11 +59,11 @@ class HumanAgent(Agent):
         for msg in req.messages[common:]:
             if msg["role"] != "user":
                 continue  # the person knows what they typed
-            content = msg["content"]
-            if content.startswith("[message]"):
-                self.console.print(f"[bold magenta]Partner:[/] {content[len('[message]') :].strip()}")
+            said = message_text(msg["content"])
+            if said is not None:
+                self.console.print(f"[bold magenta]Partner:[/] {said}")
             else:
-                self.console.print(f"[yellow]{content}[/]")
+                self.console.print(f"[yellow]{msg['content']}[/]")
         prompt = "Your proposal (propose B H L)" if req.proposal_owed else "You"
         try:
             text = self.console.input(f"[bold cyan]{prompt}>[/] ")

@@ -13,12 +13,12 @@ import re
 
 import numpy as np
 
-from parlay.games.dond import ITEMS, Counts
+from parlay.games.dond import ARTICLES, ITEM_PATTERN, ITEMS, NUMBER_WORDS, Counts, count_phrase
 
-_WORD_NUM = {"one": 1, "two": 2, "three": 3, "four": 4, "a": 1, "an": 1, "no": 0, "zero": 0}
+_WORD_NUM = NUMBER_WORDS | ARTICLES
 _MENTION = re.compile(
-    r"\b(?P<q>\d+|one|two|three|four|zero|no|an?|the|both|all(?: of)?(?: the)?|every)\s+"
-    r"(?P<item>book|hat|ball)(?P<pl>e?s)?\b",
+    rf"\b(?P<q>\d+|{'|'.join(_WORD_NUM)}|the|both|all(?: of)?(?: the)?|every)\s+"
+    rf"(?P<item>{ITEM_PATTERN})(?P<pl>e?s)?\b",
     re.IGNORECASE,
 )
 _SUBJECT = re.compile(r"\b(?P<who>i|me|my|mine|you|your|yours)\b", re.IGNORECASE)
@@ -26,9 +26,9 @@ _REST = re.compile(r"\b(the rest|everything else|all the rest|the others|what'?s
 _ACCEPT = re.compile(r"\b(deal|agreed|agree|accept|sounds good|works for me|it'?s a deal|fine by me)\b", re.I)
 _REFUSE = re.compile(r"\b(no deal|not|don'?t|can'?t|won'?t|reject|no way|too little|too much)\b", re.I)
 _VALUE_PATTERNS = [
-    re.compile(r"\b(?:each |a |every )?(?P<item>book|hat|ball)(?:e?s)?\s+(?:are|is)\s+worth\s+(?P<v>\d+)", re.I),
-    re.compile(r"\b(?P<item>book|hat|ball)(?:e?s)?\s*[:=]\s*(?P<v>\d+)", re.I),
-    re.compile(r"\b(?P<v>\d+)\s+points?\s+(?:for|per)\s+(?:each\s+|a\s+|every\s+)?(?P<item>book|hat|ball)", re.I),
+    re.compile(rf"\b(?:each |a |every )?(?P<item>{ITEM_PATTERN})(?:e?s)?\s+(?:are|is)\s+worth\s+(?P<v>\d+)", re.I),
+    re.compile(rf"\b(?P<item>{ITEM_PATTERN})(?:e?s)?\s*[:=]\s*(?P<v>\d+)", re.I),
+    re.compile(rf"\b(?P<v>\d+)\s+points?\s+(?:for|per)\s+(?:each\s+|a\s+|every\s+)?(?P<item>{ITEM_PATTERN})", re.I),
 ]
 
 
@@ -112,7 +112,7 @@ def is_acceptance(text: str) -> bool:
 
 def items_phrase(kept: Counts) -> str:
     """(2, 0, 1) → '2 books and 1 ball'; nothing → 'nothing'."""
-    parts = [f"{n} {item}{'' if n == 1 else 's'}" for n, item in zip(kept, ITEMS, strict=True) if n > 0]
+    parts = [count_phrase(n, item) for n, item in zip(kept, ITEMS, strict=True) if n > 0]
     if not parts:
         return "nothing"
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

@@ -14,7 +14,7 @@ import os
 import random
 import threading
 
-from parlay.agents.base import Agent, AgentError, Reply, Sampling, TurnRequest
+from parlay.agents.base import AgentError, ModelAgent, Prompt, Reply, Sampling
 from parlay.agents.retry import RetryPolicy, with_retries
 
 
@@ -26,7 +26,7 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, openai.APIConnectionError | openai.APITimeoutError)
 
 
-class OpenAIAgent(Agent):
+class OpenAIAgent(ModelAgent):
     def __init__(
         self,
         model: str,
@@ -53,18 +53,18 @@ class OpenAIAgent(Agent):
         self._openai = openai
         self.spec = f"openai:{model}" + (f"@{base_url}" if base_url else "")
 
-    def act(self, requests: list[TurnRequest]) -> list[Reply]:
-        return _run(self._act(requests))
+    def complete(self, prompts: list[Prompt]) -> list[Reply]:
+        return _run(self._complete(prompts))
 
-    async def _act(self, requests: list[TurnRequest]) -> list[Reply]:
+    async def _complete(self, prompts: list[Prompt]) -> list[Reply]:
         client = self._openai.AsyncOpenAI(**self._client_args)
         gate = asyncio.Semaphore(self.concurrency)
         try:
-            return await asyncio.gather(*(self._one(client, gate, req) for req in requests))
+            return await asyncio.gather(*(self._one(client, gate, p) for p in prompts))
         finally:
             await client.close()
 
-    async def _one(self, client, gate: asyncio.Semaphore, req: TurnRequest) -> Reply:
+    async def _one(self, client, gate: asyncio.Semaphore, req: Prompt) -> Reply:
         s = self.sampling
 
         async def call():
@@ -79,9 +79,8 @@ class OpenAIAgent(Agent):
 
         async with gate:
             try:
-                resp = await with_retries(
-                    call, _retryable, self.retry, random.Random(req.seed), f"{self.spec} {req.game_id}"
-                )
+                where = f"{self.spec} {req.key[0] if req.key else 'prompt'}"
+                resp = await with_retries(call, _retryable, self.retry, random.Random(req.seed), where)
             except Exception as exc:
                 return Reply("", error=f"{type(exc).__name__}: {exc}")
         if not resp.choices:

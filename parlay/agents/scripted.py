@@ -22,7 +22,8 @@ import numpy as np
 
 from parlay.agents import language
 from parlay.agents.base import Agent, Reply, TurnRequest
-from parlay.games.dond import Counts, describe_items
+from parlay.games.dond import Counts
+from parlay.protocol import message_reply, message_text, proposal_reply
 
 
 @dataclass
@@ -48,10 +49,9 @@ def _read(req: TurnRequest) -> _Reading:
     r = _Reading(partner_values={})
     wants = [0, 0, 0]
     for msg in req.messages[1:]:
-        content = msg["content"]
-        if not content.lower().startswith("[message]"):
+        text = message_text(msg["content"])
+        if text is None:
             continue
-        text = content[len("[message]") :].strip()
         offer = language.read_offer(text, counts)
         if msg["role"] == "user":
             r.partner_messages += 1
@@ -87,7 +87,11 @@ def _near_cap(req: TurnRequest) -> bool:
 
 
 def _propose(kept: Counts) -> Reply:
-    return Reply(f"[propose] ({describe_items(kept)})")
+    return Reply(proposal_reply(kept))
+
+
+def _say(text: str) -> Reply:
+    return Reply(message_reply(text))
 
 
 class ScriptedAgent(Agent):
@@ -149,12 +153,12 @@ class ConcessionBot(ScriptedAgent):
             score(r.partner_offer) >= floor or (_near_cap(req) and score(r.partner_offer) >= self.reservation)
         ):
             kept = r.partner_offer
-            return Reply(f"[message] {language.say_accept(rng, kept, ctx.complement(kept))}")
+            return _say(language.say_accept(rng, kept, ctx.complement(kept)))
         if _near_cap(req) and r.my_offer is not None:
             return _propose(r.my_offer)
         kept = self._best_offer(req, r, floor)
         text = language.say_offer(rng, kept, ctx.complement(kept), refusal=r.partner_offer is not None)
-        return Reply(f"[message] {text}")
+        return _say(text)
 
 
 class CooperativeBot(ScriptedAgent):
@@ -195,13 +199,13 @@ class CooperativeBot(ScriptedAgent):
             text = language.say_values(rng, req.values)
             if r.partner_values is None:
                 text += " What are yours?"
-            return Reply(f"[message] {text}")
+            return _say(text)
         offer = r.partner_offer
         if offer is not None and (offer == target or (_near_cap(req) and ctx.raw_score(req.player, offer) > 0)):
-            return Reply(f"[message] {language.say_accept(rng, offer, ctx.complement(offer))}")
+            return _say(language.say_accept(rng, offer, ctx.complement(offer)))
         if _near_cap(req) and r.my_offer is not None:
             return _propose(r.my_offer)
-        return Reply(f"[message] {language.say_offer(rng, target, ctx.complement(target))}")
+        return _say(language.say_offer(rng, target, ctx.complement(target)))
 
 
 class RandomBot(ScriptedAgent):
@@ -218,8 +222,8 @@ class RandomBot(ScriptedAgent):
             "[message] fine [propose] (1 book, 1 hat, 1 ball)",
             "[message]",
             "[propose] I want the books",
-            f"[propose] ({counts[0] + 1} books, 0 hats, 0 balls)",
-            "[propose] (1 book, 1 hat, 1 ball)" if req.n_messages == 0 else "[message] wait, one more thing",
+            proposal_reply((counts[0] + 1, 0, 0)),
+            proposal_reply((1, 1, 1)) if req.n_messages == 0 else message_reply("wait, one more thing"),
         ]
         return choices[rng.integers(len(choices))]
 
@@ -231,8 +235,8 @@ class RandomBot(ScriptedAgent):
         if req.proposal_owed or (req.n_messages > 0 and rng.random() < 0.2):
             return _propose(kept)  # type: ignore[arg-type]
         if rng.random() < 0.3:
-            return Reply(f"[message] {language.say_values(rng, tuple(int(v) for v in rng.integers(0, 5, 3)))}")
-        return Reply(f"[message] {language.say_offer(rng, kept, req.context.complement(kept))}")  # type: ignore[arg-type]
+            return _say(language.say_values(rng, tuple(int(v) for v in rng.integers(0, 5, 3))))
+        return _say(language.say_offer(rng, kept, req.context.complement(kept)))  # type: ignore[arg-type]
 
 
 BOTS = {

@@ -1,7 +1,7 @@
 """vLLM's offline engine with automatic prefix caching (``pip install 'parlay[vllm]'``, GPU).
 
-Each ``act`` call hands the whole batch to ``LLM.chat``; vLLM schedules it continuously and
-reuses the cached prefix of every conversation. One sampling seed per request keeps play
+Each ``complete`` call (``act``, for game turns) hands the whole batch to ``LLM.chat``; vLLM
+schedules it continuously and reuses the cached prefix of every conversation. One sampling seed per request keeps play
 reproducible on one GPU setup.
 
 Not yet run on a GPU by this project: treat throughput claims about it as unmeasured.
@@ -9,11 +9,11 @@ Not yet run on a GPU by this project: treat throughput claims about it as unmeas
 
 from __future__ import annotations
 
-from parlay.agents.base import Agent, AgentError, Reply, Sampling, TurnRequest
+from parlay.agents.base import AgentError, ModelAgent, Prompt, Reply, Sampling
 from parlay.agents.models import resolve
 
 
-class VLLMAgent(Agent):
+class VLLMAgent(ModelAgent):
     def __init__(self, model: str, sampling: Sampling | None = None, **engine_args: str) -> None:
         try:
             from vllm import LLM
@@ -28,15 +28,15 @@ class VLLMAgent(Agent):
             raise AgentError(f"vLLM could not load {model!r}: {exc}") from None
         self.spec = f"vllm:{model}"
 
-    def act(self, requests: list[TurnRequest]) -> list[Reply]:
+    def complete(self, prompts: list[Prompt]) -> list[Reply]:
         from vllm import SamplingParams
 
         s = self.sampling
         params = [
             SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=r.seed % (2**31))
-            for r in requests
+            for r in prompts
         ]
-        outputs = self.llm.chat([r.messages for r in requests], params, use_tqdm=False)
+        outputs = self.llm.chat([r.messages for r in prompts], params, use_tqdm=False)
         return [Reply(o.outputs[0].text.strip(), tokens=len(o.outputs[0].token_ids)) for o in outputs]
 
 

@@ -1,7 +1,8 @@
 """Evaluation: metrics with intervals, consistency checks, cross-play tournaments, run analyses,
 reports and experiment tracking.
 
-- ``metrics.py``: every DESIGN.md metric, point estimates and bootstrap intervals;
+- ``metrics.py``: every metric, point estimates and bootstrap intervals;
+- ``tables.py``: terminal tables of the above, a tournament's, and a run's rounds;
 - ``consistency.py``: messages that misstate the speaker's counts or values (rules, judge);
 - ``tournament.py``: every ordered pair of a set of agents on the same seeded games;
 - ``analysis.py``: a run directory read back, per round, with the paper's analyses;
@@ -14,7 +15,6 @@ from parlay.evaluate.metrics import (
     compute_metrics,
     game_rewards,
     metric_intervals,
-    ngram_entropy,
     paired_difference,
     summarize,
 )
@@ -24,7 +24,6 @@ __all__ = [
     "compute_metrics",
     "game_rewards",
     "metric_intervals",
-    "ngram_entropy",
     "paired_difference",
     "summarize",
 ]

@@ -1,6 +1,6 @@
 """A run directory read back: every round's games, metrics with intervals, and the paper's analyses.
 
-Reads only what the loop writes (DESIGN.md, "Runs"). A run cut short is read as far as it goes,
+Reads the run directory through ``parlay/run.py``, its one owner. A run cut short is read as far as it goes,
 and ``RunView.missing`` says, in words, what is not there: rounds not played yet, a round whose
 games are still being written, a file that cannot be read. Only a folder with no games at all
 is an error.
@@ -13,7 +13,6 @@ The analyses beyond the per-round metrics (Liao et al. 2024, §6):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,26 +23,28 @@ import yaml
 from parlay.episode import Episode, EpisodeFileError, ReadReport, read_episodes
 from parlay.evaluate.metrics import RESAMPLES, game_rewards, summarize
 from parlay.evaluate.tournament import TournamentError, read_tournament
+from parlay.run import RoundRecord, RunDir, RunDirError, StageDir, TrainInfo
 
-
-class RunDirError(ValueError):
-    """A folder that is not a run directory, or a run with no games yet."""
+__all__ = ["RoundView", "RunDirError", "RunView", "load_run", "round_score_correlation"]
 
 
 @dataclass
 class RoundView:
     k: int
     episodes: list[Episode]
-    complete: bool
-    """Its ``metrics.json`` exists: the loop finished the round."""
-    row: dict[str, Any] | None
-    """``metrics.json`` as the loop wrote it (model, train stats, paired change vs round 0)."""
+    record: RoundRecord | None
+    """``metrics.json`` as the loop wrote it (model, training, paired change vs round 0); None
+    while the round is still being played."""
     summary: dict[str, Any]
     """``{"metrics": …, "ci95": …}`` recomputed from the games."""
 
     @property
-    def train(self) -> dict[str, Any]:
-        return (self.row or {}).get("train") or {}
+    def complete(self) -> bool:
+        return self.record is not None
+
+    @property
+    def train(self) -> TrainInfo | None:
+        return self.record.train if self.record else None
 
     def best_and_worst(self) -> tuple[Episode, Episode] | None:
         """The game with the highest mean reward and the one with the lowest (first by id on ties)."""
@@ -70,12 +71,13 @@ class RunView:
 
 def load_run(run_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> RunView:
     """Read a run directory; see the module docstring for what counts as missing."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
     missing: list[str] = []
     config = None
-    config_path = run_dir / "config.yaml"
+    config_path = run.config_file
     if config_path.exists():
         try:
             config = yaml.safe_load(config_path.read_text())
@@ -87,13 +89,12 @@ def load_run(run_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> RunVie
     else:
         missing.append("config.yaml is missing; settings are not shown")
     rounds = []
-    present = sorted(int(p.name) for p in (run_dir / "rounds").glob("*") if p.is_dir() and p.name.isdigit())
-    for k in present:
-        view = _read_round(run_dir / "rounds" / str(k), k, seed, resamples, missing)
+    for k in run.present_rounds():
+        view = _read_round(run.round(k), k, seed, resamples, missing)
         if view is not None:
             rounds.append(view)
     if not rounds:
-        if config is None and not (run_dir / "rounds").exists():
+        if config is None and not run.present_rounds():
             raise RunDirError(f"{run_dir}: not a run directory (no config.yaml, no rounds/)")
         raise RunDirError(f"{run_dir}: no round has games yet (rounds/0/episodes.jsonl is missing or empty)")
     planned = (config or {}).get("rounds")
@@ -102,18 +103,18 @@ def load_run(run_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> RunVie
         if absent:
             missing.append(f"round(s) {', '.join(map(str, absent))} of 0..{planned} not played yet")
     tournament = None
-    if (run_dir / "eval" / "tournament.json").exists():
+    if (run.eval_dir / "tournament.json").exists():
         try:
-            tournament = read_tournament(run_dir / "eval" / "tournament.json")
+            tournament = read_tournament(run.eval_dir / "tournament.json")
         except TournamentError as exc:
             missing.append(str(exc))
     return RunView(run_dir, config, rounds, missing, tournament)
 
 
-def _read_round(rdir: Path, k: int, seed: int, resamples: int, missing: list[str]) -> RoundView | None:
-    path = rdir / "episodes.jsonl"
+def _read_round(stage: StageDir, k: int, seed: int, resamples: int, missing: list[str]) -> RoundView | None:
+    path = stage.episodes
     if not path.exists():
-        if (rdir / "train_stats.json").exists() or (rdir / "model").exists():
+        if stage.train_info_file.exists() or stage.model.exists():
             missing.append(f"round {k}: trained, but no game played yet")
         else:
             missing.append(f"round {k}: no games yet")
@@ -129,15 +130,15 @@ def _read_round(rdir: Path, k: int, seed: int, resamples: int, missing: list[str
     if not episodes:
         missing.append(f"round {k}: episodes.jsonl is empty")
         return None
-    row = None
-    if (rdir / "metrics.json").exists():
+    record = None
+    if stage.complete:
         try:
-            row = json.loads((rdir / "metrics.json").read_text())
-        except json.JSONDecodeError as exc:
-            missing.append(f"round {k}: metrics.json cannot be read ({exc.msg})")
+            record = stage.record()
+        except RunDirError as exc:
+            missing.append(f"round {k}: {exc}")
     else:
         missing.append(f"round {k} is not complete: {len(episodes)} game(s) so far, no metrics.json")
-    return RoundView(k, episodes, row is not None, row, summarize(episodes, seed=seed + k, resamples=resamples))
+    return RoundView(k, episodes, record, summarize(episodes, seed=seed + k, resamples=resamples))
 
 
 def round_score_correlation(

@@ -21,18 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from parlay import prompts
-from parlay.agents.base import Agent, TurnRequest
+from parlay.agents.base import Agent, Prompt
 from parlay.episode import Episode
-from parlay.games.dond import ITEMS, Context, objective
+from parlay.games.dond import ITEM_PATTERN, ITEMS, NUMBER_WORDS, Context
 
 RULES = ("count_exceeds", "split_exceeds", "value_misstated")
 
-_NUMBER_WORDS = {
-    "no": 0, "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
-    "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-}  # fmt: skip
-_N = r"(\d+|" + "|".join(_NUMBER_WORDS) + r")"
-_ITEM = r"(book|hat|ball)s?"
+_N = r"(\d+|" + "|".join(NUMBER_WORDS) + r")"
+_ITEM = rf"({ITEM_PATTERN})s?"
 _MENTION = re.compile(rf"\b{_N}\s+{_ITEM}\b")
 _SUBJECT = re.compile(r"\b(i|i'll|i'd|i'm|me|my|mine|you|you'll|you'd|your|yours)\b")
 _VALUE_CLAIMS = (
@@ -48,7 +44,7 @@ _WORTHLESS = re.compile(rf"\b(?:the\s+|my\s+)?{_ITEM}\s+(?:are|is)\s+(?:worthles
 
 
 def _number(text: str) -> int:
-    return int(text) if text.isdigit() else _NUMBER_WORDS[text]
+    return int(text) if text.isdigit() else NUMBER_WORDS[text]
 
 
 def _item(text: str) -> int:
@@ -104,23 +100,9 @@ def judge_messages(judge: Agent, messages: Sequence[MessageRef], seed: int = 0) 
             f"The speaker's own values: {prompts.values_text(ctx.values(ref.speaker))}.\n"
             f"The message: {ref.text}"
         )
-        requests.append(
-            TurnRequest(
-                game_id=f"consistency-{ref.episode.id}-{ref.turn}",
-                player=ref.speaker,
-                messages=[
-                    {"role": "system", "content": prompts.consistency_prompt()},
-                    {"role": "user", "content": facts},
-                ],
-                context=ctx,
-                objective=objective(ref.episode.objective["lam"]),
-                proposal_owed=False,
-                n_messages=0,
-                max_messages=None,
-                seed=seed + n,
-            )
-        )
-    replies = judge.act(requests) if requests else []
+        system = {"role": "system", "content": prompts.consistency_prompt()}
+        requests.append(Prompt([system, {"role": "user", "content": facts}], seed + n))
+    replies = judge.complete(requests) if requests else []
     return [None if r.error else parse_verdict(r.text) for r in replies]
 
 

@@ -1,4 +1,4 @@
-"""Metrics of a set of episodes (DESIGN.md, "Metrics" — normative), with bootstrap intervals.
+"""Metrics of a set of episodes, with bootstrap intervals.
 
 Averages run over games and both players; a game without a valid deal counts as 0. Every
 figure is computed here and nowhere else, so the CLI, the training loop, tournaments and reports
@@ -21,7 +21,6 @@ on two CPU cores.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,15 +38,6 @@ RESAMPLES = 2000
 
 def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
-
-
-def ngram_entropy(token_lists: Sequence[Sequence[str]], n: int) -> float:
-    """Shannon entropy (bits) of the n-gram distribution over all messages."""
-    counts: Counter[tuple[str, ...]] = Counter()
-    for toks in token_lists:
-        counts.update(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
-    total = sum(counts.values())
-    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
 
 
 def episode_figures(ep: Episode) -> dict[str, Any]:

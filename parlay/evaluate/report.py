@@ -30,6 +30,7 @@ from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
 from parlay.evaluate.consistency import judge_summary
 from parlay.evaluate.metrics import LABELS, format_change, game_rewards
 from parlay.games.dond import ITEMS
+from parlay.run import RunDir
 
 CURVES = [
     ("mean_reward", "mean reward"),
@@ -56,7 +57,7 @@ def write_report(
     ``judge_limit`` messages per round for misstated facts."""
     view = load_run(run_dir, seed=seed)
     judged = {r.k: judge_summary(judge, r.episodes, seed, judge_limit) for r in view.rounds} if judge else {}
-    plots_dir = view.dir / "plots"
+    plots_dir = RunDir(view.dir).plots
     plots_dir.mkdir(exist_ok=True)
     plots = {
         "curves": plot_curves(view),
@@ -73,7 +74,7 @@ def write_report(
         (plots_dir / f"{name}.png").write_bytes(buf.getvalue())
         images[name] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
     page = render(view, images, round_score_correlation(view.rounds, seed=seed), judged)
-    out = view.dir / "report.html"
+    out = RunDir(view.dir).report_file
     write_lines_atomic(out, [page])
     return out, view
 
@@ -219,7 +220,8 @@ def render(
             low, high = ci.get(key, (None, None))
             interval = f"{fmt.format(low)}–{fmt.format(high)}" if low is not None else ""
             cells.append({"value": fmt.format(m[key]), "ci": interval})
-        vs = (r.row or {}).get("vs_round0")
+        vs = r.record.vs_round0 if r.record else None
+        stats, selection = (r.train.stats, r.train.selection) if r.train else (None, None)
         rows.append(
             {
                 "k": r.k,
@@ -228,8 +230,8 @@ def render(
                 "cells": cells,
                 "vs": format_change(vs),
                 "judge": _fmt((judged.get(r.k) or {}).get("inconsistency_rate"), "{:.0%}"),
-                "kept": r.train.get("kept", ""),
-                "loss": _fmt(r.train.get("loss_last"), "{:.3f}") if "loss_last" in r.train else "",
+                "kept": selection.kept if selection else "",
+                "loss": _fmt(stats.loss_last, "{:.3f}") if stats else "",
             }
         )
     dialogues = []

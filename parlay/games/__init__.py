@@ -2,6 +2,7 @@
 
 from parlay.games.contexts import ContextFileError, all_contexts, read_selfplay_file, sample_contexts
 from parlay.games.dond import (
+    DEFAULT_MAX_MESSAGES,
     ITEMS,
     OBJECTIVE_PRESETS,
     PLAYERS,
@@ -13,6 +14,7 @@ from parlay.games.dond import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_MESSAGES",
     "ITEMS",
     "OBJECTIVE_PRESETS",
     "PLAYERS",

@@ -1,7 +1,7 @@
 """Where games come from: every valid context, seeded uniform samples, and Lewis files.
 
 ``all_contexts()`` enumerates every valid ordered (counts, values_A, values_B) triple under the
-rules in DESIGN.md; ``sample_contexts`` draws uniformly from it with an explicit generator.
+rules of ``dond.context_problems``; ``sample_contexts`` draws uniformly from it with an explicit generator.
 ``read_selfplay_file`` reads the Lewis et al. ``selfplay.txt`` format, one player per line
 (``cnt val cnt val cnt val``), lines 2i and 2i+1 being the two players of game i.
 """

@@ -5,7 +5,7 @@ game itself is computed here, once.
 
 A *context* is what one game is played on: the item counts and each player's private values
 (Lewis et al. 2017). An *objective* turns the two raw scores into rewards with a single
-weight λ: reward_A = X_A + λ·X_B (DESIGN.md, "Objective").
+weight λ: reward_A = X_A + λ·X_B.
 """
 
 from __future__ import annotations
@@ -18,12 +18,26 @@ from functools import cached_property
 ITEMS: tuple[str, ...] = ("book", "hat", "ball")
 """The three item types, in the order every count/value tuple uses."""
 
+NUMBER_WORDS: dict[str, int] = {
+    w: i for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])
+} | {"no": 0}
+"""Counts written as words ("two books", "no hats"); every reader of counts in text uses this table."""
+ARTICLES: dict[str, int] = {"a": 1, "an": 1}
+"""Articles that stand for one item ("a hat"), for readers that accept them as counts."""
+ITEM_PATTERN = "|".join(ITEMS)
+"""``book|hat|ball``: the alternation of item names for regular expressions (singular; readers add
+``(?:e?s)?`` for plurals)."""
+
 PLAYERS: tuple[str, str] = ("A", "B")
 
 TOTAL_VALUE = 10
 """Σ count·value for each player."""
 MIN_ITEMS, MAX_ITEMS = 5, 7
 MIN_COUNT, MAX_COUNT = 1, 4
+DEFAULT_MAX_MESSAGES = 20
+"""Messages after which a game without two proposals ends with no deal, unless set otherwise."""
+MAX_CONSECUTIVE_ERRORS = 5
+"""Rejected replies in a row that abort a game (both score 0)."""
 
 Counts = tuple[int, int, int]
 
@@ -172,7 +186,7 @@ class Context:
         return (1.0 + obj.lam) / 2.0 * self.max_welfare
 
     def is_valid(self) -> bool:
-        """The Lewis et al. constraints (DESIGN.md, "Contexts")."""
+        """The Lewis et al. constraints (``context_problems``)."""
         return not context_problems(self.counts, self.values_a, self.values_b)
 
     def to_dict(self) -> dict[str, list[int]]:
@@ -184,7 +198,10 @@ class Context:
 
 
 def context_problems(counts: Counts, values_a: Counts, values_b: Counts) -> list[str]:
-    """Every rule of DESIGN.md a (counts, values_a, values_b) triple breaks; empty if valid."""
+    """Every context rule a (counts, values_a, values_b) triple breaks; empty if valid.
+
+    Counts are 1..4 of each type with 5..7 items in all; each player's items are worth 10 in
+    total; every type is worth something to someone; some type is worth something to both."""
     problems = []
     if not all(MIN_COUNT <= c <= MAX_COUNT for c in counts):
         problems.append(f"each count must be {MIN_COUNT}..{MAX_COUNT}")
@@ -201,14 +218,11 @@ def context_problems(counts: Counts, values_a: Counts, values_b: Counts) -> list
     return problems
 
 
-def parse_counts(text: str) -> Counts:
-    """'1 2 0' → (1, 2, 0)."""
-    parts = text.split()
-    if len(parts) != len(ITEMS) or not all(p.isdigit() for p in parts):
-        raise RuleError(f"expected {len(ITEMS)} non-negative integers, got {text!r}")
-    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+def count_phrase(n: int, item: str) -> str:
+    """(2, 'hat') → '2 hats'; (1, 'book') → '1 book'. The one plural rule of the item names."""
+    return f"{n} {item}{'' if n == 1 else 's'}"
 
 
 def describe_items(kept: Counts) -> str:
     """(1, 2, 0) → '1 book, 2 hats, 0 balls' — the canonical proposal body."""
-    return ", ".join(f"{k} {item}{'' if k == 1 else 's'}" for k, item in zip(kept, ITEMS, strict=True))
+    return ", ".join(count_phrase(k, item) for k, item in zip(kept, ITEMS, strict=True))

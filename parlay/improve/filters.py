@@ -6,6 +6,7 @@ Rules (``FilterConfig.rule``), all over the player-episodes of one round:
   mean over all player-episodes of the round, or (``baseline: context``) over those played on the
   same context;
 - ``nonzero``: reward above zero (the player scored);
+- ``agreed``: the sides of valid deals (the warm start's default on demonstrations);
 - ``all``: everything;
 - ``top_fraction``: the ``fraction`` with the highest rewards (ties broken by order of play);
 - ``threshold``: reward at least ``threshold``.
@@ -59,6 +60,8 @@ def _passes(rule: str, episodes: Sequence[PlayerEpisode], base: list[float], cfg
         return [r > b for r, b in zip(rewards, base, strict=True)]
     if rule == "nonzero":
         return [r > 0 for r in rewards]
+    if rule == "agreed":
+        return [p.agreed for p in episodes]
     if rule == "all":
         return [True] * len(rewards)
     if rule == "threshold":

@@ -1,10 +1,11 @@
 """LLM-judge ratings of player-episodes (SOTOPIA-π style).
 
-Any ``Agent`` can judge: it reads the judge instructions as the system prompt and, as the user
-turn, the player's own instructions and its side of the dialogue, and answers with a whole number
-from 0 to 10. The rating then filters (rating >= min_rating) or weights the player-episode. A
-reply without a readable rating gets ``None``: it is counted, and such episodes are dropped by the
-filter and weigh 0. ``correlation`` tells how far the ratings follow the true reward.
+Any language model can judge through the plain completion call (``Agent.complete``): it reads
+the judge instructions as the system prompt and, as the user turn, the player's own
+instructions and its side of the dialogue, and answers with a whole number from 0 to 10. The
+rating then filters (rating >= min_rating) or weights the player-episode (``examples.py``). A
+reply without a readable rating gets ``None``: it is counted, and such episodes are dropped by
+the filter and weigh 0. ``correlation`` tells how far the ratings follow the true reward.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from parlay import prompts
-from parlay.agents.base import Agent, TurnRequest
-from parlay.episode import Episode, PlayerEpisode
-from parlay.games.dond import Context, objective
+from parlay.agents.base import Agent, Prompt
+from parlay.episode import PlayerEpisode
 
 _RATING = re.compile(r"(?<![\d.])(10|\d)(?:\.\d+)?(?![\d])")
 
@@ -36,23 +36,15 @@ def render(pe: PlayerEpisode) -> str:
     return f"The player's instructions:\n{system['content']}\n\nThe dialogue:\n{dialogue}"
 
 
-def rate(judge: Agent, items: Sequence[tuple[PlayerEpisode, Episode]], seed: int = 0) -> list[float | None]:
-    """One rating per player-episode (paired with its game, whose context the request carries)."""
+def rate(judge: Agent, episodes: Sequence[PlayerEpisode], seed: int = 0) -> list[float | None]:
+    """One rating per player-episode."""
     requests = [
-        TurnRequest(
-            game_id=f"judge-{pe.episode_id}",
-            player=pe.player,
-            messages=[{"role": "system", "content": prompts.judge_prompt()}, {"role": "user", "content": render(pe)}],
-            context=Context.from_dict(ep.context),
-            objective=objective(ep.objective["lam"]),
-            proposal_owed=False,
-            n_messages=0,
-            max_messages=None,
-            seed=seed + i,
+        Prompt(
+            [{"role": "system", "content": prompts.judge_prompt()}, {"role": "user", "content": render(pe)}], seed + i
         )
-        for i, (pe, ep) in enumerate(items)
+        for i, pe in enumerate(episodes)
     ]
-    replies = judge.act(requests) if requests else []
+    replies = judge.complete(requests) if requests else []
     return [None if r.error else parse_rating(r.text) for r in replies]
 
 

@@ -11,7 +11,7 @@ import tomllib
 from functools import cache
 from importlib import resources
 
-from parlay.games.dond import ITEMS, TOTAL_VALUE, Context, Counts, Objective
+from parlay.games.dond import ITEMS, TOTAL_VALUE, Context, Counts, Objective, count_phrase
 
 _OBJECTIVE_TEXT: dict[str | None, str] = {
     "cooperative": "objective_cooperative.txt",
@@ -32,13 +32,9 @@ def protocol_lines() -> dict:
     return tomllib.loads(_text("protocol.toml"))
 
 
-def _plural(n: int, item: str) -> str:
-    return f"{n} {item}{'' if n == 1 else 's'}"
-
-
 def inventory(counts: Counts) -> str:
     """(1, 2, 3) → '1 book, 2 hats and 3 balls'."""
-    parts = [_plural(c, item) for c, item in zip(counts, ITEMS, strict=True)]
+    parts = [count_phrase(c, item) for c, item in zip(counts, ITEMS, strict=True)]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 

@@ -1,0 +1,122 @@
+"""Terminal tables (rich) of what ``evaluate`` computes: a set of games, a tournament, a run's rounds.
+
+Labels and number formats come from ``metrics.LABELS``, the same the report uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from parlay.evaluate.metrics import LABELS, format_change
+from parlay.run import RoundRecord
+
+
+def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
+    text = fmt.format(value)
+    return text if not ci else f"{text} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def metrics_table(metrics: dict[str, Any], title: str, ci95: dict[str, list[float]] | None = None) -> Table:
+    """Every metric of a set of games, with its interval when given."""
+    table = Table(title=title, show_header=bool(ci95), title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if ci95:
+        table.add_column("95% CI", justify="right")
+    for key, (label, _, fmt) in LABELS.items():
+        row = [label, fmt.format(metrics[key])]
+        if ci95:
+            low, high = ci95.get(key, (None, None))
+            row.append("" if low is None else f"[{fmt.format(low)}, {fmt.format(high)}]")
+        table.add_row(*row)
+    return table
+
+
+def agents_table(result: dict[str, Any]) -> Table:
+    """The tournament's agents by number; the other tables name them by it."""
+    table = Table(title="agents", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("spec")
+    for i, spec in enumerate(result["agents"]):
+        table.add_row(str(i), spec)
+    return table
+
+
+def tournament_table(result: dict[str, Any]) -> Table:
+    """One row per ordered pair (agents by number): the headline metrics with their intervals."""
+    names = ["mean_reward_a", "mean_reward_b", "agreement_rate", "pareto_rate", "error_rate", "inconsistency_rate"]
+    cols = [(name, LABELS[name][1], LABELS[name][2]) for name in names]
+    table = Table(
+        title=f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)",
+        title_justify="left",
+    )
+    table.add_column("A", justify="right")
+    table.add_column("B", justify="right")
+    for _, label, _ in cols:
+        table.add_column(label, justify="right")
+    for p in result["pairs"]:
+        cells = (_interval(p["metrics"][k], p["ci95"].get(k), f) for k, _, f in cols)
+        table.add_row(str(p["a_index"]), str(p["b_index"]), *cells)
+    return table
+
+
+def matrix_table(result: dict[str, Any]) -> Table:
+    matrix = result["matrix"]
+    table = Table(title="mean reward of the row agent against the column agent (both seats)", title_justify="left")
+    table.add_column("", justify="right")
+    for i in range(len(matrix["agents"])):
+        table.add_column(str(i), justify="right")
+    for i, row in enumerate(matrix["reward"]):
+        table.add_row(str(i), *(f"{v:.2f}" for v in row))
+    return table
+
+
+def changes_table(result: dict[str, Any]) -> Table:
+    """Each agent's paired change from agent 0 against every partner."""
+    table = Table(
+        title="own reward minus agent 0's against the same partner, same games (95% CI)", title_justify="left"
+    )
+    for col in ("agent", "partner", "change", "95% CI"):
+        table.add_column(col, justify="right")
+    number = {spec: str(i) for i, spec in enumerate(result["agents"])}
+    for c in result["vs_first"]:
+        low, high = c["ci95"]
+        table.add_row(
+            number[c["agent"]],
+            number.get(c["partner"], c["partner"]),
+            f"{c['mean']:+.2f}",
+            f"[{low:+.2f}, {high:+.2f}]",
+        )
+    return table
+
+
+def tournament_tables(result: dict[str, Any]) -> list[Table]:
+    return [agents_table(result), tournament_table(result), matrix_table(result), changes_table(result)]
+
+
+def rounds_table(records: list[RoundRecord]) -> Table:
+    """One row per round: reward (and its paired change from round 0), agreement, Pareto, errors,
+    kept examples, train loss, minutes."""
+    table = Table(title="rounds", title_justify="left")
+    for col in ("round", "reward", "vs round 0 (95% CI)", "agree", "Pareto", "errors", "kept", "loss", "min"):
+        table.add_column(col, justify="right")
+    for r in records:
+        m, train = r.metrics, r.train
+        kept = str(train.selection.kept) if train and train.selection else ""
+        loss = "" if train is None else (f"{train.stats.loss_last:.3f}" if train.stats else "")
+        if train is not None and not train.trained:
+            loss = "skipped"
+        table.add_row(
+            str(r.round),
+            f"{m['mean_reward']:.2f}",
+            format_change(r.vs_round0),
+            f"{m['agreement_rate']:.0%}",
+            f"{m['pareto_rate']:.0%}",
+            f"{m['error_rate']:.0%}",
+            kept,
+            loss,
+            f"{r.minutes:.1f}",
+        )
+    return table

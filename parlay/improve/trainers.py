@@ -1,0 +1,139 @@
+"""One trainer interface: ``fit(stage, start, …) -> TrainInfo``, whatever does the training.
+
+- ``InlineTrainer``: ``sft.train`` in this process (CPU or one GPU);
+- ``AccelerateTrainer``: the same trainer under ``accelerate launch -m parlay sft`` (several GPUs,
+  DeepSpeed, FSDP), reading back the figures it writes;
+- ``OpenAITrainer``: an OpenAI fine-tuning job on the chat fine-tuning export of the examples.
+
+Each reads the stage's ``train.jsonl`` and returns what it made as a ``TrainInfo`` whose ``model``
+is the model to play next. ``make_trainer`` picks one from ``train.backend`` and ``train.launcher``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from parlay.config import RunConfig
+from parlay.improve.examples import read_examples
+from parlay.run import FineTuneJob, ModelRef, SelectionInfo, StageDir, TrainInfo
+
+StepHook = Callable[[int, int, float], None]
+"""(step done, steps in all, loss of that step)."""
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """One training pass: train ``start`` on ``stage``'s ``train.jsonl`` into ``stage``'s ``model/``."""
+
+    stage: StageDir
+    start: ModelRef
+    selection: SelectionInfo
+    seed: int
+    epochs: float | None = None
+    lr: float | None = None
+
+
+class Trainer(Protocol):
+    def fit(
+        self, job: FitRequest, on_step: StepHook | None = None, note: Callable[[str], None] | None = None
+    ) -> TrainInfo:
+        """Train; return what was made."""
+
+
+def _produced(cfg: RunConfig, job: FitRequest) -> ModelRef:
+    """The model an hf trainer leaves in the stage's ``model/``: an adapter on the same base, or full weights."""
+    if cfg.train.lora:
+        return ModelRef(base=job.start.base, adapter=str(job.stage.model))
+    return ModelRef(base=str(job.stage.model))
+
+
+@dataclass
+class InlineTrainer:
+    cfg: RunConfig
+
+    def fit(self, job: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
+        from parlay.improve.sft import train
+
+        stats = train(
+            read_examples(job.stage.train_data),
+            job.start.base,
+            job.stage.model,
+            self.cfg.train,
+            adapter=job.start.adapter,
+            weights=self.cfg.weights,
+            seed=job.seed,
+            epochs=job.epochs,
+            lr=job.lr,
+            on_step=on_step,
+        )
+        return TrainInfo(selection=job.selection, trained=True, model=_produced(self.cfg, job), stats=stats)
+
+
+@dataclass
+class AccelerateTrainer:
+    cfg: RunConfig
+    config_file: Path
+    """The run's saved config, whose train and weights sections ``parlay sft`` reads."""
+
+    def fit(self, job: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
+        from parlay.improve.sft import read_stats
+
+        stats_file = job.stage.path / "sft_stats.json"
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", *self.cfg.train.accelerate_args,
+            "-m", "parlay", "sft", str(job.stage.train_data), "--model", job.start.base,
+            "--out", str(job.stage.model), "--config", str(self.config_file), "--stats", str(stats_file),
+            "--seed", str(job.seed),
+        ]  # fmt: skip
+        if job.start.adapter:
+            cmd += ["--adapter", job.start.adapter]
+        if job.epochs is not None:
+            cmd += ["--epochs", str(job.epochs)]
+        if job.lr is not None:
+            cmd += ["--lr", str(job.lr)]
+        if note:
+            note("training under: " + " ".join(cmd))
+        result = subprocess.run(cmd, env=os.environ.copy())
+        if result.returncode != 0:
+            raise RuntimeError(f"accelerate launch failed with exit status {result.returncode}: {' '.join(cmd)}")
+        stats = read_stats(stats_file)
+        return TrainInfo(selection=job.selection, trained=True, model=_produced(self.cfg, job), stats=stats)
+
+
+@dataclass
+class OpenAITrainer:
+    cfg: RunConfig
+
+    def fit(self, job: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
+        from parlay.improve.openai_ft import export, fine_tune
+
+        name, _, url = job.start.base.removeprefix("openai:").partition("@")
+        path = job.stage.path / "openai_train.jsonl"
+        lines = export(read_examples(job.stage.train_data), path, seed=self.cfg.seed)
+        new = fine_tune(
+            path,
+            self.cfg.train.openai_base_model or name,
+            url or None,
+            suffix=self.cfg.name[:18],
+            seed=self.cfg.seed,
+            poll_seconds=self.cfg.train.poll_seconds,
+            on_status=(lambda s: note(f"{job.stage.path.name}: fine-tuning job {s}")) if note else None,
+        )
+        model = f"openai:{new}" + (f"@{url}" if url else "")
+        return TrainInfo(
+            selection=job.selection, trained=True, model=ModelRef(base=model), job=FineTuneJob(model=model, lines=lines)
+        )
+
+
+def make_trainer(cfg: RunConfig, config_file: Path) -> Trainer:
+    if cfg.train.backend == "openai":
+        return OpenAITrainer(cfg)
+    if cfg.train.launcher == "accelerate":
+        return AccelerateTrainer(cfg, config_file)
+    return InlineTrainer(cfg)

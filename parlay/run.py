@@ -1,0 +1,370 @@
+"""The run directory: every path in it, its typed records, and which model each round played.
+
+A run is a folder; this module is the only code that spells its paths:
+
+    RUN/config.yaml                   the resolved config (``RunDir.create`` / ``RunDir.resume``)
+    RUN/warm_start/                   a stage: episodes.jsonl, train.jsonl, model/, train_stats.json
+    RUN/rounds/<k>/                   a stage, plus metrics.json
+        episodes.jsonl                appended one finished game at a time
+        train.jsonl                   the training examples (``improve/examples.py``)
+        model/                        adapter (or full weights), renamed into place when complete
+        train_stats.json              a ``TrainInfo``: what was selected and what training made
+        metrics.json                  a ``RoundRecord``, written last: the round is complete
+    RUN/metrics.jsonl                 one ``RoundRecord`` per complete round, rewritten from the above
+    RUN/tensorboard/, RUN/wandb/      with ``tracking:`` set
+    RUN/report.html, RUN/plots/       ``parlay report``
+    RUN/eval/                         a tournament the report shows (``parlay eval --out``)
+
+Round 0 is the starting model's play; round k trains the round k−1 model on round k−1's games,
+then plays. ``run:DIR[@K]`` names round K's model (default: the last complete round) wherever an
+agent spec is taken. Records carry ``schema_version``; files written before it existed (version
+1: a flat ``metrics.json``, an untyped ``train_stats.json``) are read and converted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from parlay.config import ConfigError, RunConfig, parse_config
+from parlay.episode import write_lines_atomic
+
+RUN_SCHEMA_VERSION = 2
+
+RESUMABLE_CHANGES = {"rounds", "early_stop", "tracking"}
+"""Settings a resumed run may change; any other difference from the saved config is refused."""
+
+
+class RunDirError(ValueError):
+    """A folder that is not a run directory, a run with nothing to read, or an unreadable record."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Record):
+    """A model a round plays with: a base model (name, hub id, path or ``openai:…``) plus an adapter."""
+
+    base: str
+    adapter: str | None = None
+
+    def agent_spec(self, dtype: str = "auto", batch: int = 64) -> str:
+        if self.base.startswith("openai:"):
+            return self.base
+        spec = f"hf:{self.base}"
+        if self.adapter:
+            spec += f"+adapter={self.adapter}"
+        return spec + (f"+dtype={dtype}" if dtype != "auto" else "") + (f"+batch={batch}" if batch != 64 else "")
+
+
+class SelectionInfo(_Record):
+    """How a stage's training examples were chosen (``improve/examples.py``)."""
+
+    player_episodes: int
+    rule: str
+    """The filter rule that decided (differs from the configured one after a fallback)."""
+    passed_filter: int
+    kept: int
+    """Examples written to train.jsonl: passed the rule, have turns of their own, passed the
+    judge gate, and weigh more than zero."""
+    note: str = ""
+    """What happened when the rule kept nothing."""
+    judge: dict[str, Any] | None = None
+    """With a judge: how many it rated, and the correlation of its ratings with the rewards."""
+
+
+class TrainStats(_Record):
+    """What one training pass did (the hf trainer, in process or under ``accelerate launch``)."""
+
+    examples: int
+    skipped_examples: int
+    """Examples with no own tokens left (after cutting to max_length), not trained on."""
+    truncated_examples: int
+    steps: int
+    tokens: int
+    """Tokens processed (all positions), over all passes."""
+    own_tokens: int
+    """Tokens in the loss, over all passes."""
+    loss_first: float
+    loss_last: float
+    nll_first: float
+    nll_last: float
+    """Unweighted NLL of own tokens in the first and last optimiser steps."""
+    seconds: float
+    tokens_per_second: float
+    mean_iw: float | None = None
+    """iw-SFT: mean importance factor over the run."""
+    losses: list[float] = Field(default_factory=list)
+
+
+class FineTuneJob(_Record):
+    """What an OpenAI fine-tuning job made."""
+
+    model: str
+    lines: int
+    """Lines of the uploaded training file."""
+
+
+class TrainInfo(_Record):
+    """``train_stats.json``: what a stage (warm start or round k ≥ 1) trained on and what it made."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    selection: SelectionInfo | None = None
+    trained: bool
+    """False when nothing was selected: the stage plays the model it started from."""
+    model: ModelRef
+    """The model this stage produced (the one it started from when nothing was trained)."""
+    stats: TrainStats | None = None
+    job: FineTuneJob | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.stats.steps if self.stats else 0
+
+
+class RoundRecord(_Record):
+    """``metrics.json``: a complete round."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    round: int
+    model: ModelRef
+    """The model that played the round's games."""
+    metrics: dict[str, Any]
+    """Every metric of ``evaluate/metrics.py`` over the round's games."""
+    train: TrainInfo | None = None
+    """How the round's model was trained (None for round 0)."""
+    minutes: float
+    vs_round0: dict[str, Any] | None = None
+    """With ``rollout.contexts: same``: the paired change in reward from round 0, with its interval."""
+
+
+# ---------------------------------------------------------------------- reading older records
+
+
+def _v1_train(data: dict[str, Any], model: ModelRef) -> TrainInfo | None:
+    """A version-1 ``train`` dict: trainer figures, filter figures and an OpenAI job side by side."""
+    if not data:
+        return None
+    selection = None
+    if "filter_rule" in data:
+        selection = SelectionInfo(
+            player_episodes=data["player_episodes"],
+            rule=data["filter_rule"],
+            passed_filter=data["passed_filter"],
+            kept=data.get("kept", 0),
+            note=data.get("filter_note", ""),
+            judge=data.get("judge"),
+        )
+    stats_keys = TrainStats.model_fields.keys()
+    stats = TrainStats(**{k: v for k, v in data.items() if k in stats_keys}) if "steps" in data else None
+    job = FineTuneJob(model=data["model"], lines=data["lines"]) if "lines" in data else None
+    return TrainInfo(selection=selection, trained=not data.get("skipped"), model=model, stats=stats, job=job)
+
+
+def _v1_trained_model(data: dict[str, Any], start: ModelRef, out: Path, lora: bool) -> ModelRef:
+    """The model a version-1 ``train_stats.json`` stands for, which it did not record."""
+    if data.get("skipped"):
+        return start
+    if "lines" in data:
+        return ModelRef(base=data["model"])
+    return ModelRef(base=start.base, adapter=str(out)) if lora else ModelRef(base=str(out))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path}: cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: expected a JSON object")
+    return data
+
+
+def _validate(cls: type[_Record], data: dict[str, Any], path: Path):
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RunDirError(f"{path}: field '{where}': {first['msg']}") from None
+
+
+def read_round_record(path: Path) -> RoundRecord:
+    data = _read_json(path)
+    if "schema_version" not in data:  # version 1: the metrics flat beside the rest
+        data = dict(data)
+        fixed = {k: data.pop(k) for k in ("round", "model", "minutes") if k in data}
+        vs, train = data.pop("vs_round0", None), data.pop("train", None) or {}
+        model = _validate(ModelRef, fixed.get("model") or {}, path)
+        data = fixed | {"schema_version": 1, "metrics": data, "vs_round0": vs, "train": _v1_train(train, model)}
+    return _validate(RoundRecord, data, path)
+
+
+# ---------------------------------------------------------------------- the folders
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """``warm_start/`` or ``rounds/<k>/``: one stage's games, training data, model and records."""
+
+    path: Path
+
+    @property
+    def episodes(self) -> Path:
+        return self.path / "episodes.jsonl"
+
+    @property
+    def train_data(self) -> Path:
+        return self.path / "train.jsonl"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def train_info_file(self) -> Path:
+        return self.path / "train_stats.json"
+
+    @property
+    def record_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def complete(self) -> bool:
+        return self.record_file.exists()
+
+    def train_info(self, start: ModelRef, lora: bool = True) -> TrainInfo | None:
+        """What this stage trained (None if it has not yet). ``start`` and ``lora`` read a
+        version-1 file, which did not record the model it made."""
+        if not self.train_info_file.exists():
+            return None
+        data = _read_json(self.train_info_file)
+        if "schema_version" not in data:
+            return _v1_train(data, _v1_trained_model(data, start, self.model, lora)) or TrainInfo(
+                trained=False, model=start
+            )
+        return _validate(TrainInfo, data, self.train_info_file)
+
+    def write_train_info(self, info: TrainInfo) -> None:
+        write_lines_atomic(self.train_info_file, [info.model_dump_json()])
+
+    def record(self) -> RoundRecord:
+        return read_round_record(self.record_file)
+
+
+class RunDir:
+    """A run's folder (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config_file = property(lambda self: self.path / "config.yaml")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    report_file = property(lambda self: self.path / "report.html")
+    plots = property(lambda self: self.path / "plots")
+    eval_dir = property(lambda self: self.path / "eval")
+    warm_start = property(lambda self: StageDir(self.path / "warm_start"))
+
+    def round(self, k: int) -> StageDir:
+        return StageDir(self.path / "rounds" / str(k))
+
+    def present_rounds(self) -> list[int]:
+        """Every round with a folder, complete or not, in order."""
+        folders = (self.path / "rounds").glob("*")
+        return sorted(int(p.name) for p in folders if p.is_dir() and p.name.isdigit())
+
+    def complete_rounds(self) -> list[int]:
+        """The rounds whose ``metrics.json`` exists, in order (a gap ends the list)."""
+        rounds: list[int] = []
+        while self.round(len(rounds)).complete:
+            rounds.append(len(rounds))
+        return rounds
+
+    def records(self) -> list[RoundRecord]:
+        """The record of every complete round, in order."""
+        return [self.round(k).record() for k in self.complete_rounds()]
+
+    def write_record(self, record: RoundRecord) -> list[RoundRecord]:
+        """Complete a round: its ``metrics.json``, then ``metrics.jsonl`` rewritten; returns every record."""
+        write_lines_atomic(self.round(record.round).record_file, [record.model_dump_json(indent=1)])
+        records = self.records()
+        write_lines_atomic(self.metrics_file, (r.model_dump_json() for r in records))
+        return records
+
+    # -- the config
+
+    def load_config(self) -> RunConfig:
+        if not self.config_file.exists():
+            raise ConfigError(f"{self.path}: no run here (config.yaml is missing)")
+        try:
+            data = yaml.safe_load(self.config_file.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{self.config_file}: not valid YAML: {exc}") from None
+        return parse_config(data, str(self.config_file))
+
+    def create(self, cfg: RunConfig) -> None:
+        """A new run: the folder and its resolved config; refused where a run already is."""
+        if self.config_file.exists():
+            raise ConfigError(f"{self.path} already holds a run; pass --resume to continue it, or choose another name")
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_lines_atomic(self.config_file, [cfg.to_yaml()])
+
+    def resume(self, cfg: RunConfig) -> RunConfig:
+        """Check ``cfg`` against the saved config: only ``RESUMABLE_CHANGES`` may differ; those
+        are saved. Returns the config to go on with."""
+        saved = self.load_config()
+        differ = _differences(saved.model_dump(), cfg.model_dump())
+        blocked = sorted(d for d in differ if d.split(".")[0] not in RESUMABLE_CHANGES)
+        if blocked:
+            allowed = ", ".join(sorted(RESUMABLE_CHANGES))
+            raise ConfigError(
+                f"{self.config_file}: the config given differs from the saved run in {', '.join(blocked)}; "
+                f"a resumed run keeps its settings (only {allowed} may change)"
+            )
+        if differ:
+            write_lines_atomic(self.config_file, [cfg.to_yaml()])
+        return cfg
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = a.keys() | b.keys()
+        return [d for k in sorted(keys) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def prepare_run(cfg: RunConfig, resume: bool) -> RunConfig:
+    """Create the run directory of ``cfg`` (or, with ``resume``, check ``cfg`` against it)."""
+    run = RunDir(cfg.run_dir)
+    if resume:
+        return run.resume(cfg)
+    run.create(cfg)
+    return cfg
+
+
+def round_agent_spec(spec: str) -> tuple[str, str]:
+    """``run:DIR[@K]`` → (``run:DIR@K``, the agent spec of round K's model of the run in DIR);
+    K defaults to the last complete round. Any other spec is returned as (spec, spec)."""
+    if not spec.startswith("run:"):
+        return spec, spec
+    where, _, k = spec.removeprefix("run:").partition("@")
+    run = RunDir(where)
+    rounds = run.complete_rounds()
+    if not rounds:
+        raise ConfigError(f"{spec}: {run.path} has no complete round (no rounds/0/metrics.json)")
+    if k and not k.isdigit():
+        raise ConfigError(f"{spec}: the round after @ must be a whole number")
+    chosen = int(k) if k else rounds[-1]
+    if chosen not in rounds:
+        raise ConfigError(f"{spec}: round {chosen} is not complete in {run.path} (complete: 0..{rounds[-1]})")
+    model = run.round(chosen).record().model
+    return f"run:{where}@{chosen}", model.agent_spec(run.load_config().rollout.dtype)
