@@ -141,6 +141,12 @@ class ReadReport:
     """The last line was cut short (a writer killed mid-line); it was skipped."""
 
 
+def first_problem(exc: ValidationError) -> str:
+    """A record's first validation error in words: ``field 'outcome.status': Input should be …``."""
+    first = exc.errors()[0]
+    return f"field '{'.'.join(str(p) for p in first['loc'])}': {first['msg']}"
+
+
 def _parse_line(line: str, path: Path, lineno: int) -> Episode:
     try:
         data = json.loads(line)
@@ -156,9 +162,7 @@ def _parse_line(line: str, path: Path, lineno: int) -> Episode:
     try:
         return Episode.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise EpisodeFileError(f"{path}:{lineno}: field '{where}': {first['msg']}") from None
+        raise EpisodeFileError(f"{path}:{lineno}: {first_problem(exc)}") from None
 
 
 def iter_episodes(path: str | Path, report: ReadReport | None = None) -> Iterator[Episode]:

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from parlay.config import ConfigError, RunConfig, parse_config
-from parlay.episode import write_lines_atomic
+from parlay.episode import first_problem, write_lines_atomic
 
 RUN_SCHEMA_VERSION = 2
 
@@ -187,12 +187,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _validate(cls: type[_Record], data: dict[str, Any], path: Path):
+    version = data.get("schema_version", 1)
+    if isinstance(version, int) and version > RUN_SCHEMA_VERSION:
+        raise RunDirError(
+            f"{path}: record version {version}, written by a newer parlay (this one reads up to {RUN_SCHEMA_VERSION})"
+        )
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RunDirError(f"{path}: field '{where}': {first['msg']}") from None
+        raise RunDirError(f"{path}: {first_problem(exc)}") from None
 
 
 def read_round_record(path: Path) -> RoundRecord:
