@@ -27,6 +27,7 @@ from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
 from parlay.lewis import LewisFormatError, import_file
+from parlay.locking import FolderLock, LockError
 from parlay.rollout import plan_games, play_games
 from parlay.run import RoundRecord, RunDir, RunDirError, prepare_run, round_agent_spec
 from parlay.tracking import TrackingError, track_eval
@@ -52,6 +53,7 @@ USER_ERRORS = (
     TrackingError,
     RunDirError,
     TemplateError,
+    LockError,
     FileNotFoundError,
 )
 F = TypeVar("F", bound=Callable[..., Any])
@@ -167,6 +169,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the metrics as one 
 TempOpt = Annotated[float, typer.Option(min=0.0, help="Sampling temperature of model agents (0 = greedy).")]
 TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass of model agents.")]
 MaxTokOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest model reply, in tokens.")]
+StealOpt = Annotated[
+    bool,
+    typer.Option(
+        "--steal-lock",
+        help="Take the folder's lock even though its file is unreadable or names another host (only when you "
+        "know that writer is gone).",
+    ),
+]
 
 
 # ---------------------------------------------------------------------- play
@@ -324,8 +334,10 @@ def eval_(
         str | None, typer.Option("--track", help="Also log eval/ metrics to: tensorboard, wandb (comma-separated).")
     ] = None,
     as_json: JsonOpt = False,
+    steal_lock: StealOpt = False,
 ) -> None:
-    """Metrics with 95% intervals of episode FILES, or a cross-play tournament of --agents."""
+    """Metrics with 95% intervals of episode FILES, or a cross-play tournament of --agents (one writer
+    per tournament folder)."""
     from parlay.evaluate import summarize
     from parlay.evaluate.consistency import judge_summary
 
@@ -347,11 +359,12 @@ def eval_(
         out = out or Path("eval") / f"{obj.name}-n{n}-seed{seed}"
         hooks = RichHooks()
         try:
-            result = run_tournament(
-                loaded, obj, n, seed, out, max_messages, Sampling(temperature, top_p, max_new_tokens, seed),
-                on_pair=lambda what, total, done: (hooks.stage(what, total), hooks.advance(done)),
-                on_episode=hooks.game_done,
-            )  # fmt: skip
+            with FolderLock(out, steal=steal_lock):
+                result = run_tournament(
+                    loaded, obj, n, seed, out, max_messages, Sampling(temperature, top_p, max_new_tokens, seed),
+                    on_pair=lambda what, total, done: (hooks.stage(what, total), hooks.advance(done)),
+                    on_episode=hooks.game_done,
+                )  # fmt: skip
         finally:
             hooks.end_stage()
             for agent in loaded:
@@ -422,8 +435,10 @@ def train_cmd(
     init_data: Annotated[
         Path | None, typer.Option("--init-data", help="Episodes to fine-tune the starting model on first.")
     ] = None,
+    steal_lock: StealOpt = False,
 ) -> None:
-    """Self-play rounds: play, keep the good games, fine-tune, play again."""
+    """Self-play rounds: play, keep the good games, fine-tune, play again. One writer per run: a
+    second `parlay train` on a live run is refused."""
     from parlay.evaluate.report import write_report
     from parlay.loop import Loop
 
@@ -432,15 +447,20 @@ def train_cmd(
         if not init_data.exists():
             raise FileNotFoundError(f"{init_data}: no such episodes file")
         cfg.warm_start.episodes, cfg.warm_start.bots = str(init_data), None
-    cfg = prepare_run(cfg, resume)
     run_dir = RunDir(cfg.run_dir)
-    err.print(f"run directory: {run_dir.path}")
+    if resume:
+        run_dir.load_config()  # no run to resume: said before the folder is locked (and so created)
+    elif run_dir.config_file.exists():
+        prepare_run(cfg, resume=False)  # refuses, saying why
     started = time.perf_counter()
     hooks = RichHooks()
-    try:
-        records = Loop(cfg, hooks).run()
-    finally:
-        hooks.end_stage()
+    with FolderLock(run_dir.path, steal=steal_lock):
+        cfg = prepare_run(cfg, resume)
+        err.print(f"run directory: {run_dir.path}")
+        try:
+            records = Loop(cfg, hooks).run()
+        finally:
+            hooks.end_stage()
     if records and records[-1].vs_round0:
         last, vs = records[-1], records[-1].vs_round0
         console.print(
@@ -449,7 +469,7 @@ def train_cmd(
         )
     err.print(f"done in {(time.perf_counter() - started) / 60:.1f} min; metrics in {run_dir.metrics_file}")
     if records:
-        path, _ = write_report(run_dir.path, seed=cfg.seed)
+        path, _ = write_report(run_dir.path, seed=cfg.seed, steal_lock=steal_lock)
         err.print(f"report: {path}")
 
 
@@ -531,13 +551,14 @@ def report(
         typer.Option("--judge", help="Agent spec that also checks messages for misstated facts."),
     ] = None,
     judge_limit: Annotated[int, typer.Option(min=1, help="Most messages the judge checks per round.")] = 100,
+    steal_lock: StealOpt = False,
 ) -> None:
-    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png."""
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png; a live run can be reported."""
     from parlay.evaluate.report import write_report
 
     judge_agent = load_judge(judge, seed) if judge else None
     try:
-        path, view = write_report(run_dir, seed=seed, judge=judge_agent, judge_limit=judge_limit)
+        path, view = write_report(run_dir, seed=seed, judge=judge_agent, judge_limit=judge_limit, steal_lock=steal_lock)
     finally:
         if judge_agent is not None:
             judge_agent.close()

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from parlay.games.dond import DEFAULT_MAX_MESSAGES, RuleError, objective
+from parlay.games.dond import DEFAULT_MAX_MESSAGES, MAX_REPLY_CHARS, RuleError, objective
 
 
 class ConfigError(ValueError):
@@ -27,6 +27,9 @@ class _Section(BaseModel):
 class RolloutConfig(_Section):
     games: int = Field(64, ge=1, description="Self-play games per round.")
     max_messages: int = Field(DEFAULT_MAX_MESSAGES, ge=1, description="Messages before a game ends without a deal.")
+    max_reply_chars: int = Field(
+        MAX_REPLY_CHARS, ge=1, description="Longest reply in characters; a longer one is rejected and kept only cut."
+    )
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(48, ge=1, description="Longest reply, in tokens.")

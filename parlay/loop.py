@@ -200,7 +200,17 @@ class Loop:
             try:
                 with EpisodeWriter(path, append=True) as writer:
                     meta = {"round": k}
-                    played = play_games(agent, agent, todo, self.obj, r.max_messages, writer, self._advance_game, meta)
+                    played = play_games(
+                        agent,
+                        agent,
+                        todo,
+                        self.obj,
+                        r.max_messages,
+                        writer,
+                        self._advance_game,
+                        meta,
+                        r.max_reply_chars,
+                    )
             finally:
                 self.hooks.end_stage()
                 agent.close()

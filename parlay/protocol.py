@@ -8,9 +8,10 @@ the Lewis importer and the tests all go through them), ``parse_reply`` maps *any
 ``message_text`` reads the text of an accepted message back out of a transcript line.
 
 ``Game`` is the one referee used everywhere (rollouts, the terminal, the web app, the Lewis
-importer). It owns whose turn it is, the hidden proposals, the rejection rules, the
-message cap, the abort after consecutive rejections, and each player's chat transcript. It
-returns structured results and does no I/O.
+importer). It owns whose turn it is, the hidden proposals, the rejection rules (among them a
+reply longer than ``max_reply_chars``, which is kept only cut), the message cap, the abort after
+consecutive rejections, and each player's chat transcript. It returns structured results and
+does no I/O.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from parlay.games.dond import (
     ITEM_PATTERN,
     ITEMS,
     MAX_CONSECUTIVE_ERRORS,
+    MAX_REPLY_CHARS,
     NUMBER_WORDS,
     Context,
     Counts,
@@ -51,6 +53,7 @@ class ErrorCode(StrEnum):
     OUT_OF_RANGE = "out_of_range"
     PROPOSAL_OWED = "proposal_owed"
     PROPOSAL_TOO_EARLY = "proposal_too_early"
+    TOO_LONG = "too_long"
 
 
 MESSAGE_TAG = "[message]"
@@ -198,6 +201,7 @@ class Game:
         first_speaker: str = "A",
         max_messages: int | None = DEFAULT_MAX_MESSAGES,
         max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS,
+        max_reply_chars: int | None = MAX_REPLY_CHARS,
     ) -> None:
         if first_speaker not in ("A", "B"):
             raise ValueError(f"first speaker must be 'A' or 'B', got {first_speaker!r}")
@@ -208,6 +212,9 @@ class Game:
         self.first_speaker = first_speaker
         self.max_messages = max_messages
         self.max_consecutive_errors = max_consecutive_errors
+        if max_reply_chars is not None and max_reply_chars < 1:
+            raise ValueError(f"reply length limit must be >= 1, got {max_reply_chars}")
+        self.max_reply_chars = max_reply_chars
         self.turns: list[Turn] = []
         self.outcome: Outcome | None = None
         self.n_messages = 0
@@ -252,6 +259,10 @@ class Game:
         if self.is_terminal:
             raise RuntimeError("the game is over")
         player = self._current
+        limit = self.max_reply_chars
+        if limit is not None and isinstance(text, str) and len(text) > limit:
+            cut = f"{text[:limit]} […{len(text) - limit} more characters not kept]"
+            return self._reject(player, cut, ProtocolError(ErrorCode.TOO_LONG, f"{len(text)} characters"), tokens)
         parsed = self._check(parse_reply(text))
         if isinstance(parsed, ProtocolError):
             return self._reject(player, text, parsed, tokens)
@@ -294,7 +305,7 @@ class Game:
         return parsed
 
     def _reject(self, player: str, text: str, error: ProtocolError, tokens: int | None) -> Turn:
-        fb = prompts.feedback(error.code.value, self.context)
+        fb = prompts.feedback(error.code.value, self.context, self.max_reply_chars)
         turn = Turn(
             player=player, text=text, accepted=False, error=error.code, detail=error.detail, feedback=fb, tokens=tokens
         )

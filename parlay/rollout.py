@@ -19,7 +19,7 @@ import numpy as np
 from parlay.agents.base import Agent, Reply, TurnRequest
 from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes
 from parlay.games.contexts import sample_contexts
-from parlay.games.dond import DEFAULT_MAX_MESSAGES, Context, Objective
+from parlay.games.dond import DEFAULT_MAX_MESSAGES, MAX_REPLY_CHARS, Context, Objective
 from parlay.protocol import Game
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,17 @@ def play_games(
     writer: EpisodeWriter | None = None,
     on_episode: Callable[[Episode], None] | None = None,
     meta: dict | None = None,
+    max_reply_chars: int | None = MAX_REPLY_CHARS,
 ) -> list[Episode]:
     """Play ``games`` to the end; return their episodes in the order given."""
     agents = {"A": agent_a, "B": agent_b}
-    live = {spec.id: (spec, Game(spec.context, objective, spec.first_speaker, max_messages)) for spec in games}
+    live = {
+        spec.id: (
+            spec,
+            Game(spec.context, objective, spec.first_speaker, max_messages, max_reply_chars=max_reply_chars),
+        )
+        for spec in games
+    }
     done: dict[str, Episode] = {}
     base_meta = {"agents": {"A": agent_a.spec, "B": agent_b.spec}} | (meta or {})
 

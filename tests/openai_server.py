@@ -1,7 +1,8 @@
 """A real OpenAI-compatible chat server on loopback, and a fault-injecting proxy in front of it.
 
 The server answers ``POST /v1/chat/completions`` by the protocol: a message until the partner
-has proposed, then a proposal. It also takes file uploads and runs pretend fine-tuning jobs
+has proposed, then a proposal (a model named ``runaway…`` answers 100,000 characters
+instead). It also takes file uploads and runs pretend fine-tuning jobs
 (``/v1/files``, ``/v1/fine_tuning/jobs``) the way the OpenAI API reports them. The proxy
 forwards to it but, per a script of faults, delays a request, drops the connection, or answers
 429/500 first.
@@ -26,6 +27,8 @@ def _completion(body: dict) -> dict:
     if body["messages"][0]["content"] == prompts.consistency_prompt():  # asked to check facts: rules of thumb
         message = body["messages"][1]["content"].rsplit("The message:", 1)[-1]
         return _chat(body, "Yes, too many." if any(d in message for d in "56789") else "No.")
+    if body["model"].startswith("runaway"):  # an endpoint that does not stop: 100,000 characters
+        return _chat(body, "[message] " + "and more " * 11_111)
     last = body["messages"][-1]["content"]
     owed = last == prompts.protocol_lines()["partner_proposed"]
     n = sum(m["role"] == "assistant" for m in body["messages"])

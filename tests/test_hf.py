@@ -51,6 +51,23 @@ def test_batched_generation_equals_one_at_a_time(model64):
     assert batched == single
 
 
+def test_rows_that_end_early_ride_along_without_changing_the_others(model64):
+    """Ended rows stay in the batch until they are a quarter of it; every reply is what it is alone."""
+    model, tokenizer = model64
+    agent = HFAgent(model, tokenizer, Sampling(temperature=1.0, max_new_tokens=12), prefix_reuse=False)
+    prompts = [render(tokenizer, [{"role": "user", "content": "hi " * n}], True) for n in range(1, 13)]
+    free = agent.generate(prompts, None, list(range(12)))
+    # Make a token that the replies reach at different steps end a reply, so rows end one by one.
+    firsts: dict[int, set[int]] = {}  # token -> the steps at which it first appears, over the rows
+    for out in free:
+        for tok in set(out):
+            firsts.setdefault(tok, set()).add(out.index(tok))
+    agent.stop_ids = {max(firsts, key=lambda t: len(firsts[t]))}
+    batched = agent.generate(prompts, None, list(range(12)))
+    assert len({len(b) for b in batched}) > 2  # the rows really did end at different steps
+    assert batched == [agent.generate([p], None, [i])[0] for i, p in enumerate(prompts)]
+
+
 def test_sampling_is_seeded(tiny_lm):
     model, tokenizer, _ = tiny_lm
     agent = HFAgent(model.to(torch.float32), tokenizer, Sampling(temperature=1.0, max_new_tokens=10))

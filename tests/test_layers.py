@@ -11,7 +11,7 @@ LAYERS = [
     ("rules", ["parlay.games"]),
     ("settings", ["parlay.config"]),
     ("protocol", ["parlay.protocol", "parlay.prompts"]),
-    ("records", ["parlay.episode", "parlay.lewis", "parlay.run"]),
+    ("records", ["parlay.episode", "parlay.lewis", "parlay.run", "parlay.locking"]),
     ("agents", ["parlay.agents"]),
     ("rollout", ["parlay.rollout", "parlay.testing"]),
     ("improve", ["parlay.improve"]),

@@ -30,7 +30,8 @@ from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
 from parlay.evaluate.consistency import judge_summary
 from parlay.evaluate.metrics import LABELS, format_change, game_rewards
 from parlay.games.dond import ITEMS
-from parlay.run import RunDir
+from parlay.locking import REPORT_LOCK, FolderLock
+from parlay.run import RunDir, RunDirError
 
 CURVES = [
     ("mean_reward", "mean reward"),
@@ -50,11 +51,19 @@ TABLE = [(name, LABELS[name][1], LABELS[name][2]) for name in TABLE_METRICS]
 
 
 def write_report(
-    run_dir: Path, seed: int = 0, judge: Agent | None = None, judge_limit: int = 100
+    run_dir: Path, seed: int = 0, judge: Agent | None = None, judge_limit: int = 100, steal_lock: bool = False
 ) -> tuple[Path, RunView]:
     """Write ``report.html`` and ``plots/*.png`` into ``run_dir``; returns the report's path and
     the run as read (``missing`` says what the run lacks). With a ``judge``, it also checks up to
-    ``judge_limit`` messages per round for misstated facts."""
+    ``judge_limit`` messages per round for misstated facts. A live run can be reported: the
+    report reads it and takes only the report's own lock."""
+    if not Path(run_dir).is_dir():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    with FolderLock(run_dir, steal=steal_lock, name=REPORT_LOCK):
+        return _write_report(run_dir, seed, judge, judge_limit)
+
+
+def _write_report(run_dir: Path, seed: int, judge: Agent | None, judge_limit: int) -> tuple[Path, RunView]:
     view = load_run(run_dir, seed=seed)
     judged = {r.k: judge_summary(judge, r.episodes, seed, judge_limit) for r in view.rounds} if judge else {}
     plots_dir = RunDir(view.dir).plots

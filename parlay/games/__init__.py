@@ -4,6 +4,7 @@ from parlay.games.contexts import ContextFileError, all_contexts, read_selfplay_
 from parlay.games.dond import (
     DEFAULT_MAX_MESSAGES,
     ITEMS,
+    MAX_REPLY_CHARS,
     OBJECTIVE_PRESETS,
     PLAYERS,
     Context,
@@ -16,6 +17,7 @@ from parlay.games.dond import (
 __all__ = [
     "DEFAULT_MAX_MESSAGES",
     "ITEMS",
+    "MAX_REPLY_CHARS",
     "OBJECTIVE_PRESETS",
     "PLAYERS",
     "Context",

@@ -38,6 +38,9 @@ DEFAULT_MAX_MESSAGES = 20
 """Messages after which a game without two proposals ends with no deal, unless set otherwise."""
 MAX_CONSECUTIVE_ERRORS = 5
 """Rejected replies in a row that abort a game (both score 0)."""
+MAX_REPLY_CHARS = 1000
+"""Longest reply, in characters, unless set otherwise: a longer one is rejected (and stored cut),
+so one runaway reply cannot bloat a run's files and every later prompt of its game."""
 
 Counts = tuple[int, int, int]
 

@@ -71,9 +71,9 @@ def system_prompt(context: Context, player: str, obj: Objective, max_messages: i
     )
 
 
-def feedback(code: str, context: Context) -> str:
+def feedback(code: str, context: Context, max_reply_chars: int | None = None) -> str:
     """The line a player gets after a rejected reply with error ``code``."""
-    return protocol_lines()["feedback"][code].format(inventory=inventory(context.counts))
+    return protocol_lines()["feedback"][code].format(inventory=inventory(context.counts), limit=max_reply_chars)
 
 
 def judge_prompt() -> str:
