@@ -89,7 +89,7 @@ class Loop:
         self.train_step += sum(r.train.steps for r in records if r.train)  # a resumed loss curve goes on
         for k in range(cfg.rounds + 1):
             if run.round(k).complete:
-                model = records[k].model
+                model = run.round(k).record().model
                 continue
             if self.stopped_early(records):
                 break

@@ -89,6 +89,10 @@ def test_two_train_processes_on_one_run(parrot_lm, tmp_path):
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"being written by PID {first.pid} on {socket.gethostname()}" in second.stderr
         assert first.poll() is None  # still running
+        while not (run_dir / "rounds" / "0" / "metrics.json").exists() and first.poll() is None:
+            time.sleep(0.05)
+        live = run("report", str(run_dir))  # a reader: works on the live run, without its lock
+        assert live.returncode == 0, live.stderr
         _, errs = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
