@@ -12,7 +12,9 @@ runs; the file says who holds it (host, PID, start time, command). The kernel re
   says what to check, and ``steal=True`` (``--steal-lock`` on the command line) takes it anyway.
 
 Readers (``parlay report`` of a live run, ``run:DIR@K``) take no run lock; a report takes its own
-(``REPORT_LOCK``), so two reports of one run never write its pages at once. A holder empties the file
+(``REPORT_LOCK``), so two reports of one run never write its pages at once; a report waits for
+another to finish rather than fail (``REPORT_WAIT``), so a run that ends while someone reports
+it still writes its own report. A holder empties the file
 when it is done, rather than removing it, so no two processes can lock two different files.
 """
 
@@ -25,6 +27,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".parlay.lock"
 REPORT_LOCK = ".parlay-report.lock"
+REPORT_WAIT = 300.0
+"""Seconds a report waits for another report of the same run to finish."""
 
 
 class LockError(RuntimeError):
@@ -57,10 +62,12 @@ class Holder:
 class FolderLock:
     """``with FolderLock(folder, steal=False):`` — the folder is this process's to write."""
 
-    def __init__(self, folder: str | Path, steal: bool = False, name: str = LOCK_NAME) -> None:
+    def __init__(self, folder: str | Path, steal: bool = False, name: str = LOCK_NAME, wait: float = 0.0) -> None:
         self.folder = Path(folder)
         self.path = self.folder / name
         self.steal = steal
+        self.wait = wait
+        """Seconds to wait for the holder to finish before refusing (0: refuse at once)."""
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
@@ -73,12 +80,18 @@ class FolderLock:
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _describe(_read(fd))
-            os.close(fd)
-            raise LockError(f"{self.folder} is being written by {holder}; wait for it or stop it first") from None
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                holder = _describe(_read(fd))
+                os.close(fd)
+                raise LockError(f"{self.folder} is being written by {holder}; wait for it or stop it first") from None
         try:
             self._check_previous(_read(fd))
             os.ftruncate(fd, 0)

@@ -44,6 +44,18 @@ def test_a_second_writer_is_refused_and_names_the_holder(tmp_path):
         proc.wait()
 
 
+def test_a_waiting_writer_gets_the_lock_when_the_holder_ends(tmp_path):
+    """What a report does: wait for another report to finish instead of failing."""
+    import threading
+
+    proc = _holder(tmp_path)
+    threading.Timer(1.0, proc.kill).start()
+    started = time.monotonic()
+    with FolderLock(tmp_path, wait=30):
+        assert time.monotonic() - started >= 0.9
+    proc.wait()
+
+
 def test_a_lock_left_by_a_killed_process_is_taken_over_and_said(tmp_path, caplog):
     proc = _holder(tmp_path)
     os.kill(proc.pid, signal.SIGKILL)

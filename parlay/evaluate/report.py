@@ -30,7 +30,7 @@ from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
 from parlay.evaluate.consistency import judge_summary
 from parlay.evaluate.metrics import LABELS, format_change, game_rewards
 from parlay.games.dond import ITEMS
-from parlay.locking import REPORT_LOCK, FolderLock
+from parlay.locking import REPORT_LOCK, REPORT_WAIT, FolderLock
 from parlay.run import RunDir, RunDirError
 
 CURVES = [
@@ -59,7 +59,7 @@ def write_report(
     report reads it and takes only the report's own lock."""
     if not Path(run_dir).is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
-    with FolderLock(run_dir, steal=steal_lock, name=REPORT_LOCK):
+    with FolderLock(run_dir, steal=steal_lock, name=REPORT_LOCK, wait=REPORT_WAIT):
         return _write_report(run_dir, seed, judge, judge_limit)
 
 
