@@ -127,3 +127,18 @@ def test_missing_local_model_is_a_clear_cli_error(tmp_path):
 
     r = run("selfplay", "--model", f"hf:{tmp_path / 'nothing'}", "-n", "1")
     assert r.returncode == 2 and "cannot load model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bf16_on_a_cpu_without_it_falls_back_to_float32_and_says_so(monkeypatch, caplog):
+    from parlay.agents import hf_layer
+
+    monkeypatch.setattr(hf_layer, "cpu_has_bf16", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert hf_layer.pick_dtype("bf16", "cpu") == torch.float32
+        assert hf_layer.pick_dtype("bfloat16", "cpu", training=True) == torch.float32
+    assert "no native bf16" in caplog.text
+    assert hf_layer.pick_dtype("bf16", "cuda") == torch.bfloat16
+    monkeypatch.setattr(hf_layer, "cpu_has_bf16", lambda: True)
+    assert hf_layer.pick_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(AgentError, match="unknown dtype"):
+        hf_layer.pick_dtype("int3", "cpu")

@@ -12,6 +12,7 @@ must agree on, written once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import torch
 from parlay.agents.base import AgentError, TemplateError
 from parlay.agents.models import resolve
 from parlay.protocol import ChatMessage
+
+log = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32,
@@ -53,9 +56,13 @@ def pick_dtype(name: str, device: str, training: bool = False) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     try:
-        return DTYPES[name]
+        dtype = DTYPES[name]
     except KeyError:
         raise AgentError(f"unknown dtype {name!r}: expected auto, {', '.join(DTYPES)}") from None
+    if dtype == torch.bfloat16 and device == "cpu" and not cpu_has_bf16():
+        log.warning("dtype %s asked for, but this CPU has no native bf16 (only a slow emulation): using float32", name)
+        return torch.float32
+    return dtype
 
 
 def load(
