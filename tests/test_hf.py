@@ -42,6 +42,17 @@ def test_prefix_reuse_gives_the_same_games_with_less_prefill(model64):
     assert with_reuse.stats["generated_tokens"] == without.stats["generated_tokens"]
 
 
+def test_the_in_place_cache_plays_what_transformers_own_cache_plays(model64):
+    """Models with sliding-window layers keep transformers' DynamicCache; both give the same games."""
+    model, tokenizer = model64
+    sampling = Sampling(temperature=1.0, max_new_tokens=10)
+    roomy, dynamic = HFAgent(model, tokenizer, sampling), HFAgent(model, tokenizer, sampling)
+    dynamic._roomy = False
+    a, b = _play(roomy), _play(dynamic)
+    assert roomy._roomy and [e.turns for e in a] == [e.turns for e in b]
+    assert dynamic.stats == roomy.stats and roomy.stats["reused_tokens"] > 0
+
+
 def test_batched_generation_equals_one_at_a_time(model64):
     model, tokenizer = model64
     agent = HFAgent(model, tokenizer, GREEDY, prefix_reuse=False)

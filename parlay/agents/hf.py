@@ -13,6 +13,7 @@ in bulk, once they are a quarter of it (each removal copies the cache).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -35,13 +36,15 @@ class _Entry:
     last_used: int
 
 
+@functools.cache
 def _roomy_layer_class():
+    """The class, built once: transformers is imported only when a model is."""
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
         """One layer's keys and values for a batch, with room for the whole reply: a new token is
         written in place. (``DynamicLayer`` concatenates, copying the whole cache at every step of
-        every layer: 39% of a rollout's time before, measured with bench/profile_rollout.py.)"""
+        every layer.)"""
 
         def __init__(self, room: int) -> None:
             super().__init__()
@@ -89,23 +92,13 @@ def load_model(name: str, adapter: str | None = None, dtype: str = "auto", devic
     return model.eval(), tokenizer
 
 
-def _padded(past: list[KV | None], p_len: int, device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per layer (keys, values) [batch, heads, p_len, dim]: each row's cache right-aligned."""
-    if p_len == 0:
-        return None
-    layers = []
-    ref = next(p for p in past if p is not None)
-    for layer, (k0, _) in enumerate(ref):
-        heads, _, dim = k0.shape
-        k = torch.zeros((len(past), heads, p_len, dim), dtype=k0.dtype, device=device)
-        v = torch.zeros_like(k)
-        for i, kv in enumerate(past):
-            if kv is not None and kv[layer][0].shape[1]:
-                n = kv[layer][0].shape[1]
-                k[i, :, p_len - n :] = kv[layer][0]
-                v[i, :, p_len - n :] = kv[layer][1]
-        layers.append((k, v))
-    return layers
+def _right_align(past: list[KV | None], p_len: int, dest: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write each row's cached keys and values into ``dest`` (per layer, [batch, heads, ≥ p_len, dim]),
+    ending at position ``p_len``: the positions before a shorter row's cache stay padding."""
+    for i, kv in enumerate(past):
+        for (k_dest, v_dest), (k, v) in zip(dest, kv or [], strict=False):
+            n = k.shape[1]
+            k_dest[i, :, p_len - n : p_len], v_dest[i, :, p_len - n : p_len] = k, v
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -146,7 +139,6 @@ class HFAgent(ModelAgent):
             self._roomy = not getattr(text_config, "sliding_window", None)
         """Write new keys and values in place (every layer attends to the whole sequence); a model
         with sliding-window layers keeps transformers' own cache."""
-        self._layer_class = _roomy_layer_class()
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
         """Running counts: tokens prefilled, taken from the cache, and generated."""
         self.conversation_tokens: dict[tuple[str, str], int] = {}
@@ -281,17 +273,22 @@ class HFAgent(ModelAgent):
         positions (left padding), with ``room`` more positions for the new tokens."""
         from transformers.cache_utils import Cache, DynamicCache
 
+        ref = next((p for p in past if p is not None), None) if p_len else None
         if not self._roomy:
-            return DynamicCache(ddp_cache_data=_padded(past, p_len, self.device), config=self.model.config)
-        layers = [self._layer_class(room) for _ in range(self.model.config.get_text_config().num_hidden_layers)]
-        if p_len:
-            ref = next(p for p in past if p is not None)
+            if ref is None:
+                return DynamicCache(config=self.model.config)
+            shape = [(len(past), k.shape[0], p_len, k.shape[2]) for k, _ in ref]
+            dest = [
+                (k.new_zeros(n, device=self.device), k.new_zeros(n, device=self.device))
+                for (k, _), n in zip(ref, shape, strict=True)
+            ]
+            _right_align(past, p_len, dest)
+            return DynamicCache(ddp_cache_data=dest, config=self.model.config)
+        layers = [_roomy_layer_class()(room) for _ in range(self.model.config.get_text_config().num_hidden_layers)]
+        if ref is not None:
             for layer, (k0, _) in zip(layers, ref, strict=True):
                 layer.reserve(len(past), k0.shape[0], p_len, k0.shape[2], k0.dtype, self.device)
-            for i, kv in enumerate(past):
-                for layer, (k, v) in zip(layers, kv or [], strict=False):
-                    n = k.shape[1]
-                    layer._k[i, :, p_len - n : p_len], layer._v[i, :, p_len - n : p_len] = k, v
+            _right_align(past, p_len, [(layer._k, layer._v) for layer in layers])
         return Cache(layers=layers)
 
     def _store(self, key: tuple[str, str], tokens: list[int], cache, mask: torch.Tensor, row: int) -> None:

@@ -64,23 +64,23 @@ class OpenAIAgent(ModelAgent):
         finally:
             await client.close()
 
-    async def _one(self, client, gate: asyncio.Semaphore, req: Prompt) -> Reply:
+    async def _one(self, client, gate: asyncio.Semaphore, prompt: Prompt) -> Reply:
         s = self.sampling
 
         async def call():
             return await client.chat.completions.create(
                 model=self.model,
-                messages=req.messages,
+                messages=prompt.messages,
                 temperature=s.temperature,
                 top_p=s.top_p,
                 max_tokens=s.max_new_tokens,
-                seed=req.seed % (2**31),
+                seed=prompt.seed % (2**31),
             )
 
         async with gate:
             try:
-                where = f"{self.spec} {req.key[0] if req.key else 'prompt'}"
-                resp = await with_retries(call, _retryable, self.retry, random.Random(req.seed), where)
+                where = f"{self.spec} {prompt.key[0] if prompt.key else 'prompt'}"
+                resp = await with_retries(call, _retryable, self.retry, random.Random(prompt.seed), where)
             except Exception as exc:
                 return Reply("", error=f"{type(exc).__name__}: {exc}")
         if not resp.choices:

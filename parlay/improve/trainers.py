@@ -41,38 +41,38 @@ class FitRequest:
 
 class Trainer(Protocol):
     def fit(
-        self, job: FitRequest, on_step: StepHook | None = None, note: Callable[[str], None] | None = None
+        self, request: FitRequest, on_step: StepHook | None = None, note: Callable[[str], None] | None = None
     ) -> TrainInfo:
         """Train; return what was made."""
 
 
-def _produced(cfg: RunConfig, job: FitRequest) -> ModelRef:
+def _produced(cfg: RunConfig, request: FitRequest) -> ModelRef:
     """The model an hf trainer leaves in the stage's ``model/``: an adapter on the same base, or full weights."""
     if cfg.train.lora:
-        return ModelRef(base=job.start.base, adapter=str(job.stage.model))
-    return ModelRef(base=str(job.stage.model))
+        return ModelRef(base=request.start.base, adapter=str(request.stage.model))
+    return ModelRef(base=str(request.stage.model))
 
 
 @dataclass
 class InlineTrainer:
     cfg: RunConfig
 
-    def fit(self, job: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
+    def fit(self, request: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
         from parlay.improve.sft import train
 
         stats = train(
-            read_examples(job.stage.train_data),
-            job.start.base,
-            job.stage.model,
+            read_examples(request.stage.train_data),
+            request.start.base,
+            request.stage.model,
             self.cfg.train,
-            adapter=job.start.adapter,
+            adapter=request.start.adapter,
             weights=self.cfg.weights,
-            seed=job.seed,
-            epochs=job.epochs,
-            lr=job.lr,
+            seed=request.seed,
+            epochs=request.epochs,
+            lr=request.lr,
             on_step=on_step,
         )
-        return TrainInfo(selection=job.selection, trained=True, model=_produced(self.cfg, job), stats=stats)
+        return TrainInfo(selection=request.selection, trained=True, model=_produced(self.cfg, request), stats=stats)
 
 
 @dataclass
@@ -81,41 +81,41 @@ class AccelerateTrainer:
     config_file: Path
     """The run's saved config, whose train and weights sections ``parlay sft`` reads."""
 
-    def fit(self, job: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
+    def fit(self, request: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
         from parlay.improve.sft import read_stats
 
-        stats_file = job.stage.path / "sft_stats.json"
+        stats_file = request.stage.path / "sft_stats.json"
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", *self.cfg.train.accelerate_args,
-            "-m", "parlay", "sft", str(job.stage.train_data), "--model", job.start.base,
-            "--out", str(job.stage.model), "--config", str(self.config_file), "--stats", str(stats_file),
-            "--seed", str(job.seed),
+            "-m", "parlay", "sft", str(request.stage.train_data), "--model", request.start.base,
+            "--out", str(request.stage.model), "--config", str(self.config_file), "--stats", str(stats_file),
+            "--seed", str(request.seed),
         ]  # fmt: skip
-        if job.start.adapter:
-            cmd += ["--adapter", job.start.adapter]
-        if job.epochs is not None:
-            cmd += ["--epochs", str(job.epochs)]
-        if job.lr is not None:
-            cmd += ["--lr", str(job.lr)]
+        if request.start.adapter:
+            cmd += ["--adapter", request.start.adapter]
+        if request.epochs is not None:
+            cmd += ["--epochs", str(request.epochs)]
+        if request.lr is not None:
+            cmd += ["--lr", str(request.lr)]
         if note:
             note("training under: " + " ".join(cmd))
         result = subprocess.run(cmd, env=os.environ.copy())
         if result.returncode != 0:
             raise RuntimeError(f"accelerate launch failed with exit status {result.returncode}: {' '.join(cmd)}")
         stats = read_stats(stats_file)
-        return TrainInfo(selection=job.selection, trained=True, model=_produced(self.cfg, job), stats=stats)
+        return TrainInfo(selection=request.selection, trained=True, model=_produced(self.cfg, request), stats=stats)
 
 
 @dataclass
 class OpenAITrainer:
     cfg: RunConfig
 
-    def fit(self, job: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
+    def fit(self, request: FitRequest, on_step: StepHook | None = None, note=None) -> TrainInfo:
         from parlay.improve.openai_ft import export, fine_tune
 
-        name, _, url = job.start.base.removeprefix("openai:").partition("@")
-        path = job.stage.path / "openai_train.jsonl"
-        lines = export(read_examples(job.stage.train_data), path, seed=self.cfg.seed)
+        name, _, url = request.start.base.removeprefix("openai:").partition("@")
+        path = request.stage.path / "openai_train.jsonl"
+        lines = export(read_examples(request.stage.train_data), path, seed=self.cfg.seed)
         new = fine_tune(
             path,
             self.cfg.train.openai_base_model or name,
@@ -123,11 +123,14 @@ class OpenAITrainer:
             suffix=self.cfg.name[:18],
             seed=self.cfg.seed,
             poll_seconds=self.cfg.train.poll_seconds,
-            on_status=(lambda s: note(f"{job.stage.path.name}: fine-tuning job {s}")) if note else None,
+            on_status=(lambda s: note(f"{request.stage.path.name}: fine-tuning job {s}")) if note else None,
         )
         model = f"openai:{new}" + (f"@{url}" if url else "")
         return TrainInfo(
-            selection=job.selection, trained=True, model=ModelRef(base=model), job=FineTuneJob(model=model, lines=lines)
+            selection=request.selection,
+            trained=True,
+            model=ModelRef(base=model),
+            job=FineTuneJob(model=model, lines=lines),
         )
 
 
