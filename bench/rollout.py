@@ -1,10 +1,12 @@
-"""Rollout throughput on the embedded model: one game at a time vs batched vs batched + prefix reuse.
+"""Rollout throughput on the embedded model: one game at a time vs batched vs batched + prefix reuse
+vs batched + prefix reuse + one shared system-prompt prefix.
 
     .venv/bin/python bench/rollout.py [--games 24] [--serial-games 4] [--dtype float32]
 
 (a) plays games one at a time and re-sends the whole conversation every turn (how the paper's
 code plays); (b) batches every pending turn of all games, recomputing each prompt; (c) does the
-same with per-conversation KV reuse. All three play the same seeded games. Reported per mode:
+same with per-conversation KV reuse; (d) adds one cached prefix (the system prompt's head, up to
+the game's own facts) shared by all conversations. All four play the same seeded games. Reported per mode:
 games/min, generated tokens/s, tokens processed per game (prefilled + generated) against the
 unique tokens per game (the longest sequence each conversation reached), and the share of the
 hardware limit: 2·params·tokens processed per second over the measured peak matmul FLOP/s at the
@@ -41,8 +43,8 @@ def peak_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> fl
     return 2 * n**3 / best
 
 
-def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak):
-    agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse)
+def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak, share=False):
+    agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse, share_prefix=share)
     obj = objective("semi-competitive")
     start = time.perf_counter()
     if serial:
@@ -63,6 +65,7 @@ def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_message
         "unique_per_game": unique / len(episodes),
         "hw_share": 2 * params * processed / secs / peak,
         "turns": sum(len(e.turns) for e in episodes),
+        "turn_texts": [[t.text for t in e.turns] for e in episodes],
     }
 
 
@@ -110,7 +113,23 @@ def main() -> None:
             params,
             peak,
         ),
+        run_mode(
+            "(d) batched + prefix reuse + shared prefix",
+            model,
+            tokenizer,
+            games,
+            sampling,
+            True,
+            False,
+            args.max_messages,
+            params,
+            peak,
+            share=True,
+        ),
     ]
+    same = rows[2].pop("turn_texts") == rows[3].pop("turn_texts")
+    for r in rows[:2]:
+        r.pop("turn_texts")
     header = (
         "| mode | games | s | games/min | gen tok/s | processed tok/game | unique tok/game | processed/unique "
         "| share of peak |"
@@ -122,7 +141,7 @@ def main() -> None:
             f"| {r['processed_per_game']:.0f} | {r['unique_per_game']:.0f} "
             f"| {r['processed_per_game'] / r['unique_per_game']:.2f} | {r['hw_share']:.1%} |"
         )
-    speedup = rows[2]["games_per_min"] / rows[0]["games_per_min"]
+    speedup = rows[3]["games_per_min"] / rows[0]["games_per_min"]
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
@@ -135,8 +154,10 @@ def main() -> None:
             "",
             *lines,
             "",
-            f"(c) vs (a): {speedup:.1f}× games/min; (c) vs (b): "
-            f"{rows[2]['games_per_min'] / rows[1]['games_per_min']:.1f}×.",
+            f"(d) vs (a): {speedup:.1f}× games/min; (c) vs (b): "
+            f"{rows[2]['games_per_min'] / rows[1]['games_per_min']:.1f}×; (d) vs (c): "
+            f"{rows[3]['games_per_min'] / rows[2]['games_per_min']:.2f}×, "
+            f"{'the same' if same else 'NOT the same'} episodes.",
         ]
     )
     print(text)

@@ -42,6 +42,25 @@ def test_prefix_reuse_gives_the_same_games_with_less_prefill(model64):
     assert with_reuse.stats["generated_tokens"] == without.stats["generated_tokens"]
 
 
+def test_a_shared_prefix_gives_the_same_games_with_less_prefill(model64):
+    """The system prompt's shared head is prefilled once for all conversations, not once each."""
+    model, tokenizer = model64
+    shared = HFAgent(model, tokenizer, GREEDY, prefix_reuse=True)
+    own_only = HFAgent(model, tokenizer, GREEDY, prefix_reuse=True, share_prefix=False)
+    games, obj = plan_games(8, 0), objective("cooperative")
+    # Against a bot that speaks first in some games: the model's conversations start in two calls.
+    a, b = (play_games(m, load_agent("bot:conceder"), games, obj, max_messages=4) for m in (shared, own_only))
+    assert [e.turns for e in a] == [e.turns for e in b]
+    assert {e.first_speaker for e in a} == {"A", "B"}
+    head = len(shared._shared[0].tokens) if shared._shared else 0
+    assert head > 20  # the whole head of the system prompt, tokens
+    # Every conversation but the first took the head from the shared prefix.
+    conversations = len(shared.conversation_tokens)
+    assert conversations == 8
+    assert own_only.stats["prefill_tokens"] - shared.stats["prefill_tokens"] == (conversations - 1) * head
+    assert HFAgent(model, tokenizer, GREEDY, prefix_reuse=False).share_prefix is False
+
+
 def test_the_in_place_cache_plays_what_transformers_own_cache_plays(model64):
     """Models with sliding-window layers keep transformers' DynamicCache; both give the same games."""
     model, tokenizer = model64
@@ -92,6 +111,7 @@ def test_spec_options_and_errors(tiny_lm, tmp_path):
     _, _, path = tiny_lm
     agent = load_agent(f"hf:{path}+reuse=0+dtype=float32")
     assert isinstance(agent, HFAgent) and not agent.prefix_reuse
+    assert not load_agent(f"hf:{path}+share=0").share_prefix
     with pytest.raises(AgentError, match="unknown option"):
         load_agent(f"hf:{path}+colour=blue")
     with pytest.raises(AgentError, match="cannot load model"):

@@ -173,6 +173,14 @@ def test_prompts_state_the_objective_weight():
     assert len(presets) == 3
 
 
+def test_system_prompts_of_one_run_differ_only_in_their_last_line():
+    from parlay.games.contexts import all_contexts
+
+    texts = {prompts.system_prompt(c, p, objective("cooperative"), 6) for c in all_contexts()[:20] for p in "AB"}
+    heads = {t.rsplit("\n", 1)[0] for t in texts}
+    assert len(texts) > 1 and len(heads) == 1  # the game's facts are the last line, after a shared head
+
+
 def test_game_refuses_moves_after_the_end():
     g = _game(cap=1)
     g.step("[message] only one")

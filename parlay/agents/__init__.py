@@ -3,7 +3,8 @@
 - ``bot:NAME`` — a rule-based bot (``hard``, ``conceder``, ``cooperative``, ``random``);
 - ``hf:MODEL`` — a transformers model: ``smollm2-135m`` (the embedded default), a hub id or a
   local path, with options after ``+``: ``hf:smollm2-135m+adapter=runs/x/rounds/1/model+dtype=bf16``
-  (``adapter``, ``dtype``, ``device``, ``reuse=0`` to turn prefix reuse off, ``batch`` for the most
+  (``adapter``, ``dtype``, ``device``, ``reuse=0`` to turn prefix reuse off, ``share=0`` to compute
+  the prompts' common head per conversation instead of once, ``batch`` for the most
   conversations decoded together);
 - ``openai:MODEL@BASE_URL`` — any OpenAI-compatible endpoint (``openai:gpt-4o-mini`` uses the
   official API and ``$OPENAI_API_KEY``);
@@ -45,17 +46,17 @@ def load_agent(spec: str, sampling: Sampling | None = None) -> Agent:
         from parlay.agents.hf import HFAgent, load_model
 
         name, opts = parse_options(rest)
-        unknown = set(opts) - {"adapter", "dtype", "device", "reuse", "batch"}
+        unknown = set(opts) - {"adapter", "dtype", "device", "reuse", "share", "batch"}
         if unknown:
             raise AgentError(
-                f"unknown option(s) {sorted(unknown)} in {spec!r}: expected adapter, dtype, device, reuse, batch"
+                f"unknown option(s) {sorted(unknown)} in {spec!r}: expected adapter, dtype, device, reuse, share, batch"
             )
         batch = opts.get("batch", "64")
         if not batch.isdigit() or int(batch) < 1:
             raise AgentError(f"bad batch size in {spec!r}: expected a positive whole number")
         model, tokenizer = load_model(name, opts.get("adapter"), opts.get("dtype", "auto"), opts.get("device"))
-        reuse = opts.get("reuse", "1") != "0"
-        agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse, max_batch=int(batch))
+        reuse, share = opts.get("reuse", "1") != "0", opts.get("share", "1") != "0"
+        agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse, share_prefix=share, max_batch=int(batch))
     elif kind == "openai" and rest:
         from parlay.agents.openai_compat import OpenAIAgent
 

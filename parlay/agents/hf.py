@@ -4,7 +4,10 @@ Each ``complete`` call (``act``, for a batch of game turns) prefills and decodes
 the batch together; model loading, chat rendering and stop tokens come from ``hf_layer``. With
 ``prefix_reuse`` on, the agent keeps, per conversation (game, player), the keys and values of
 the tokens it has already processed; at the next turn only the tokens after the longest common
-prefix with the new prompt are prefilled. Rows of different lengths share one batch: cached
+prefix with the new prompt are prefilled. With ``share_prefix`` on as well, the token prefix that
+the batch's new conversations have in common (the system prompt up to the game's own facts, see
+``prompts.system_prompt``) is prefilled once and serves every conversation that begins with it.
+Rows of different lengths share one batch: cached
 keys/values are left-padded to a common length, new tokens are left-padded too, and the
 attention mask and explicit position ids keep every row's positions right. Keys and values are
 written in place into room reserved for the reply. Rows whose reply has ended leave the batch
@@ -101,6 +104,11 @@ def _right_align(past: list[KV | None], p_len: int, dest: list[tuple[torch.Tenso
             k_dest[i, :, p_len - n : p_len], v_dest[i, :, p_len - n : p_len] = k, v
 
 
+MIN_SHARED_PREFIX = 16
+"""Fewer common tokens than this are not worth a forward pass of their own."""
+MAX_SHARED_PREFIXES = 4
+
+
 def _lcp(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -119,16 +127,20 @@ class HFAgent(ModelAgent):
         sampling: Sampling | None = None,
         prefix_reuse: bool = True,
         spec: str = "hf",
+        share_prefix: bool = True,
         max_batch: int = 64,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling or Sampling()
         self.prefix_reuse = prefix_reuse
+        self.share_prefix = share_prefix and prefix_reuse
         self.spec = spec
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self._cache: dict[tuple[str, str], _Entry] = {}
+        self._shared: list[_Entry] = []
+        """Token prefixes that begin many conversations, with their keys and values."""
         self._calls = 0
         self.stop_ids = hf_layer.stop_ids(tokenizer, getattr(model, "generation_config", None))
         text_config = model.config.get_text_config()
@@ -163,6 +175,7 @@ class HFAgent(ModelAgent):
         stale = [k for k, e in self._cache.items() if self._calls - e.last_used > 4]
         for k in stale:
             del self._cache[k]
+        self._shared = [e for e in self._shared if self._calls - e.last_used <= 4]
 
     # -- generation
 
@@ -174,14 +187,21 @@ class HFAgent(ModelAgent):
         s = self.sampling
         batch = len(prompts)
         keys = keys or [None] * batch  # type: ignore[list-item]
-        # 1. What each row can take from its cache.
+        # 1. What each row can take from its conversation's cache or from a shared prefix.
+        own = [self._cache.get(key) if (self.prefix_reuse and key is not None) else None for key in keys]
+        if self.share_prefix:
+            self._add_shared_prefix([ids for ids, entry in zip(prompts, own, strict=True) if entry is None])
         reuse: list[int] = []
         past: list[KV | None] = []
-        for key, ids in zip(keys, prompts, strict=True):
-            entry = self._cache.get(key) if (self.prefix_reuse and key is not None) else None
-            n = min(_lcp(entry.tokens, ids), len(ids) - 1) if entry else 0
+        for entry, ids in zip(own, prompts, strict=True):
+            candidates = ([entry] if entry else []) + (self._shared if self.share_prefix else [])
+            n, best = max(
+                ((min(_lcp(e.tokens, ids), len(ids) - 1), e) for e in candidates), default=(0, None), key=lambda t: t[0]
+            )
+            if best is not None and n:
+                best.last_used = self._calls
             reuse.append(n)
-            past.append([(k[:, :n], v[:, :n]) for k, v in entry.kv] if entry and n else None)
+            past.append([(k[:, :n], v[:, :n]) for k, v in best.kv] if best is not None and n else None)
         new = [ids[n:] for ids, n in zip(prompts, reuse, strict=True)]
         self.stats["reused_tokens"] += sum(reuse)
         self.stats["prefill_tokens"] += sum(len(x) for x in new)
@@ -253,6 +273,30 @@ class HFAgent(ModelAgent):
                 self.conversation_tokens[key] = max(self.conversation_tokens.get(key, 0), len(ids) + len(out))
         return out_tokens
 
+    def _add_shared_prefix(self, fresh: list[list[int]]) -> None:
+        """Prefill, once, the token prefix that the new conversations ``fresh`` share, unless a
+        stored shared prefix already covers it."""
+        if len(fresh) < 2:
+            return
+        n = min(len(ids) for ids in fresh) - 1
+        for ids in fresh[1:]:
+            n = min(n, _lcp(fresh[0], ids))
+        if n < MIN_SHARED_PREFIX or any(_lcp(e.tokens, fresh[0]) >= n for e in self._shared):
+            return
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        ids = torch.tensor([fresh[0][:n]], device=self.device)
+        self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+        if kv[0][0].shape[1] != n:  # a sliding-window layer kept fewer positions
+            return
+        self.stats["prefill_tokens"] += n
+        self._shared = [
+            *self._shared[-(MAX_SHARED_PREFIXES - 1) :],
+            _Entry(tokens=fresh[0][:n], kv=kv, last_used=self._calls),
+        ]
+
     def _sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         s = self.sampling
         if s.temperature <= 0:
@@ -301,3 +345,4 @@ class HFAgent(ModelAgent):
 
     def close(self) -> None:
         self._cache.clear()
+        self._shared.clear()

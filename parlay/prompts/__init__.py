@@ -60,7 +60,11 @@ def objective_text(obj: Objective) -> str:
 
 
 def system_prompt(context: Context, player: str, obj: Objective, max_messages: int | None) -> str:
-    """The system prompt that tells ``player`` the rules, its values and its objective."""
+    """The system prompt that tells ``player`` the rules, its values and its objective.
+
+    The game's own facts (its items and this player's values) come last: every game of a run
+    then shares all that precedes them, and the transformers backend computes that shared
+    prefix once for all conversations instead of once per player and game."""
     cap = max_messages if max_messages is not None else "many"
     return _text("system.txt").format(
         inventory=inventory(context.counts),
