@@ -22,14 +22,15 @@ from parlay.agents.base import TemplateError
 from parlay.config import ConfigError, RolloutConfig, load_config
 from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
-from parlay.evaluate.tables import metrics_table, rounds_table, tournament_tables
+from parlay.evaluate.metrics import format_change
+from parlay.evaluate.tables import metrics_table, partners_table, rounds_table, tournament_tables
 from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
 from parlay.lewis import LewisFormatError, import_file
 from parlay.locking import FolderLock, LockError
 from parlay.rollout import plan_games, play_games
-from parlay.run import RoundRecord, RunDir, RunDirError, prepare_run, round_agent_spec
+from parlay.run import RoundRecord, RunDir, RunDirError, expand_rounds, prepare_run, round_agent_spec
 from parlay.tracking import TrackingError, track_eval
 
 app = typer.Typer(
@@ -147,6 +148,9 @@ class RichHooks:
 
     def round_done(self, record: RoundRecord, records: list[RoundRecord]) -> None:
         console.print(rounds_table(records))
+        partners = partners_table([record])
+        if partners is not None:
+            console.print(partners)
 
     def note(self, text: str) -> None:
         err.print(f"[yellow]{text}[/]", highlight=False)
@@ -312,7 +316,7 @@ def eval_(
         typer.Option(
             "--agents",
             help="Comma-separated agent specs for a cross-play tournament; run:DIR[@K] is round K's model "
-            "of a run (default: its last complete round).",
+            "of a run (default: its last complete round), run:DIR@all every complete round's.",
         ),
     ] = None,
     n: GamesOpt = 64,
@@ -352,7 +356,7 @@ def eval_(
     else:
         from parlay.evaluate.tournament import run_tournament
 
-        specs = [s.strip() for s in (agents or "").split(",") if s.strip()]
+        specs = [x for s in (agents or "").split(",") if s.strip() for x in expand_rounds(s.strip())]
         if not specs:
             raise ConfigError("--agents: no agent spec given")
         loaded = _load_agents(specs, Sampling(temperature, top_p, max_new_tokens, seed))
@@ -467,6 +471,9 @@ def train_cmd(
             f"round {last.round} vs round 0 on the same {vs['games']} games: mean reward "
             f"{vs['mean']:+.2f}, 95% CI [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]"
         )
+        for spec, figures in (last.heldout or {}).items():
+            if figures.get("vs_round0"):
+                console.print(f"  with held-out partner {spec}: {format_change(figures['vs_round0'])}")
     err.print(f"done in {(time.perf_counter() - started) / 60:.1f} min; metrics in {run_dir.metrics_file}")
     if records:
         path, _ = write_report(run_dir.path, seed=cfg.seed, steal_lock=steal_lock)

@@ -144,6 +144,36 @@ class WarmStartConfig(_Section):
         return bool(self.episodes or self.bots)
 
 
+CHECKPOINT_PICKS = ("latest", "uniform", "prioritised")
+
+
+class PartnerConfig(_Section):
+    agent: str = Field(
+        description="Who the trained model plays: 'self' (itself, both sides trained on); "
+        "'checkpoint:latest', 'checkpoint:uniform' or 'checkpoint:prioritised' (an earlier round's model of "
+        "this run: the last one, one drawn uniformly per game, or drawn by how poorly the current model "
+        "did with it); or any agent spec (bot:…, hf:…, openai:…, run:DIR@K)."
+    )
+    share: float = Field(gt=0.0, le=1.0, description="Share of the round's games played with this partner.")
+
+    @field_validator("agent")
+    @classmethod
+    def _known_pick(cls, agent: str) -> str:
+        kind, _, pick = agent.partition(":")
+        if kind == "checkpoint" and pick not in CHECKPOINT_PICKS:
+            raise ValueError(f"{agent!r}: expected checkpoint:{'|'.join(CHECKPOINT_PICKS)}")
+        return agent
+
+
+class HeldoutConfig(_Section):
+    partners: list[str] = Field(
+        default_factory=list,
+        description="Evaluation partners (agent specs) that are not training partners: every round's model "
+        "plays the same seeded games with each; records and reports show reward and agreement against each.",
+    )
+    games: int = Field(32, ge=1, description="Games per held-out partner per round.")
+
+
 class EarlyStopConfig(_Section):
     patience: int | None = Field(
         None, ge=1, description="Stop after this many rounds without a better mean reward (none: never)."
@@ -165,6 +195,11 @@ class RunConfig(_Section):
     seed: int = Field(0, description="Seed of contexts, first speakers, sampling and training order.")
     rounds: int = Field(3, ge=0, description="Training rounds after round 0.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    partners: list[PartnerConfig] = Field(
+        default_factory=lambda: [PartnerConfig(agent="self", share=1.0)],
+        description="The round's partners and their shares of its games (default: self-play only).",
+    )
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     weights: WeightConfig = Field(default_factory=WeightConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -192,7 +227,25 @@ class RunConfig(_Section):
             raise ValueError("weights.scheme: judge needs weights.judge.agent, e.g. openai:gpt-4o-mini")
         if self.model.startswith("openai:") and self.train.backend != "openai":
             raise ValueError("model openai:… can only be trained with train.backend: openai")
+        self._check_partners()
         return self
+
+    def _check_partners(self) -> None:
+        names = [p.agent for p in self.partners]
+        total = sum(p.share for p in self.partners)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"partners: the shares add up to {total:g}, not 1")
+        if len(set(names)) != len(names):
+            raise ValueError(f"partners: a partner is listed twice ({', '.join(names)})")
+        trained_with = set(names) | set(self.warm_start.bots or [])
+        for spec in self.heldout.partners:
+            if spec in trained_with or spec in {"self"} or spec.startswith("checkpoint:"):
+                raise ValueError(
+                    f"heldout.partners: {spec} is also a training partner (partners or warm_start.bots); "
+                    "a held-out partner must be one the model never trained with or on"
+                )
+        if len(set(self.heldout.partners)) != len(self.heldout.partners):
+            raise ValueError("heldout.partners: a partner is listed twice")
 
     @property
     def run_dir(self) -> Path:
@@ -205,9 +258,9 @@ class RunConfig(_Section):
 def _describe(exc: ValidationError, source: str) -> str:
     problems = []
     for e in exc.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        problems.append(f"{key}: {msg}")
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {msg}" if key else msg)  # a check across keys names its keys itself
     return f"{source}: " + "; ".join(problems)
 
 

@@ -23,20 +23,15 @@ from typing import Any
 from parlay.agents import load_agent, load_judge
 from parlay.agents.base import Sampling
 from parlay.config import ConfigError, RunConfig, WeightConfig
-from parlay.episode import (
-    Episode,
-    EpisodeWriter,
-    ReadReport,
-    all_player_episodes,
-    read_episodes,
-    write_episodes,
-)
+from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import METRICS, compute_metrics, paired_difference
+from parlay.evaluate.metrics import partner_summary
 from parlay.games.dond import objective
 from parlay.improve import judge as judging
-from parlay.improve.examples import Selected, select_examples, write_examples
+from parlay.improve.examples import Selected, learner_sides, select_examples, write_examples
 from parlay.improve.trainers import FitRequest, make_trainer
-from parlay.rollout import derive_seed, plan_games, play_games, split_finished
+from parlay.league import League, heldout_games
+from parlay.rollout import derive_seed, plan_games, play_games, play_matches, split_finished
 from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo
 from parlay.tracking import Tracker, flatten
 
@@ -74,11 +69,14 @@ class Loop:
 
     def run(self) -> list[RoundRecord]:
         """Play and train every round not yet complete; return the record of every round."""
+        r = self.cfg.rollout
+        self.league = League(self.cfg, self.run_dir, Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed))
         self.tracker = Tracker(self.cfg.tracking, self.run_dir.path, self.cfg.name, self.cfg.model_dump(mode="json"))
         try:
             return self._rounds()
         finally:
             self.tracker.close()
+            self.league.close()
 
     def _rounds(self) -> list[RoundRecord]:
         cfg, run = self.cfg, self.run_dir
@@ -96,8 +94,8 @@ class Loop:
             started = time.perf_counter()
             info = self.improve(k, model) if k > 0 else None
             model = info.model if info else model
-            episodes = self.play(k, model)
-            record = self.record(k, model, episodes, info, (time.perf_counter() - started) / 60)
+            episodes, heldout = self.play(k, model, records)
+            record = self.record(k, model, episodes, heldout, info, (time.perf_counter() - started) / 60)
             records = run.write_record(record)
             self.track(record)
             self.hooks.round_done(record, records)
@@ -155,7 +153,7 @@ class Loop:
         return info
 
     def judge(self, k: int, episodes: list[Episode]) -> list[float | None]:
-        sides = all_player_episodes(episodes)
+        sides = learner_sides(episodes)
         agent = load_judge(self.cfg.weights.judge.agent or "", self.cfg.seed)
         self.hooks.stage(f"round {k}: judging with {agent.spec}", len(sides))
         try:
@@ -187,46 +185,74 @@ class Loop:
         stage.write_train_info(info)
         return info
 
-    def play(self, k: int, model: ModelRef) -> list[Episode]:
-        """Round k's games; those already in episodes.jsonl are kept and not replayed."""
-        r, path = self.cfg.rollout, self.run_dir.round(k).episodes
+    def play(self, k: int, model: ModelRef, records: list[RoundRecord]) -> tuple[list[Episode], list[list[Episode]]]:
+        """Round k's games with its partners, and its games with each held-out partner, all played
+        at once; those already written are kept and not replayed."""
+        r, stage = self.cfg.rollout, self.run_dir.round(k)
         games = plan_games(r.games, self.cfg.seed if r.contexts == "same" else derive_seed(self.cfg.seed, k))
-        have, todo = split_finished(path, games)
-        if todo:
+        have, todo = split_finished(stage.episodes, games)
+        held = [heldout_games(self.cfg, i) for i in range(len(self.cfg.heldout.partners))]
+        held_have = [split_finished(stage.heldout_episodes(i), plan)[0] for i, plan in enumerate(held)]
+        held_todo = sum(len(plan) - len(h) for plan, h in zip(held, held_have, strict=True))
+        if todo or held_todo:
             sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed)
-            agent = load_agent(model.agent_spec(r.dtype, r.batch), sampling)
-            self.hooks.stage(f"round {k}: self-play", len(games))
-            self.hooks.advance(len(have), deals=sum(ep.agreed for ep in have.values()))
+            learner = load_agent(model.agent_spec(r.dtype, r.batch), sampling)
+            self.hooks.stage(f"round {k}: play", len(games) + sum(len(p) for p in held))
+            self.hooks.advance(len(have) + sum(len(h) for h in held_have), deals=sum(ep.agreed for ep in have.values()))
+            writers: list[EpisodeWriter] = []
             try:
-                with EpisodeWriter(path, append=True) as writer:
-                    meta = {"round": k}
-                    played = play_games(
-                        agent,
-                        agent,
-                        todo,
-                        self.obj,
-                        r.max_messages,
-                        writer,
-                        self._advance_game,
-                        meta,
-                        r.max_reply_chars,
-                    )
+                writers.append(EpisodeWriter(stage.episodes, append=True))
+                matches = self.league.matches(k, todo, learner, records, writers[0])
+                done = {spec: set(h) for spec, h in zip(self.cfg.heldout.partners, held_have, strict=True)}
+                extra, held_writers = self.league.heldout_matches(k, learner, done)
+                writers += held_writers
+                played = play_matches(matches + extra, self.obj, r.max_messages, self._advance_game, r.max_reply_chars)
             finally:
+                for w in writers:
+                    w.close()
                 self.hooks.end_stage()
-                agent.close()
-            have |= {ep.id: ep for ep in played}
-        return [have[g.id] for g in games]
+                learner.close()
+                self.league.end_round()
+            for ep in played:
+                if ep.meta.get("heldout"):
+                    held_have[self.cfg.heldout.partners.index(ep.meta["partner"])][ep.id] = ep
+                else:
+                    have[ep.id] = ep
+        return [have[g.id] for g in games], [[h[g.id] for g in plan] for h, plan in zip(held_have, held, strict=True)]
 
     # ------------------------------------------------------------------ records and progress
 
     def record(
-        self, k: int, model: ModelRef, episodes: list[Episode], info: TrainInfo | None, minutes: float
+        self,
+        k: int,
+        model: ModelRef,
+        episodes: list[Episode],
+        heldout: list[list[Episode]],
+        info: TrainInfo | None,
+        minutes: float,
     ) -> RoundRecord:
-        vs = None
-        if k > 0 and self.cfg.rollout.contexts == "same":
-            vs = paired_difference(episodes, _read(self.run_dir.round(0).episodes))
+        paired = k > 0 and self.cfg.rollout.contexts == "same"
+        round0 = _read(self.run_dir.round(0).episodes) if paired else []
+        vs = paired_difference(episodes, round0) if paired else None
+        partners = {}
+        for name in dict.fromkeys(ep.meta.get("partner", "self") for ep in episodes):
+            mine = [ep for ep in episodes if ep.meta.get("partner", "self") == name]
+            ids = {ep.id for ep in mine}
+            before = [ep for ep in round0 if ep.id in ids and ep.meta.get("partner", "self") == name]
+            partners[name] = partner_summary(mine, before if before else None)
+        held = {}
+        for i, (spec, games) in enumerate(zip(self.cfg.heldout.partners, heldout, strict=True)):
+            before = _read(self.run_dir.round(0).heldout_episodes(i)) if k > 0 else None
+            held[spec] = partner_summary(games, before)
         return RoundRecord(
-            round=k, model=model, metrics=compute_metrics(episodes), train=info, minutes=minutes, vs_round0=vs
+            round=k,
+            model=model,
+            metrics=compute_metrics(episodes),
+            train=info,
+            minutes=minutes,
+            vs_round0=vs,
+            partners=partners,
+            heldout=held or None,
         )
 
     def track(self, record: RoundRecord) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,17 @@ def split_finished(path: Path, games: Sequence[GameSpec]) -> tuple[dict[str, Epi
     return have, [g for g in games if g.id not in have]
 
 
+@dataclass(frozen=True)
+class Match:
+    """One game to play: who sits as A and as B, what its episode carries, where it is written."""
+
+    game: GameSpec
+    a: Agent
+    b: Agent
+    meta: dict = field(default_factory=dict)
+    writer: EpisodeWriter | None = None
+
+
 def play_games(
     agent_a: Agent,
     agent_b: Agent,
@@ -80,34 +91,47 @@ def play_games(
     meta: dict | None = None,
     max_reply_chars: int | None = MAX_REPLY_CHARS,
 ) -> list[Episode]:
-    """Play ``games`` to the end; return their episodes in the order given."""
-    agents = {"A": agent_a, "B": agent_b}
-    live = {
-        spec.id: (
-            spec,
-            Game(spec.context, objective, spec.first_speaker, max_messages, max_reply_chars=max_reply_chars),
-        )
-        for spec in games
-    }
-    done: dict[str, Episode] = {}
-    base_meta = {"agents": {"A": agent_a.spec, "B": agent_b.spec}} | (meta or {})
+    """Play ``games`` between the same two agents to the end; return their episodes in order."""
+    matches = [Match(g, agent_a, agent_b, meta or {}, writer) for g in games]
+    return play_matches(matches, objective, max_messages, on_episode, max_reply_chars)
 
-    def finish(spec: GameSpec, game: Game) -> None:
-        episode = Episode.from_game(game, spec.id, base_meta | {"seed": spec.seed})
-        done[spec.id] = episode
-        del live[spec.id]
-        if writer is not None:
-            writer.write(episode)
+
+def play_matches(
+    matches: Sequence[Match],
+    objective: Objective,
+    max_messages: int | None = DEFAULT_MAX_MESSAGES,
+    on_episode: Callable[[Episode], None] | None = None,
+    max_reply_chars: int | None = MAX_REPLY_CHARS,
+) -> list[Episode]:
+    """Play every match to the end, all at once: an agent that sits in several matches (a model
+    playing itself, a bot and an earlier checkpoint) answers all its pending turns in one ``act``
+    call. Returns the episodes in the order of ``matches``."""
+    live = {
+        i: Game(m.game.context, objective, m.game.first_speaker, max_messages, max_reply_chars=max_reply_chars)
+        for i, m in enumerate(matches)
+    }
+    done: dict[int, Episode] = {}
+
+    def finish(i: int, game: Game) -> None:
+        m = matches[i]
+        meta = {"agents": {"A": m.a.spec, "B": m.b.spec}} | m.meta | {"seed": m.game.seed}
+        episode = Episode.from_game(game, m.game.id, meta)
+        done[i] = episode
+        del live[i]
+        if m.writer is not None:
+            m.writer.write(episode)
         if on_episode is not None:
             on_episode(episode)
 
     while live:
-        by_agent: dict[int, list[tuple[GameSpec, Game, TurnRequest]]] = {}
-        for spec, game in live.values():
-            player = game.current_player
+        by_agent: dict[int, list[tuple[int, Game, TurnRequest]]] = {}
+        agent_of: dict[int, Agent] = {}
+        for i, game in live.items():
+            m, player = matches[i], game.current_player
             assert player is not None
+            agent = m.a if player == "A" else m.b
             request = TurnRequest(
-                game_id=spec.id,
+                game_id=m.game.id,
                 player=player,
                 messages=game.conversation(),
                 context=game.context,
@@ -115,20 +139,20 @@ def play_games(
                 proposal_owed=game.proposal_owed,
                 n_messages=game.n_messages,
                 max_messages=max_messages,
-                seed=derive_seed(spec.seed, len(game.turns)),
+                seed=derive_seed(m.game.seed, len(game.turns)),
             )
-            by_agent.setdefault(id(agents[player]), []).append((spec, game, request))
-        for batch in by_agent.values():
-            agent = agents[batch[0][2].player]
-            replies = _act(agent, [req for _, _, req in batch])
-            for (spec, game, _), reply in zip(batch, replies, strict=True):
+            by_agent.setdefault(id(agent), []).append((i, game, request))
+            agent_of[id(agent)] = agent
+        for key, batch in by_agent.items():
+            replies = _act(agent_of[key], [req for _, _, req in batch])
+            for (i, game, _), reply in zip(batch, replies, strict=True):
                 if reply.error is not None:
                     game.end("failed", reply.error)
                 else:
                     game.step(reply.text, reply.tokens)
                 if game.is_terminal:
-                    finish(spec, game)
-    return [done[spec.id] for spec in games]
+                    finish(i, game)
+    return [done[i] for i in range(len(matches))]
 
 
 def _act(agent: Agent, requests: list[TurnRequest]) -> list[Reply]:

@@ -9,6 +9,7 @@ A run is a folder; this module is the only code that spells its paths:
         train.jsonl                   the training examples (``improve/examples.py``)
         model/                        adapter (or full weights), renamed into place when complete
         train_stats.json              a ``TrainInfo``: what was selected and what training made
+        heldout/<i>.jsonl             the games with held-out partner i (``heldout.partners``)
         metrics.json                  a ``RoundRecord``, written last: the round is complete
     RUN/metrics.jsonl                 one ``RoundRecord`` per complete round, rewritten from the above
     RUN/tensorboard/, RUN/wandb/      with ``tracking:`` set
@@ -17,8 +18,10 @@ A run is a folder; this module is the only code that spells its paths:
 
 Round 0 is the starting model's play; round k trains the round k−1 model on round k−1's games,
 then plays. ``run:DIR[@K]`` names round K's model (default: the last complete round) wherever an
-agent spec is taken. Records carry ``schema_version``; files written before it existed (version
-1: a flat ``metrics.json``, an untyped ``train_stats.json``) are read and converted.
+agent spec is taken; ``run:DIR@all`` in a tournament's agents stands for every complete round.
+Records carry ``schema_version``; files written before it existed (version 1: a flat
+``metrics.json``, an untyped ``train_stats.json``) are read and converted; version 2 lacks only
+the optional per-partner and held-out figures of version 3.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from parlay.config import ConfigError, RunConfig, parse_config
 from parlay.episode import first_problem, write_lines_atomic
 
-RUN_SCHEMA_VERSION = 2
+RUN_SCHEMA_VERSION = 3
 
 RESUMABLE_CHANGES = {"rounds", "early_stop", "tracking"}
 """Settings a resumed run may change; any other difference from the saved config is refused."""
@@ -141,7 +144,14 @@ class RoundRecord(_Record):
     """How the round's model was trained (None for round 0)."""
     minutes: float
     vs_round0: dict[str, Any] | None = None
-    """With ``rollout.contexts: same``: the paired change in reward from round 0, with its interval."""
+    """With ``rollout.contexts: same``: the paired change in the trained model's reward from round 0,
+    with its interval."""
+    partners: dict[str, dict[str, Any]] | None = None
+    """Per training partner (``self``, ``checkpoint@J``, a spec): ``metrics.partner_summary`` of its
+    games, with the paired change from round 0 where the same partner played the same games."""
+    heldout: dict[str, dict[str, Any]] | None = None
+    """Per held-out partner: ``metrics.partner_summary`` of its games and the paired change from
+    round 0 (same games)."""
 
 
 # ---------------------------------------------------------------------- reading older records
@@ -229,6 +239,10 @@ class StageDir:
     @property
     def model(self) -> Path:
         return self.path / "model"
+
+    def heldout_episodes(self, index: int) -> Path:
+        """The games with held-out partner ``index`` of ``heldout.partners`` (never trained on)."""
+        return self.path / "heldout" / f"{index}.jsonl"
 
     @property
     def train_info_file(self) -> Path:
@@ -352,6 +366,17 @@ def prepare_run(cfg: RunConfig, resume: bool) -> RunConfig:
         return run.resume(cfg)
     run.create(cfg)
     return cfg
+
+
+def expand_rounds(spec: str) -> list[str]:
+    """``run:DIR@all`` → ``run:DIR@0``, ``run:DIR@1``, … (every complete round); any other spec alone."""
+    if not (spec.startswith("run:") and spec.endswith("@all")):
+        return [spec]
+    where = spec.removeprefix("run:").removesuffix("@all")
+    rounds = RunDir(where).complete_rounds()
+    if not rounds:
+        raise ConfigError(f"{spec}: {where} has no complete round (no rounds/0/metrics.json)")
+    return [f"run:{where}@{k}" for k in rounds]
 
 
 def round_agent_spec(spec: str) -> tuple[str, str]:

@@ -91,6 +91,6 @@ def parrot_lm(tiny_lm, tmp_path_factory):
         for lam in (0, 1)
     ]
     out = tmp_path_factory.mktemp("parrot") / "model"
-    train(examples, str(path), out, TrainConfig(lora=False, lr=1e-2, epochs=6, batch_size=8, grad_accum=1))
+    train(examples, str(path), out, TrainConfig(lora=False, lr=1e-2, epochs=10, batch_size=8, grad_accum=1))
     tokenizer.save_pretrained(out)
     return out

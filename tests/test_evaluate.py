@@ -152,7 +152,37 @@ def test_tournament_plays_every_ordered_pair_on_the_same_games(tmp_path):
     assert changes[("bot:conceder", "itself")]["first"] == "bot:hard"
     rows = list(csv.DictReader((tmp_path / "tournament.csv").open()))
     assert len(rows) == 9 and {"a", "b", "mean_reward", "mean_reward_low", "mean_reward_high"} <= rows[0].keys()
-    assert json.loads((tmp_path / "tournament.json").read_text())["agents"] == [a.spec for a in agents]
+    saved = json.loads((tmp_path / "tournament.json").read_text())
+    assert saved["agents"] == [a.spec for a in agents]
+    assert sorted(r["agent"] for r in saved["ratings"]) == sorted(saved["agents"])
+
+
+def test_ratings_follow_paired_wins_and_carry_intervals():
+    """Bradley–Terry on paired comparisons: by hand on a small case, then on a real tournament."""
+    from parlay.evaluate.ratings import fit_bradley_terry, ratings
+
+    # x beats y 3 times in 4, y beats z 3 times in 4: x > y > z, y in the middle, mean 0.
+    wins = np.array([[0, 3, 4], [1, 0, 3], [0, 1, 0]], dtype=float)
+    s = fit_bradley_terry(wins)
+    assert s[0] > s[1] > s[2] and s.mean() == pytest.approx(0, abs=1e-9)
+    # The fit is a fixed point of the likelihood: expected wins equal observed wins (with the prior).
+    w = wins + 0.5 * (1 - np.eye(3))
+    p = np.exp(s)[:, None] / (np.exp(s)[:, None] + np.exp(s)[None, :])
+    assert ((w + w.T) * p).sum(axis=1) - np.diag((w + w.T) * p) == pytest.approx(w.sum(axis=1), rel=1e-6)
+
+    agents = [load_agent(s) for s in ("bot:random", "bot:conceder", "bot:cooperative")]
+    specs = [a.spec for a in agents]
+    played = {
+        (i, j): play_games(a, b, plan_games(16, 4), objective("cooperative"), 10)
+        for i, a in enumerate(agents)
+        for j, b in enumerate(agents)
+    }
+    rated = ratings(specs, played, seed=0, resamples=100)
+    assert [r["agent"] for r in rated][-1] == "bot:random"  # rarely closes a deal: the worst partner
+    for r in rated:
+        low, high = r["ci95"]
+        assert low <= r["rating"] <= high and high - low > 0
+    assert sum(r["rating"] for r in rated) == pytest.approx(0, abs=1e-6)
 
 
 def test_an_interrupted_tournament_plays_only_what_is_missing(tmp_path):
@@ -221,3 +251,30 @@ def test_eval_files_prints_intervals_and_rejects_bad_files(tmp_path):
     assert r.returncode == 2 and "empty.jsonl: no episodes" in r.stderr
     r = run("eval", str(corrupt))
     assert r.returncode == 2 and "corrupt.jsonl:2" in r.stderr
+
+
+def test_division_metrics_separate_reaching_a_deal_from_dividing_well():
+    """ceiling share, distance to the Nash point and the contexts' competitiveness, by hand."""
+    from parlay.episode import Episode
+    from parlay.protocol import Game, message_reply, proposal_reply
+
+    def scripted_episode(ctx, obj, proposals):
+        game = Game(ctx, objective(obj), "A", 6)
+        game.step(message_reply("hello"))
+        game.step(message_reply("hello to you"))
+        for kept in proposals:
+            game.step(proposal_reply(kept))
+        return Episode.from_game(game, f"g{len(proposals)}{proposals}")
+
+    ctx = Context((1, 2, 3), (4, 3, 0), (0, 2, 2))  # Nash point (10, 6): A keeps (1, 2, 0)
+    nash = scripted_episode(ctx, "cooperative", [(1, 2, 0), (0, 0, 3)])
+    worse = scripted_episode(ctx, "cooperative", [(1, 0, 0), (0, 2, 3)])  # (4, 10): a deal, not the best
+    none = scripted_episode(ctx, "cooperative", [(1, 2, 3), (1, 2, 3)])  # proposals that do not fit
+    m = compute_metrics([nash, worse, none])
+    ceiling = ctx.reward_ceiling(objective("cooperative"))  # 16: A the book and hats, B the balls
+    assert m["ceiling_share"] == pytest.approx((16 / ceiling + 14 / ceiling + 0) / 3)
+    d_worse = ((4 - 10) ** 2 + (10 - 6) ** 2) ** 0.5 / 10
+    d_none = (10**2 + 6**2) ** 0.5 / 10
+    assert m["nash_distance"] == pytest.approx((0 + d_worse + d_none) / 3)
+    assert m["nash_distance_agreed"] == pytest.approx(d_worse / 2)
+    assert m["competitiveness"] == pytest.approx(ctx.competitiveness)

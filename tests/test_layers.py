@@ -16,7 +16,7 @@ LAYERS = [
     ("rollout", ["parlay.rollout", "parlay.testing"]),
     ("improve", ["parlay.improve"]),
     ("evaluate", ["parlay.evaluate", "parlay.tracking"]),
-    ("loop", ["parlay.loop"]),
+    ("loop", ["parlay.league", "parlay.loop"]),
     ("face", ["parlay.cli", "parlay.__main__"]),
 ]
 ROOT = Path(parlay.__file__).parent

@@ -18,7 +18,17 @@ from parlay.evaluate.tournament import run_tournament
 from parlay.games import objective
 from parlay.loop import Loop
 from parlay.rollout import plan_games, play_games
-from parlay.run import ModelRef, RunDir, SelectionInfo, TrainInfo, TrainStats, prepare_run, round_agent_spec
+from parlay.run import (
+    RUN_SCHEMA_VERSION,
+    ModelRef,
+    RunDir,
+    SelectionInfo,
+    TrainInfo,
+    TrainStats,
+    expand_rounds,
+    prepare_run,
+    round_agent_spec,
+)
 from tests.test_cli import run
 from tests.test_evaluate import ScriptedJudge
 
@@ -50,7 +60,7 @@ def make_run(root: Path, rounds_played: int = 3, planned: int = 2) -> Path:
             run.round(0).record_file.write_text(json.dumps(flat | {"train": {}, "minutes": 6.0}))
             continue
         info = TrainInfo(selection=selection, trained=True, model=model, stats=STATS)
-        run.write_record(loop.record(k, model, episodes, info, 6.0))
+        run.write_record(loop.record(k, model, episodes, [], info, 6.0))
     return cfg.run_dir
 
 
@@ -65,7 +75,7 @@ def test_load_run_and_round_score_correlation(run_dir):
     assert all(r.complete and r.summary["metrics"]["games"] == 12 for r in view.rounds)
     old, new = view.rounds[0].record, view.rounds[1].record  # a version-1 record, converted; a new one
     assert old.schema_version == 1 and old.train is None and old.metrics == view.rounds[0].summary["metrics"]
-    assert new.schema_version == 2 and new.train.selection.kept == 3 and new.vs_round0["games"] == 12
+    assert new.schema_version == RUN_SCHEMA_VERSION and new.train.selection.kept == 3 and new.vs_round0["games"] == 12
     best, worst = view.rounds[2].best_and_worst()
     assert sum(best.rewards) >= sum(worst.rewards)
     corr = round_score_correlation(view.rounds, resamples=200)
@@ -134,6 +144,10 @@ def test_run_specs_name_a_round_model(run_dir):
         round_agent_spec(f"run:{run_dir}@5")
     with pytest.raises(ConfigError, match="whole number"):
         round_agent_spec(f"run:{run_dir}@last")
+    assert expand_rounds(f"run:{run_dir}@all") == [f"run:{run_dir}@{k}" for k in (0, 1, 2)]
+    assert expand_rounds("bot:hard") == ["bot:hard"]
+    with pytest.raises(ConfigError, match="no complete round"):
+        expand_rounds(f"run:{run_dir}/nothing@all")
 
 
 def test_a_judge_adds_its_inconsistency_rate_per_round(run_dir):

@@ -130,3 +130,14 @@ def test_missing_and_empty_context_files(tmp_path):
     with pytest.raises(ContextFileError, match="no contexts"):
         read_selfplay_file(tmp_path / "empty.txt")
     assert parse_selfplay_lines([]) == []
+
+
+def test_nash_point_and_competitiveness_of_a_context():
+    same = Context((1, 2, 3), (1, 3, 1), (1, 3, 1))  # identical values: what one gains the other loses
+    assert same.competitiveness == pytest.approx(1.0)
+    apart = Context((1, 2, 3), (4, 3, 0), (0, 2, 2))  # B wants what A does not: room for both
+    assert apart.competitiveness < 0.5
+    # The Nash point maximises the product of the two scores.
+    xa, xb = apart.nash_point
+    assert xa * xb == max(apart.scores_for(a)[0] * apart.scores_for(a)[1] for a in apart.allocations)
+    assert (xa, xb) == (10, 6)  # A keeps the book and both hats, B the three balls

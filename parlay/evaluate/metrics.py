@@ -10,6 +10,15 @@ agree.
 - ``mean_reward_a`` / ``mean_reward_b``: one seat's mean reward (in cross-play: one agent's).
 - ``above_mean_share``: share of player-episodes whose reward is above the mean of the set (what
   the paper's filter keeps).
+- ``ceiling_share``: each game's mean reward as a share of that game's ceiling (the mean reward of
+  its best division under the objective), averaged over games whose ceiling is above zero: how
+  well the players divided, no deal counting as 0.
+- ``nash_distance``: distance of the outcome (X_A, X_B) from the Nash bargaining point of the
+  context (``Context.nash_point``), in units of the total value (10 points); no deal is (0, 0).
+  ``nash_distance_agreed``: the same over agreed games only — how well a deal divides, apart
+  from reaching one.
+- ``competitiveness``: the mean of the contexts' competitiveness index (``Context.competitiveness``:
+  1 = strictly opposed values), to read the other figures against.
 - ``inconsistency_rate``: share of accepted messages that misstate the speaker's own counts or
   values, by the rules of ``consistency.py``.
 
@@ -30,6 +39,7 @@ import numpy as np
 
 from parlay.episode import Episode
 from parlay.evaluate.consistency import violations
+from parlay.games.dond import TOTAL_VALUE
 
 _WORD = re.compile(r"[a-z0-9']+")
 NGRAM_ORDERS = (2, 3, 4, 5)
@@ -47,11 +57,18 @@ def episode_figures(ep: Episode) -> dict[str, Any]:
     agreed = ep.agreed
     reported = [t.tokens for t in ep.turns if t.tokens is not None]
     messages = [(t.player, t.message or "") for _, t in ep.message_turns()]
+    reward, ceiling = sum(ep.rewards) / len(ep.rewards), ctx.reward_ceiling(ep.game_objective())
+    na, nb = ctx.nash_point
     return {
         "agreed": agreed,
-        "reward": sum(ep.rewards) / len(ep.rewards),
+        "reward": reward,
         "raw": (xa + xb) / 2,
-        "ceiling": ctx.reward_ceiling(ep.game_objective()),
+        "ceiling": ceiling,
+        "ceiling_share": reward / ceiling if ceiling > 0 else 0.0,
+        "has_ceiling": ceiling > 0,
+        "nash_distance": ((xa - na) ** 2 + (xb - nb) ** 2) ** 0.5 / TOTAL_VALUE,
+        "nash_distance_agreed": ((xa - na) ** 2 + (xb - nb) ** 2) ** 0.5 / TOTAL_VALUE if agreed else 0.0,
+        "competitiveness": ctx.competitiveness,
         "raw_ceiling": ctx.max_welfare / 2,
         "pareto": agreed and ctx.is_pareto_optimal(xa, xb),
         "welfare_ratio": (xa + xb) / ctx.max_welfare,
@@ -157,6 +174,10 @@ METRICS: dict[str, Statistic] = {
     "pareto_rate": _ratio("pareto"),
     "pareto_rate_agreed": _ratio("pareto", "agreed"),
     "welfare_ratio": _ratio("welfare_ratio"),
+    "ceiling_share": _ratio("ceiling_share", "has_ceiling"),
+    "nash_distance": _ratio("nash_distance"),
+    "nash_distance_agreed": _ratio("nash_distance_agreed", "agreed"),
+    "competitiveness": _ratio("competitiveness"),
     "error_rate": _ratio("rejected", "attempts"),
     "abort_rate": _ratio("aborted"),
     "failure_rate": _ratio("failed"),
@@ -183,6 +204,10 @@ LABELS: dict[str, tuple[str, str, str]] = {
     "pareto_rate": ("Pareto-optimal", "Pareto", "{:.1%}"),
     "pareto_rate_agreed": ("Pareto-optimal (agreed)", "Pareto (agreed)", "{:.1%}"),
     "welfare_ratio": ("welfare ratio", "welfare", "{:.3f}"),
+    "ceiling_share": ("share of the ceiling", "of ceiling", "{:.1%}"),
+    "nash_distance": ("distance to the Nash point", "Nash dist.", "{:.3f}"),
+    "nash_distance_agreed": ("distance to Nash (agreed)", "Nash (agreed)", "{:.3f}"),
+    "competitiveness": ("competitiveness of the contexts", "competitive", "{:.2f}"),
     "error_rate": ("error rate", "errors", "{:.1%}"),
     "abort_rate": ("abort rate", "aborts", "{:.1%}"),
     "failure_rate": ("failure rate", "failures", "{:.1%}"),
@@ -258,13 +283,43 @@ def game_rewards(episodes: Sequence[Episode]) -> dict[str, float]:
     return {ep.id: sum(ep.rewards) / len(ep.rewards) for ep in episodes}
 
 
+def learner_rewards(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Each game's reward of the side(s) being trained, by game id: ``meta["learner"]`` names
+    them (``"A"`` against a partner; both, the default, in self-play)."""
+    out = {}
+    for ep in episodes:
+        seats = [i for i, p in enumerate("AB") if p in ep.meta.get("learner", "AB")]
+        out[ep.id] = sum(ep.rewards[i] for i in seats) / len(seats)
+    return out
+
+
 def paired_difference(
     after: Sequence[Episode], before: Sequence[Episode], seed: int = 0, resamples: int = 10_000
 ) -> dict[str, Any] | None:
-    """Mean reward difference over the games both sets played (same ids: same seeded context,
-    first speaker and sampling seeds), with a bootstrap 95 % confidence interval; None when the
-    two sets share no game."""
-    return paired_bootstrap(game_rewards(after), game_rewards(before), seed, resamples)
+    """The learner's mean reward difference (``learner_rewards``; in self-play the game's mean)
+    over the games both sets played (same ids: same seeded context, first speaker and sampling
+    seeds), with a bootstrap 95 % confidence interval; None when the two sets share no game."""
+    return paired_bootstrap(learner_rewards(after), learner_rewards(before), seed, resamples)
+
+
+PARTNER_METRICS = ("agreement_rate", "pareto_rate", "ceiling_share", "nash_distance_agreed", "error_rate")
+
+
+def partner_summary(episodes: Sequence[Episode], before: Sequence[Episode] | None = None) -> dict[str, Any]:
+    """The trained model's figures with one partner: its own mean reward (with a bootstrap 95 %
+    interval), the games' agreement,
+    Pareto share, ceiling share, distance to the Nash point and errors; with ``before`` (the same
+    games at round 0), the paired change of its reward."""
+    rewards = np.array(list(learner_rewards(episodes).values()))
+    metrics = compute_metrics(episodes)
+    out: dict[str, Any] = {"games": len(episodes), "mean_reward": float(rewards.mean()) if len(rewards) else 0.0}
+    if len(rewards):
+        means = (resample_weights(len(rewards), 0) @ rewards) / len(rewards)
+        out["ci95"] = [float(x) for x in np.percentile(means, [2.5, 97.5])]
+    out |= {name: metrics[name] for name in PARTNER_METRICS}
+    if before is not None:
+        out["vs_round0"] = paired_difference(episodes, before)
+    return out
 
 
 def format_change(change: dict[str, Any] | None) -> str:

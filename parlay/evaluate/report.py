@@ -3,8 +3,9 @@
 The report shows, per round, every metric with its bootstrap 95 % interval; curves of reward,
 agreement, Pareto-optimality, errors, the share above the mean and inconsistent messages; the
 reward distribution; dialogue length and vocabulary; the round-score correlation with and without
-non-agreements; a cross-play heat map when the run holds a tournament (``RUN_DIR/eval``); and the
-best and worst dialogue of each round. A partial run gets a report of what exists, headed by
+non-agreements; with partners or held-out partners, the model's reward with each of them per round
+beside its self-play curve; a cross-play heat map and ratings when the run holds a tournament
+(``RUN_DIR/eval``); and the best and worst dialogue of each round. A partial run gets a report of what exists, headed by
 what is missing.
 """
 
@@ -43,7 +44,8 @@ CURVES = [
 ]
 
 TABLE_METRICS = [
-    "mean_reward", "agreement_rate", "pareto_rate", "pareto_rate_agreed", "welfare_ratio", "error_rate",
+    "mean_reward", "agreement_rate", "pareto_rate", "pareto_rate_agreed", "welfare_ratio", "ceiling_share",
+    "nash_distance_agreed", "competitiveness", "error_rate",
     "abort_rate", "messages_per_game", "tokens_per_game", "vocabulary_size", "ngram_entropy_2",
     "ngram_entropy_5", "above_mean_share", "inconsistency_rate",
 ]  # fmt: skip
@@ -73,6 +75,9 @@ def _write_report(run_dir: Path, seed: int, judge: Agent | None, judge_limit: in
         "rewards": plot_reward_distribution(view),
         "dialogue": plot_dialogue(view),
     }
+    partners = plot_partners(view)
+    if partners is not None:
+        plots["partners"] = partners
     if view.tournament is not None:
         plots["crossplay"] = plot_crossplay(view.tournament)
     images = {}
@@ -113,6 +118,43 @@ def plot_curves(view: RunView) -> plt.Figure:
         ax.set_xticks(ks)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{view.name}: per round, with bootstrap 95% intervals")
+    return fig
+
+
+def partner_rows(view: RunView) -> list[dict[str, Any]]:
+    """Per complete round, the model's figures with each training partner and each held-out one."""
+    rows = []
+    for r in view.rounds:
+        if r.record is None:
+            continue
+        for held, group in ((False, r.record.partners or {}), (True, r.record.heldout or {})):
+            rows += [{"k": r.k, "partner": name, "heldout": held} | f for name, f in group.items()]
+    return rows
+
+
+def plot_partners(view: RunView) -> plt.Figure | None:
+    """The model's own reward with each partner per round (held-out ones dashed), with intervals;
+    None for a self-play-only run."""
+    rows = partner_rows(view)
+    if not any(row["heldout"] or row["partner"] != "self" for row in rows):
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4.5), constrained_layout=True)
+    for name in dict.fromkeys(row["partner"] for row in rows):
+        mine = [row for row in rows if row["partner"] == name]
+        ks = [row["k"] for row in mine]
+        values = np.array([row["mean_reward"] for row in mine])
+        ci = np.array([row.get("ci95") or [v, v] for row, v in zip(mine, values, strict=True)])
+        held = mine[0]["heldout"]
+        label = f"{_short(name)} (held out)" if held else _short(name)
+        ax.errorbar(
+            ks, values, yerr=np.abs(ci.T - values), marker="o", capsize=3, ls="--" if held else "-", label=label
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel("the model's own mean reward")
+    ax.set_xticks(sorted({row["k"] for row in rows}))
+    ax.set_title("with each partner: trained with (solid) and held out (dashed), 95% intervals")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
     return fig
 
 
@@ -187,6 +229,10 @@ def _short(spec: str, width: int = 28) -> str:
 
 def _fmt(value: float | None, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f"{ci[0]:.2f}–{ci[1]:.2f}"
 
 
 def dialogue_html(ep: Episode) -> dict[str, Any]:
@@ -269,6 +315,20 @@ def render(
         rows=rows,
         correlation=correlation,
         images=images,
+        partners=[
+            row
+            | {
+                "reward": _fmt(row["mean_reward"], "{:.2f}"),
+                "ci": _ci(row.get("ci95")),
+                "vs": format_change(row.get("vs_round0")),
+                "agree": f"{row['agreement_rate']:.0%}",
+                "share": f"{row['ceiling_share']:.0%}",
+                "nash": f"{row['nash_distance_agreed']:.2f}",
+            }
+            for row in partner_rows(view)
+        ]
+        if "partners" in images
+        else [],
         tournament=view.tournament,
         dialogues=dialogues,
     )

@@ -93,7 +93,51 @@ def changes_table(result: dict[str, Any]) -> Table:
 
 
 def tournament_tables(result: dict[str, Any]) -> list[Table]:
-    return [agents_table(result), tournament_table(result), matrix_table(result), changes_table(result)]
+    tables = [agents_table(result), tournament_table(result), matrix_table(result), changes_table(result)]
+    return tables + [t for t in (ratings_table(result),) if t is not None]
+
+
+def partners_table(records: list[RoundRecord]) -> Table | None:
+    """Per round, the trained model with each training partner and each held-out partner (*):
+    its own reward with the interval, the paired change from round 0, agreement, the share of
+    the ceiling and the distance to the Nash point of agreed deals. None for a self-play-only run."""
+    rows = [
+        (r.round, name, figures, held)
+        for r in records
+        for held, group in ((False, r.partners or {}), (True, r.heldout or {}))
+        for name, figures in group.items()
+    ]
+    if not any(held or name != "self" for _, name, _, held in rows):
+        return None
+    table = Table(title="the model with each partner (* held out: never trained with)", title_justify="left")
+    for col in ("round", "partner", "games", "reward (95% CI)", "vs round 0 (95% CI)", "agree", "of ceiling", "Nash"):
+        table.add_column(col, justify="right")
+    for k, name, f, held in rows:
+        table.add_row(
+            str(k),
+            name + (" *" if held else ""),
+            str(f["games"]),
+            _interval(f["mean_reward"], f.get("ci95"), "{:.2f}"),
+            format_change(f.get("vs_round0")),
+            f"{f['agreement_rate']:.0%}",
+            f"{f['ceiling_share']:.0%}",
+            f"{f['nash_distance_agreed']:.2f}",
+        )
+    return table
+
+
+def ratings_table(result: dict[str, Any]) -> Table | None:
+    """The tournament's ratings (``ratings.py``), best first."""
+    if not result.get("ratings"):
+        return None
+    table = Table(title="ratings (Bradley–Terry on paired games, Elo scale, 95% CI)", title_justify="left")
+    for col in ("agent", "rating", "95% CI"):
+        table.add_column(col, justify="right")
+    number = {spec: str(i) for i, spec in enumerate(result["agents"])}
+    for r in result["ratings"]:
+        low, high = r["ci95"]
+        table.add_row(f"{number[r['agent']]} {r['agent']}", f"{r['rating']:+.0f}", f"[{low:+.0f}, {high:+.0f}]")
+    return table
 
 
 def rounds_table(records: list[RoundRecord]) -> Table:

@@ -9,7 +9,8 @@ The output folder is the whole state, and an interrupted tournament continues wh
     OUT/setup.json           who plays, the objective, games, seed, sampling (checked on resume)
     OUT/pairs/<i>-<j>.jsonl  the games of agent i (player A) against agent j (player B)
     OUT/tournament.json      per pair: metrics and intervals; the cross-play matrices; each agent's
-                             paired change from the first agent against every partner
+                             paired change from the first agent against every partner; ratings
+                             with intervals (``ratings.py``)
     OUT/tournament.csv       one row per pair: each metric with its interval
 """
 
@@ -29,6 +30,7 @@ import numpy as np
 from parlay.agents.base import Agent, Sampling
 from parlay.episode import Episode, EpisodeWriter, write_lines_atomic
 from parlay.evaluate.metrics import METRICS, paired_bootstrap, summarize
+from parlay.evaluate.ratings import ratings
 from parlay.games.dond import Objective
 from parlay.rollout import plan_games, play_games, split_finished
 
@@ -111,6 +113,7 @@ def run_tournament(
             pairs[-1] |= summary
     changes = changes_from_first(specs, by_pair, seed)
     result = asdict(setup) | {"pairs": pairs, "matrix": cross_play_matrix(specs, pairs), "vs_first": changes}
+    result["ratings"] = ratings(specs, by_pair, seed)
     write_lines_atomic(out / "tournament.json", [json.dumps(result, indent=1)])
     write_csv(out / "tournament.csv", pairs)
     return result

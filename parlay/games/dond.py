@@ -180,6 +180,24 @@ class Context:
         """True iff no allocation gives both players at least these scores and one more."""
         return not any(xa >= raw_a and xb >= raw_b and (xa > raw_a or xb > raw_b) for xa, xb in self._score_pairs)
 
+    @cached_property
+    def nash_point(self) -> tuple[int, int]:
+        """(X_A, X_B) of the Nash bargaining solution with no deal (0, 0) as the fallback: the
+        allocation with the largest X_A·X_B (ties: the larger welfare, then the first in order)."""
+        pairs = [self.scores_for(a) for a in self.allocations]
+        return max(pairs, key=lambda p: (p[0] * p[1], p[0] + p[1]))
+
+    @cached_property
+    def competitiveness(self) -> float:
+        """How opposed the two players' interests are: minus the correlation of X_A and X_B over
+        all allocations. 1: every item is worth the same to both (what one gains the other
+        loses); lower: more room for divisions good for both."""
+        xa, xb = zip(*(self.scores_for(a) for a in self.allocations), strict=True)
+        ma, mb = sum(xa) / len(xa), sum(xb) / len(xb)
+        cov = sum((a - ma) * (b - mb) for a, b in zip(xa, xb, strict=True))
+        var_a, var_b = sum((a - ma) ** 2 for a in xa), sum((b - mb) ** 2 for b in xb)
+        return -cov / (var_a * var_b) ** 0.5 if var_a and var_b else 0.0
+
     def reward_ceiling(self, obj: Objective) -> float:
         """Mean reward per player under the best allocation: (1+λ)/2 · max welfare.
 

@@ -1,7 +1,9 @@
 """What a round learns from: the one path from games to weighted training examples.
 
 ``select_examples`` is used by the warm start, by every round and by ``parlay export``, so what
-is exported is what a round trains on. Over the player-episodes of one set of games (one round):
+is exported is what a round trains on. Over the player-episodes of one set of games (one round)
+that belong to the model being trained (``learner_sides``: both sides of self-play, the model's
+side of a game with another partner):
 
 1. the filter rule (``filters.select``: above the mean, nonzero, agreed, …, with its fallback);
 2. sides with turns of their own — an aborted game's silent side has nothing to imitate;
@@ -51,6 +53,12 @@ class Selected:
     info: SelectionInfo
 
 
+def learner_sides(episodes: Sequence[Episode]) -> list[PlayerEpisode]:
+    """The player-episodes of the model being trained, in order: the seats ``meta["learner"]``
+    names (both when it is absent: self-play, bot demonstrations)."""
+    return [s for s in all_player_episodes(episodes) if s.player in s.meta.get("learner", "AB")]
+
+
 def has_own_turns(side: PlayerEpisode) -> bool:
     return any(m["role"] == "assistant" for m in side.messages)
 
@@ -62,9 +70,9 @@ def select_examples(
     ratings: Sequence[float | None] | None = None,
 ) -> Selected:
     """The training examples of one set of games (see the module docstring). ``ratings``: a
-    judge's rating of every player-episode, in order (both sides of each game), when
-    ``weights.scheme`` is ``judge``."""
-    sides = all_player_episodes(episodes)
+    judge's rating of every learner side (``learner_sides``), in order, when ``weights.scheme``
+    is ``judge``."""
+    sides = learner_sides(episodes)
     if weights.scheme == "judge" and (ratings is None or len(ratings) != len(sides)):
         raise TrainDataError("weights.scheme judge needs a judge's rating of every player-episode")
     selection = select(sides, rule)  # 1
