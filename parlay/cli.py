@@ -493,6 +493,14 @@ def sft(
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: train.lr).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and order (default: the config's).")] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Write the training figures here.")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from OUT's checkpoint (train.checkpoint_steps) when an interrupted call with the same "
+            "data and settings left one; without it, training starts over.",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune on a train.jsonl file; runs unchanged under `accelerate launch -m parlay sft …`."""
     from accelerate import PartialState
@@ -503,7 +511,7 @@ def sft(
     cfg = load_config(config, overrides)
     result = train(
         read_examples(data), model, out, cfg.train, adapter=adapter, weights=cfg.weights,
-        seed=cfg.seed if seed is None else seed, epochs=epochs, lr=lr,
+        seed=cfg.seed if seed is None else seed, epochs=epochs, lr=lr, resume=resume,
     )  # fmt: skip
     if PartialState().is_main_process:
         if stats:

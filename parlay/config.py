@@ -102,6 +102,13 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
     max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")
+    checkpoint_steps: int = Field(
+        0,
+        ge=0,
+        description="Every this many optimiser steps, save what training needs to go on (trainable weights, "
+        "optimiser, scheduler, RNG, data position) beside the output; a killed training resumes from it "
+        "(0: never).",
+    )
     dtype: str = Field(
         "auto", description="Training dtype: auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bf16."
     )

@@ -44,6 +44,12 @@ MIN_PRIORITY = 0.05
 HELDOUT_SEED = 50221
 
 
+def round_games(cfg: RunConfig, k: int) -> list[GameSpec]:
+    """Round k's seeded games: the same every round with ``rollout.contexts: same``."""
+    r = cfg.rollout
+    return plan_games(r.games, cfg.seed if r.contexts == "same" else derive_seed(cfg.seed, k))
+
+
 def assign_partners(games: Sequence[GameSpec], cfg: RunConfig) -> list[str]:
     """Each game's partner (a ``partners[].agent`` string): counts by largest remainder of the
     shares, spread over the games by a permutation seeded by the run's seed."""
@@ -89,7 +95,7 @@ class League:
     ) -> list[Match]:
         """Round k's games: each with its partner, the learner as A (both seats in self-play)."""
         pool = self._pool(records[:k])
-        planned = self._planned(k)
+        planned = round_games(self.cfg, k)
         label_of = dict(zip((g.id for g in planned), assign_partners(planned, self.cfg), strict=True))
         index = {g.id: i for i, g in enumerate(planned)}
         wanted = {label_of[g.id] for g in games}
@@ -100,10 +106,6 @@ class League:
             meta = {"round": k, "partner": name, "learner": "AB" if partner is learner else "A"}
             out.append(Match(game, learner, partner, meta, writer))
         return out
-
-    def _planned(self, k: int) -> list[GameSpec]:
-        r = self.cfg.rollout
-        return plan_games(r.games, self.cfg.seed if r.contexts == "same" else derive_seed(self.cfg.seed, k))
 
     def _pool(self, earlier: list[RoundRecord]) -> dict[int, ModelRef]:
         """Earlier rounds' distinct models, each under the last round that played it."""

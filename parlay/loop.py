@@ -4,13 +4,16 @@ Round 0 plays the starting model (warm-started first when ``warm_start`` is set)
 trains the round k−1 model on the examples selected from round k−1's games and then plays
 ``rollout.games`` games with the result. With ``rollout.contexts: same`` every round plays the
 same seeded games (contexts, first speakers, sampling seeds), so each round is compared with
-round 0 game by game (a paired bootstrap interval).
+round 0 game by game (a paired bootstrap interval). A round's games are split between the
+partners of ``partners:`` (itself by default; ``league.py``), and the held-out partners' games
+are played alongside them in the same batches: measured every round, never trained on.
 
 The run directory (``parlay/run.py``) is the whole state. A resumed run continues from the last
 complete round and, inside the current round, from whatever exists: a finished model is not
 retrained, finished games are not replayed, and the games still to play are exactly those
 missing (their seeds do not depend on what was played before). A kill during training loses
-only that training pass.
+only that training pass, or with ``train.checkpoint_steps`` only the steps since its last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from parlay.games.dond import objective
 from parlay.improve import judge as judging
 from parlay.improve.examples import Selected, learner_sides, select_examples, write_examples
 from parlay.improve.trainers import FitRequest, make_trainer
-from parlay.league import League, heldout_games
+from parlay.league import League, heldout_games, round_games
 from parlay.rollout import derive_seed, plan_games, play_games, play_matches, split_finished
 from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo
 from parlay.tracking import Tracker, flatten
@@ -189,7 +192,7 @@ class Loop:
         """Round k's games with its partners, and its games with each held-out partner, all played
         at once; those already written are kept and not replayed."""
         r, stage = self.cfg.rollout, self.run_dir.round(k)
-        games = plan_games(r.games, self.cfg.seed if r.contexts == "same" else derive_seed(self.cfg.seed, k))
+        games = round_games(self.cfg, k)
         have, todo = split_finished(stage.episodes, games)
         held = [heldout_games(self.cfg, i) for i in range(len(self.cfg.heldout.partners))]
         held_have = [split_finished(stage.heldout_episodes(i), plan)[0] for i, plan in enumerate(held)]

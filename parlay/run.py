@@ -8,6 +8,7 @@ A run is a folder; this module is the only code that spells its paths:
         episodes.jsonl                appended one finished game at a time
         train.jsonl                   the training examples (``improve/examples.py``)
         model/                        adapter (or full weights), renamed into place when complete
+        model.checkpoint.pt           while training, with train.checkpoint_steps (``improve/sft.py``)
         train_stats.json              a ``TrainInfo``: what was selected and what training made
         heldout/<i>.jsonl             the games with held-out partner i (``heldout.partners``)
         metrics.json                  a ``RoundRecord``, written last: the round is complete

@@ -13,7 +13,7 @@ from parlay.episode import player_episodes
 from parlay.games import objective
 from parlay.improve import TrainDataError
 from parlay.improve.examples import TrainExample, read_examples, write_examples
-from parlay.improve.sft import train, weighted_nll
+from parlay.improve.sft import checkpoint_file, train, weighted_nll
 from parlay.rollout import plan_games, play_games
 from tests.conftest import tiny_tokenizer
 
@@ -125,6 +125,72 @@ def test_iw_sft_recomputes_its_factor_and_zero_weights_learn_nothing(tiny_lm, tm
     stats0 = train(zero, str(path), tmp_path / "zero", cfg)
     adapter = _tensors(tmp_path / "zero" / "adapter_model.safetensors")
     assert stats0.loss_last == 0 and all(adapter[k].abs().sum() == 0 for k in adapter if "lora_B" in k)
+
+
+class Killed(BaseException):
+    """Stands for a kill: nothing in the trainer may catch it."""
+
+
+def kill_at(step):
+    """A step hook that kills the training when optimiser step ``step`` is done."""
+
+    def hook(done, of, loss):
+        if done == step:
+            raise Killed
+
+    return hook
+
+
+def recorder(seen):
+    """A step hook that notes each optimiser step done."""
+    return lambda done, of, loss: seen.append(done)
+
+
+@pytest.mark.parametrize("weights", [None, WeightConfig(scheme="iw_sft", w_max=2.0)], ids=["uniform", "iw_sft"])
+def test_a_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_lm, tmp_path, weights):
+    _, _, path = tiny_lm
+    examples = bot_examples(4)
+    cfg = TrainConfig(
+        lr=3e-3, epochs=4, batch_size=2, grad_accum=2, warmup_steps=2, checkpoint_steps=3, dtype="float32"
+    )
+    whole = train(examples, str(path), tmp_path / "whole", cfg, weights=weights, seed=5)
+    assert whole.steps > 7 and not checkpoint_file(tmp_path / "whole").exists()
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(examples, str(path), out, cfg, weights=weights, seed=5, on_step=kill_at(7))
+    assert checkpoint_file(out).exists() and not out.exists()  # steps 1-6 saved, step 7 lost with the kill
+    # A kill while a checkpoint was being written leaves a partial file: never read.
+    checkpoint_file(out).with_name(out.name + ".checkpoint.pt.partial").write_bytes(b"torn")
+    steps_seen = []
+    resumed = train(examples, str(path), out, cfg, weights=weights, seed=5, resume=True, on_step=recorder(steps_seen))
+    assert steps_seen[0] == 7  # went on after the checkpoint at step 6
+    assert resumed.losses == whole.losses and resumed.tokens == whole.tokens and resumed.mean_iw == whole.mean_iw
+    a, b = _tensors(tmp_path / "whole" / "adapter_model.safetensors"), _tensors(out / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same final weights, bit for bit
+    assert not checkpoint_file(out).exists()
+
+
+def test_a_checkpoint_of_other_data_or_without_resume_is_not_continued(tiny_lm, tmp_path, caplog):
+    _, _, path = tiny_lm
+    examples = bot_examples(2)
+    cfg = TrainConfig(lr=3e-3, epochs=4, batch_size=2, grad_accum=1, checkpoint_steps=2, dtype="float32")
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        train(examples, str(path), out, cfg, on_step=kill_at(3))
+    assert checkpoint_file(out).exists()
+    seen = []
+    train(examples[:2], str(path), out, cfg, resume=True, on_step=recorder(seen))
+    assert seen[0] == 1 and "other data or settings" in caplog.text  # other data: from the start
+    with pytest.raises(Killed):
+        train(examples, str(path), out, cfg, on_step=kill_at(3))
+    seen.clear()
+    train(examples, str(path), out, cfg, on_step=recorder(seen))  # no resume: from the start
+    assert seen[0] == 1 and not checkpoint_file(out).exists()
+    checkpoint_file(out).write_bytes(b"not a checkpoint")
+    seen.clear()
+    train(examples, str(path), out, cfg, resume=True, on_step=recorder(seen))
+    assert seen[0] == 1 and "unreadable training checkpoint" in caplog.text
 
 
 def test_training_data_errors_name_the_line(tmp_path):

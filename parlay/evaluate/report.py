@@ -235,6 +235,18 @@ def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f"{ci[0]:.2f}–{ci[1]:.2f}"
 
 
+def _partner_cells(row: dict[str, Any]) -> dict[str, Any]:
+    """One row of the partners table, formatted."""
+    return row | {
+        "reward": _fmt(row["mean_reward"], "{:.2f}"),
+        "ci": _ci(row.get("ci95")),
+        "vs": format_change(row.get("vs_round0")),
+        "agree": f"{row['agreement_rate']:.0%}",
+        "share": f"{row['ceiling_share']:.0%}",
+        "nash": f"{row['nash_distance_agreed']:.2f}",
+    }
+
+
 def dialogue_html(ep: Episode) -> dict[str, Any]:
     """What the page shows of one game: context, turns (rejected ones marked), outcome."""
     ctx = ep.game_context()
@@ -315,20 +327,7 @@ def render(
         rows=rows,
         correlation=correlation,
         images=images,
-        partners=[
-            row
-            | {
-                "reward": _fmt(row["mean_reward"], "{:.2f}"),
-                "ci": _ci(row.get("ci95")),
-                "vs": format_change(row.get("vs_round0")),
-                "agree": f"{row['agreement_rate']:.0%}",
-                "share": f"{row['ceiling_share']:.0%}",
-                "nash": f"{row['nash_distance_agreed']:.2f}",
-            }
-            for row in partner_rows(view)
-        ]
-        if "partners" in images
-        else [],
+        partners=[_partner_cells(row) for row in partner_rows(view)] if "partners" in images else [],
         tournament=view.tournament,
         dialogues=dialogues,
     )

@@ -8,7 +8,12 @@ against the frozen round-start model. The partner's turns, the system prompt and
 template's role headers are context only (mask 0; ``agents/hf_layer.assistant_mask``).
 
 ``train`` reads top to bottom: tokenise the examples, load the model, plan the steps, run them,
-save atomically. It runs on accelerate, so ``accelerate launch -m parlay sft …`` runs this same
+save atomically. With ``train.checkpoint_steps: N`` it also saves, every N optimiser steps,
+everything needed to go on (``OUT.checkpoint.pt``: the trainable weights, the optimiser and
+scheduler, the RNG, the position in the planned batches and the figures so far), written to a
+temporary file and renamed; with ``resume`` a new call on the same data, model and settings
+continues from it and ends with the same weights as a run never interrupted. The checkpoint is
+removed once the output is saved. It runs on accelerate, so ``accelerate launch -m parlay sft …`` runs this same
 code on several GPUs (DDP, or DeepSpeed/FSDP through an accelerate config); in a single process
 it runs on CPU or one GPU. LoRA (peft) by default, every weight with ``lora: false``. All
 randomness (LoRA's initialisation, the order of examples) comes from ``seed``; the caller's
@@ -17,9 +22,11 @@ global random state is left as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -168,6 +175,60 @@ def _save(accelerator, model, tokenizer, out: Path, lora: bool) -> None:
     partial.rename(out)
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_file(out: Path) -> Path:
+    """Where a training into ``out`` keeps its checkpoint."""
+    return out.with_name(out.name + ".checkpoint.pt")
+
+
+def _fingerprint(examples: Sequence[TrainExample], **settings) -> str:
+    """What a checkpoint must match to be continued: the data, the model and every setting."""
+    data = json.dumps([ex.model_dump() for ex in examples] + [settings], sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def _save_checkpoint(accelerator, model, optimizer, scheduler, path: Path, state: dict) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    trainable = {n: p.detach().cpu() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    rng = {"cpu": torch.get_rng_state()} | (
+        {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    )
+    blob = state | {"trainable": trainable, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    partial = path.with_name(path.name + ".partial")
+    torch.save(blob | {"rng": rng}, partial)
+    os.replace(partial, path)
+
+
+def _load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, fingerprint: str) -> dict | None:
+    """The saved state (and the model, optimiser and scheduler set from it), or None when there is
+    no usable checkpoint (none, unreadable, or for other data or settings: said in the log)."""
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: train from the start
+        log.warning("%s: unreadable training checkpoint (%s); training from the start", path, exc)
+        return None
+    if blob.get("fingerprint") != fingerprint:
+        log.warning("%s: a checkpoint of other data or settings; training from the start", path)
+        return None
+    params = dict(accelerator.unwrap_model(model).named_parameters())
+    with torch.no_grad():
+        for name, value in blob["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"]["cpu"])
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    log.info("%s: resuming training at step %d", path, blob["micro_step"] // max(blob["grad_accum"], 1))
+    return blob
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -183,18 +244,21 @@ def train(
     epochs: float | None = None,
     lr: float | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    resume: bool = False,
 ) -> TrainStats:
     """Fine-tune ``base`` (plus ``adapter`` when continuing a LoRA run) on ``examples`` and save
-    the result to ``out`` (adapter, or full weights and tokenizer), atomically."""
+    the result to ``out`` (adapter, or full weights and tokenizer), atomically. With ``resume``,
+    continue from the checkpoint of an interrupted call with the same arguments, if there is one;
+    without, any checkpoint there is discarded."""
     if not any(m["role"] == "assistant" for ex in examples for m in ex.messages):
         raise TrainDataError("no example has any of the player's own tokens to learn from")
     device = default_device()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(seed)  # LoRA's initialisation draws from the (forked) global generator
-        return _train(examples, base, Path(out), cfg, adapter, weights, seed, epochs, lr, on_step, device)
+        return _train(examples, base, Path(out), cfg, adapter, weights, seed, epochs, lr, on_step, device, resume)
 
 
-def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step, device) -> TrainStats:
+def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step, device, resume) -> TrainStats:
     from accelerate import Accelerator
 
     started = time.perf_counter()
@@ -211,7 +275,6 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     pad_id = tokenizer.pad_token_id
 
     # 2. iw-SFT: every example's log-prob under the frozen round-start model.
-    reweight_factors: list[float] = []
     iw = weights is not None and weights.scheme == "iw_sft"
     if iw:
         for row, ref in zip(rows, _mean_logps(model, rows, pad_id, cfg.batch_size, accelerator.device), strict=True):
@@ -234,10 +297,20 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
 
-    # 5. The steps.
-    losses, nlls = [], []
-    step_loss, step_nll, tokens, own_tokens = 0.0, 0.0, 0, 0
+    # 5. The steps, from the checkpoint of an interrupted call when there is one.
+    ckpt = checkpoint_file(out)
+    settings = {"base": base, "adapter": adapter, "train": cfg.model_dump(exclude={"checkpoint_steps"}), "seed": seed}
+    settings |= {"weights": weights.model_dump() if weights else None, "epochs": epochs, "lr": lr, "nproc": nproc}
+    fingerprint = _fingerprint(examples, **settings)
+    saved = _load_checkpoint(accelerator, model, optimizer, scheduler, ckpt, fingerprint) if resume else None
+    figures = {"losses": [], "nlls": [], "tokens": 0, "own_tokens": 0, "reweight_factors": []}
+    figures |= saved["figures"] if saved else {}
+    start = saved["micro_step"] if saved else 0
+    losses, nlls, reweight_factors = figures["losses"], figures["nlls"], figures["reweight_factors"]
+    step_loss, step_nll, tokens, own_tokens = 0.0, 0.0, figures["tokens"], figures["own_tokens"]
     for i, batch in enumerate(batches):
+        if i < start:
+            continue
         picked = [rows[j] for j in batch]
         input_ids, mask, attention = _tensors(picked, pad_id, accelerator.device)
         w = torch.tensor([r.weight for r in picked], device=accelerator.device)
@@ -262,12 +335,19 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
         if (i + 1) % cfg.grad_accum == 0:
             losses.append(step_loss)
             nlls.append(step_nll)
-            if on_step:
-                on_step(len(losses), total_steps, step_loss)
             step_loss, step_nll = 0.0, 0.0
+            if cfg.checkpoint_steps and len(losses) % cfg.checkpoint_steps == 0 and len(losses) < total_steps:
+                figures = {"losses": losses, "nlls": nlls, "tokens": tokens, "own_tokens": own_tokens}
+                figures |= {"reweight_factors": reweight_factors}
+                state = {"fingerprint": fingerprint, "micro_step": i + 1, "grad_accum": cfg.grad_accum}
+                _save_checkpoint(accelerator, model, optimizer, scheduler, ckpt, state | {"figures": figures})
+            if on_step:
+                on_step(len(losses), total_steps, losses[-1])
 
     # 6. Save, and say what happened.
     _save(accelerator, model, tokenizer, out, cfg.lora)
+    if accelerator.is_main_process:
+        ckpt.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     return TrainStats(
         examples=len(rows),

@@ -71,6 +71,7 @@ class InlineTrainer:
             epochs=request.epochs,
             lr=request.lr,
             on_step=on_step,
+            resume=True,  # a checkpoint beside the stage's model can only be this stage's, interrupted
         )
         return TrainInfo(selection=request.selection, trained=True, model=_produced(self.cfg, request), stats=stats)
 
@@ -89,7 +90,7 @@ class AccelerateTrainer:
             sys.executable, "-m", "accelerate.commands.launch", *self.cfg.train.accelerate_args,
             "-m", "parlay", "sft", str(request.stage.train_data), "--model", request.start.base,
             "--out", str(request.stage.model), "--config", str(self.config_file), "--stats", str(stats_file),
-            "--seed", str(request.seed),
+            "--seed", str(request.seed), "--resume",
         ]  # fmt: skip
         if request.start.adapter:
             cmd += ["--adapter", request.start.adapter]
