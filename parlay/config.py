@@ -38,7 +38,12 @@ class RolloutConfig(_Section):
         description="'same': every round replays the same seeded games, so rounds compare pairwise; "
         "'fresh': each round draws new contexts.",
     )
-    batch: int = Field(64, ge=1, description="Most conversations decoded together.")
+    batch: int = Field(64, ge=1, description="Most conversations decoded together (transformers backend).")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Who plays the model's turns: hf (transformers, CPU or GPU) or vllm (GPU, pip install "
+        "'parlay[vllm]'; plays full weights, so it needs train.lora: false).",
+    )
     dtype: str = Field("auto", description="Rollout dtype: auto, float32 or bfloat16.")
 
 
@@ -234,6 +239,10 @@ class RunConfig(_Section):
             raise ValueError("weights.scheme: judge needs weights.judge.agent, e.g. openai:gpt-4o-mini")
         if self.model.startswith("openai:") and self.train.backend != "openai":
             raise ValueError("model openai:… can only be trained with train.backend: openai")
+        if self.rollout.backend == "vllm" and (self.train.lora or self.adapter):
+            raise ValueError(
+                "rollout.backend: vllm plays full weights here: set train.lora: false (and no adapter to start from)"
+            )
         self._check_partners()
         return self
 

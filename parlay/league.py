@@ -133,7 +133,8 @@ class League:
         return self._checkpoint(pool[j]), f"checkpoint@{j}"
 
     def _checkpoint(self, model: ModelRef) -> Agent:
-        spec = model.agent_spec(self.cfg.rollout.dtype, self.cfg.rollout.batch)
+        r = self.cfg.rollout
+        spec = model.agent_spec(r.dtype, r.batch, r.backend)
         if spec not in self._checkpoints:
             self._checkpoints[spec] = load_agent(spec, self.sampling)
         return self._checkpoints[spec]

@@ -199,7 +199,7 @@ class Loop:
         held_todo = sum(len(plan) - len(h) for plan, h in zip(held, held_have, strict=True))
         if todo or held_todo:
             sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed)
-            learner = load_agent(model.agent_spec(r.dtype, r.batch), sampling)
+            learner = load_agent(model.agent_spec(r.dtype, r.batch, r.backend), sampling)
             self.hooks.stage(f"round {k}: play", len(games) + sum(len(p) for p in held))
             self.hooks.advance(len(have) + sum(len(h) for h in held_have), deals=sum(ep.agreed for ep in have.values()))
             writers: list[EpisodeWriter] = []

@@ -58,9 +58,15 @@ class ModelRef(_Record):
     base: str
     adapter: str | None = None
 
-    def agent_spec(self, dtype: str = "auto", batch: int = 64) -> str:
+    def agent_spec(self, dtype: str = "auto", batch: int = 64, backend: str = "hf") -> str:
+        """The agent spec that plays this model: ``openai:…`` as it is; otherwise the
+        transformers backend, or vLLM (full weights only: it does not load adapters here)."""
         if self.base.startswith("openai:"):
             return self.base
+        if backend == "vllm":
+            if self.adapter:
+                raise ConfigError(f"rollout.backend vllm plays full weights, not the adapter {self.adapter}")
+            return f"vllm:{self.base}" + (f"+dtype={dtype}" if dtype != "auto" else "")
         spec = f"hf:{self.base}"
         if self.adapter:
             spec += f"+adapter={self.adapter}"
@@ -396,4 +402,5 @@ def round_agent_spec(spec: str) -> tuple[str, str]:
     if chosen not in rounds:
         raise ConfigError(f"{spec}: round {chosen} is not complete in {run.path} (complete: 0..{rounds[-1]})")
     model = run.round(chosen).record().model
-    return f"run:{where}@{chosen}", model.agent_spec(run.load_config().rollout.dtype)
+    rollout = run.load_config().rollout
+    return f"run:{where}@{chosen}", model.agent_spec(rollout.dtype, rollout.batch, rollout.backend)

@@ -10,7 +10,7 @@ import yaml
 from parlay.config import ConfigError, load_config, parse_config
 from parlay.episode import read_episodes
 from parlay.loop import Hooks, Loop
-from parlay.run import RunDir, prepare_run
+from parlay.run import ModelRef, RunDir, prepare_run
 from tests.openai_server import start_chat_server
 from tests.test_cli import run
 from tests.test_tracking import scalars
@@ -57,6 +57,7 @@ class Recorder(Hooks):
         ({"weights": {"scheme": "judge"}}, "judge.agent"),
         ({"warm_start": {"bots": ["bot:hard"]}}, "warm_start.bots"),
         ({"model": "openai:gpt-4o-mini"}, "train.backend: openai"),
+        ({"rollout": {"backend": "vllm"}}, "rollout.backend: vllm plays full weights"),
         ([1, 2], "expected a mapping"),
     ],
 )
@@ -76,6 +77,15 @@ def test_overrides_and_files(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "missing.yaml")
     assert load_config(Path(__file__).parents[1] / "configs" / "cpu-quickstart.yaml").warm_start.enabled
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    model = ModelRef(base=cfg.model, adapter=cfg.adapter)
+    spec = model.agent_spec(cfg.rollout.dtype, cfg.rollout.batch, cfg.rollout.backend)
+    assert spec.startswith({"hf": "hf:", "vllm": "vllm:"}[cfg.rollout.backend])
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):

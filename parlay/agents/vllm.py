@@ -39,6 +39,20 @@ class VLLMAgent(ModelAgent):
         outputs = self.llm.chat([r.messages for r in prompts], params, use_tqdm=False)
         return [Reply(o.outputs[0].text.strip(), tokens=len(o.outputs[0].token_ids)) for o in outputs]
 
+    def close(self) -> None:
+        """Drop the engine so that training can have the GPU's memory (the loop closes the round's
+        player before it trains)."""
+        import gc
+
+        self.llm = None
+        gc.collect()
+        try:
+            import torch
+
+            torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
 
 def _number(value: str) -> int | float | bool | str:
     for cast in (int, float):
