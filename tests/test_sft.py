@@ -206,22 +206,43 @@ def test_training_data_errors_name_the_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_same_trainer_runs_under_accelerate_launch_with_two_processes(tiny_lm, tmp_path):
-    """Two CPU processes (DDP over gloo) through `accelerate launch -m parlay sft`, as on several GPUs."""
+def test_two_processes_under_accelerate_launch_train_as_one_process_does(tiny_lm, tmp_path):
+    """Two CPU processes (DDP over gloo) through `accelerate launch -m parlay sft`, as on several
+    GPUs, with 2 examples each per step, against one process with 4 per step: the same examples
+    in every step, so the same losses and the same weights, up to the order of float additions
+    (stated tolerance: 1e-5 relative on losses, 1e-5 absolute on weights)."""
+    import os
     import subprocess
     import sys
 
     _, _, path = tiny_lm
-    write_examples(tmp_path / "train.jsonl", bot_examples(4))
-    (tmp_path / "c.yaml").write_text("train:\n  batch_size: 2\n  grad_accum: 1\n  dtype: float32\n  lr: 3.0e-3\n")
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "parlay", "sft", str(tmp_path / "train.jsonl"), "--model", str(path), "--out", str(tmp_path / "out"),
-        "--config", str(tmp_path / "c.yaml"), "--stats", str(tmp_path / "stats.json"),
-    ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["steps"] >= 2 and stats["loss_last"] < stats["loss_first"]
-    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    write_examples(tmp_path / "train.jsonl", bot_examples(4))  # 8 sides: whole steps of 4
+    common = "  grad_accum: 1\n  dtype: float32\n  lr: 3.0e-3\n  epochs: 3\n  warmup_steps: 2\n"
+    (tmp_path / "two.yaml").write_text("train:\n  batch_size: 2\n" + common)
+    (tmp_path / "one.yaml").write_text("train:\n  batch_size: 4\n" + common)
+    sft = ["-m", "parlay", "sft", str(tmp_path / "train.jsonl"), "--model", str(path), "--seed", "3"]
+    # --multi_gpu is torchrun's launcher; without a GPU its processes meet over gloo (--cpu would
+    # run a single process).
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    runs = {
+        "two": [*launch, "--num_processes", "2", *sft],
+        "one": [sys.executable, *sft],
+    }
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # processes on the CPU, even on a GPU machine
+    for name, cmd in runs.items():
+        files = [
+            "--out",
+            str(tmp_path / name),
+            "-c",
+            str(tmp_path / f"{name}.yaml"),
+            "--stats",
+            f"{tmp_path}/{name}.json",
+        ]
+        r = subprocess.run([*cmd, *files], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["steps"] == two["steps"] == 6 and one["loss_last"] < one["loss_first"]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    a, b = (_tensors(tmp_path / n / "adapter_model.safetensors") for n in ("one", "two"))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)

@@ -57,10 +57,13 @@ def weighted_nll(
     mask: torch.Tensor,
     weights: torch.Tensor,
     reweight: Reweight | None = None,
+    own_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted token-level NLL of the player's own tokens.
 
-    logits [B, T, V]; input_ids, mask [B, T] (mask 1 on own assistant tokens); weights [B].
+    logits [B, T, V]; input_ids, mask [B, T] (mask 1 on own assistant tokens); weights [B];
+    ``own_tokens``: what the summed loss is divided by (default: this batch's own tokens; with
+    several processes, the step's own tokens over all of them, per process).
     Returns (loss: scalar, seq_logp: [B] each sequence's mean own-token log-prob, factor: [B]
     ``reweight(seq_logp)`` that multiplied the weights, ones without ``reweight``)."""
     targets = input_ids[:, 1:]  # [B, T-1]: token t+1 is predicted at t
@@ -69,7 +72,8 @@ def weighted_nll(
     nll = nll.view_as(m)  # [B, T-1]
     seq_logp = -(nll * m).sum(1) / m.sum(1).clamp(min=1)  # [B]
     factor = reweight(seq_logp) if reweight is not None else torch.ones_like(seq_logp)  # iw-SFT's, else 1
-    loss = ((weights * factor)[:, None] * nll * m).sum() / m.sum().clamp(min=1)
+    denominator = m.sum().clamp(min=1) if own_tokens is None else own_tokens
+    loss = ((weights * factor)[:, None] * nll * m).sum() / denominator
     return loss, seq_logp, factor
 
 
@@ -294,7 +298,9 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays out of accelerate, which would step it once per process at every
+    # optimiser step; here it steps once per optimiser step, however many processes there are.
+    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
     # 5. The steps, from the checkpoint of an interrupted call when there is one.
@@ -318,21 +324,29 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
         if iw:
             ref = torch.tensor([r.ref_logp for r in picked], device=accelerator.device)
             reweight = lambda logp, ref=ref: iw_factor(logp, ref, weights.iw_temperature, weights.w_max)  # noqa: E731
+        # With several processes the loss is divided by the own tokens of the whole step (all
+        # processes), so that the gradient DDP averages equals one process's on the same batch.
+        denominator = None
+        if nproc > 1:
+            step_tokens = accelerator.reduce(mask[:, 1:].sum().float(), reduction="sum")
+            denominator = step_tokens.clamp(min=1) / nproc
         with accelerator.accumulate(model), torch.autocast(accelerator.device.type, torch.bfloat16, enabled=autocast):
             logits = model(input_ids=input_ids, attention_mask=attention).logits
-            loss, seq_logp, factor = weighted_nll(logits, input_ids, mask, w, reweight)
+            loss, seq_logp, factor = weighted_nll(logits, input_ids, mask, w, reweight, denominator)
             accelerator.backward(loss)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
         if iw:
             reweight_factors += factor.tolist()
         own = mask[:, 1:].sum().item()
-        step_loss += loss.item() / cfg.grad_accum
+        step_loss += (
+            accelerator.reduce(loss.detach(), reduction="mean") if nproc > 1 else loss
+        ).item() / cfg.grad_accum
         step_nll += float(-(seq_logp * mask[:, 1:].sum(1)).sum().item() / max(own, 1)) / cfg.grad_accum
         tokens += int(attention.sum().item())
         own_tokens += int(own)
         if (i + 1) % cfg.grad_accum == 0:
+            scheduler.step()
             losses.append(step_loss)
             nlls.append(step_nll)
             step_loss, step_nll = 0.0, 0.0
