@@ -38,6 +38,12 @@ class RolloutConfig(_Section):
         description="'same': every round replays the same seeded games, so rounds compare pairwise; "
         "'fresh': each round draws new contexts.",
     )
+    group_size: int = Field(
+        1,
+        ge=1,
+        description="Games played on each context (with their own first speakers and sampling seeds): a group "
+        "whose mean is the baseline of weights.rl.baseline: group.",
+    )
     batch: int = Field(64, ge=1, description="Most conversations decoded together (transformers backend).")
     backend: Literal["hf", "vllm"] = Field(
         "hf",
@@ -77,16 +83,34 @@ class JudgeConfig(_Section):
     min_rating: float = Field(6.0, ge=0.0, le=10.0, description="Least rating kept when mode is filter.")
 
 
+class RLConfig(_Section):
+    baseline: Literal["group", "role"] = Field(
+        "group",
+        description="What a side's reward is compared with: group, the mean of the other sides of the same "
+        "role (first or second speaker) on the same context in the round (needs rollout.group_size >= 2); "
+        "role, the mean of the other sides of the same role in the round.",
+    )
+    scale: Literal["std", "none"] = Field("std", description="Divide the advantages by their standard deviation.")
+    clip: float = Field(
+        0.2, gt=0.0, lt=1.0, description="PPO clip range of the per-token ratio to the round-start model."
+    )
+    kl: float = Field(
+        0.05, ge=0.0, description="Weight of the per-token KL anchor to the round-start model (keeps text fluent)."
+    )
+
+
 class WeightConfig(_Section):
-    scheme: Literal["uniform", "awr", "iw_sft", "judge"] = Field(
+    scheme: Literal["uniform", "awr", "iw_sft", "judge", "rl"] = Field(
         "uniform",
         description="uniform; awr: exp((R - b)/beta) clipped; iw_sft: importance weight against the "
-        "frozen round-start model, recomputed as training goes; judge: an agent's 0-10 rating.",
+        "frozen round-start model, recomputed as training goes; judge: an agent's 0-10 rating; rl: online "
+        "policy gradient with advantage R - baseline, negative advantages included (weights.rl).",
     )
     beta: float = Field(1.0, gt=0.0, description="AWR temperature, in reward points.")
     w_max: float = Field(5.0, gt=0.0, description="Largest weight (awr, iw_sft).")
     iw_temperature: float = Field(1.0, gt=0.0, description="T in exp(T * mean log-ratio) of iw_sft.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Judge settings (scheme: judge).")
+    rl: RLConfig = Field(default_factory=RLConfig, description="Policy-gradient settings (scheme: rl).")
 
 
 class TrainConfig(_Section):
@@ -243,6 +267,14 @@ class RunConfig(_Section):
             raise ValueError(
                 "rollout.backend: vllm plays full weights here: set train.lora: false (and no adapter to start from)"
             )
+        if self.weights.scheme == "rl":
+            if self.filter.rule != "all":
+                raise ValueError("weights.scheme: rl learns from every side, failures included: set filter.rule: all")
+            if self.weights.rl.baseline == "group" and self.rollout.group_size < 2:
+                raise ValueError(
+                    "weights.rl.baseline: group compares games on the same context: set rollout.group_size to 2 "
+                    "or more, or use baseline: role"
+                )
         self._check_partners()
         return self
 

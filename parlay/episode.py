@@ -102,6 +102,8 @@ class PlayerEpisode:
     agreed: bool
     context_key: str
     """Identifies the context (same counts and values → same key), for per-context baselines."""
+    first: bool = False
+    """This side spoke first (its role)."""
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +121,7 @@ def player_episodes(episode: Episode) -> list[PlayerEpisode]:
                 raw_score=episode.raw_scores[i],
                 agreed=episode.agreed,
                 context_key=key,
+                first=episode.first_speaker == player,
                 meta=dict(episode.meta),
             )
         )

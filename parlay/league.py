@@ -47,7 +47,7 @@ HELDOUT_SEED = 50221
 def round_games(cfg: RunConfig, k: int) -> list[GameSpec]:
     """Round k's seeded games: the same every round with ``rollout.contexts: same``."""
     r = cfg.rollout
-    return plan_games(r.games, cfg.seed if r.contexts == "same" else derive_seed(cfg.seed, k))
+    return plan_games(r.games, cfg.seed if r.contexts == "same" else derive_seed(cfg.seed, k), group_size=r.group_size)
 
 
 def assign_partners(games: Sequence[GameSpec], cfg: RunConfig) -> list[str]:

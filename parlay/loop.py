@@ -30,6 +30,7 @@ from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes, wr
 from parlay.evaluate import METRICS, compute_metrics, paired_difference
 from parlay.evaluate.metrics import partner_summary
 from parlay.games.dond import objective
+from parlay.improve import TrainingDiverged
 from parlay.improve import judge as judging
 from parlay.improve.examples import Selected, learner_sides, select_examples, write_examples
 from parlay.improve.trainers import FitRequest, make_trainer
@@ -148,7 +149,13 @@ class Loop:
         if selected.info.note:
             self.hooks.note(f"round {k}: {selected.info.note}")
         if selected.examples:
-            return self.fit(stage, model, selected, f"round {k}: training", key=k)
+            try:
+                return self.fit(stage, model, selected, f"round {k}: training", key=k)
+            except TrainingDiverged as exc:
+                self.hooks.note(f"round {k}: training failed: {exc}; round {k} plays the round {k - 1} model")
+                info = TrainInfo(selection=selected.info, trained=False, model=model, failure=str(exc))
+                stage.write_train_info(info)
+                return info
         self.hooks.note(f"round {k}: no examples to train on; round {k} plays the round {k - 1} model")
         write_examples(stage.train_data, [])
         info = TrainInfo(selection=selected.info, trained=False, model=model)

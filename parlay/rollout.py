@@ -39,15 +39,18 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
-def plan_games(n: int, seed: int, contexts: Sequence[Context] | None = None) -> list[GameSpec]:
+def plan_games(n: int, seed: int, contexts: Sequence[Context] | None = None, group_size: int = 1) -> list[GameSpec]:
     """``n`` seeded games: contexts drawn uniformly (or taken in turn from ``contexts``) and a
-    random first speaker. The same (n, seed, contexts) always gives the same games, and the
-    first k games of a larger plan equal a plan of k."""
+    random first speaker. With ``group_size`` G, games come in groups of G consecutive games on
+    the first one's context. The same arguments always give the same games, and the first k
+    games of a larger plan equal a plan of k."""
     specs = []
     for i in range(n):
         game_seed = derive_seed(seed, i)
         rng = np.random.default_rng(game_seed)
         ctx = contexts[i % len(contexts)] if contexts else sample_contexts(1, rng)[0]
+        if group_size > 1 and not contexts:  # the group's first game drew it
+            ctx = sample_contexts(1, np.random.default_rng(derive_seed(seed, i - i % group_size)))[0]
         first = "A" if rng.random() < 0.5 else "B"
         specs.append(GameSpec(id=f"s{seed}-g{i:06d}", context=ctx, first_speaker=first, seed=game_seed))
     return specs

@@ -132,6 +132,9 @@ class TrainInfo(_Record):
     """The model this stage produced (the one it started from when nothing was trained)."""
     stats: TrainStats | None = None
     job: FineTuneJob | None = None
+    failure: str | None = None
+    """Why training failed (a non-finite loss): nothing was saved, the stage plays the model it
+    started from."""
 
     @property
     def steps(self) -> int:

@@ -5,3 +5,7 @@ fine-tuning route (``openai_ft``)."""
 
 class TrainDataError(ValueError):
     """Training data that cannot be used; the message names the file and line."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; nothing was saved (the caller keeps the model it started from)."""

@@ -9,7 +9,8 @@ side of a game with another partner):
 2. sides with turns of their own — an aborted game's silent side has nothing to imitate;
 3. the judge gate, when a judge's ratings filter (``weights.judge.mode: filter``);
 4. the weights (``weights.static_weights``: uniform, AWR, judge; iw-SFT starts at 1 and the
-   trainer rescales each example as it trains);
+   trainer rescales each example as it trains; online RL's advantages, ``weights.rl_advantages``,
+   negative for sides that did worse than their baseline);
 5. examples whose weight is zero are dropped.
 
 The examples are written as ``train.jsonl`` (``write_examples``), one ``TrainExample`` a line.
@@ -28,7 +29,7 @@ from parlay.episode import Episode, PlayerEpisode, all_player_episodes, write_li
 from parlay.improve import TrainDataError
 from parlay.improve.filters import select
 from parlay.improve.judge import correlation
-from parlay.improve.weights import static_weights
+from parlay.improve.weights import rl_advantages, static_weights
 from parlay.protocol import ChatMessage
 from parlay.run import SelectionInfo
 
@@ -79,13 +80,16 @@ def select_examples(
     kept = [i for i in selection.kept if has_own_turns(sides[i])]  # 2
     if ratings is not None and weights.judge.mode == "filter":  # 3
         kept = [i for i in kept if (ratings[i] or 0) >= weights.judge.min_rating]
-    w = static_weights(  # 4
-        weights,
-        [sides[i].reward for i in kept],
-        [selection.baselines[i] for i in kept],
-        [ratings[i] for i in kept] if ratings is not None else None,
-    )
-    chosen = [(i, wi) for i, wi in zip(kept, w, strict=True) if wi > 0]  # 5
+    if weights.scheme == "rl":  # 4: advantages, negative ones included
+        w = rl_advantages([sides[i] for i in kept], weights.rl)
+    else:
+        w = static_weights(
+            weights,
+            [sides[i].reward for i in kept],
+            [selection.baselines[i] for i in kept],
+            [ratings[i] for i in kept] if ratings is not None else None,
+        )
+    chosen = [(i, wi) for i, wi in zip(kept, w, strict=True) if wi != 0]  # 5
     examples = [
         TrainExample(
             messages=sides[i].messages,

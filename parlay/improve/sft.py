@@ -2,10 +2,26 @@
 
 The loss (``weighted_nll``) is the negative log-likelihood of the player's own accepted turns,
 token by token, each example scaled by its weight: uniform for the paper's filtered BC, AWR or
-judge weights computed before training, or — the one place the variants differ inside the
-trainer — iw-SFT's importance factor, recomputed at every step from the same forward pass
-against the frozen round-start model. The partner's turns, the system prompt and the chat
-template's role headers are context only (mask 0; ``agents/hf_layer.assistant_mask``).
+judge weights computed before training, or iw-SFT's importance factor, recomputed at every step
+from the same forward pass against the frozen round-start model. Online RL (``weights.scheme:
+rl``) replaces it with ``policy_gradient_loss``: each example's weight is its advantage, negative
+ones included, and the loss is PPO's clipped surrogate on the per-token ratio to the round-start
+model, plus a KL anchor to that model. How that departs from the usual recipes:
+
+- REINFORCE with a baseline: the same gradient at the first step (ratio 1); the clip and the
+  anchor keep several epochs over one round's games from running away, which plain REINFORCE
+  cannot (it assumes fresh samples at every step).
+- GRPO: the same group baseline (games on the same context) and std scaling, but leave-one-out
+  (a side is not its own baseline) and per role: the first and the second speaker of a
+  negotiation face different positions, so each is compared with its own role only — SPIRAL's
+  role-conditioned idea, which parlay applies to general-sum games rather than zero-sum ones.
+- SPIRAL's RAE keeps a running mean per role across training; here the baseline is computed
+  from the round's own games, so a round's update depends on nothing but its games (and a
+  resumed round reproduces it).
+
+A loss that is not finite stops training with ``TrainingDiverged`` before anything is saved.
+The partner's turns, the system prompt and the chat template's role headers are context only
+(mask 0; ``agents/hf_layer.assistant_mask``).
 
 ``train`` reads top to bottom: tokenise the examples, load the model, plan the steps, run them,
 save atomically. With ``train.checkpoint_steps: N`` it also saves, every N optimiser steps,
@@ -13,9 +29,9 @@ everything needed to go on (``OUT.checkpoint.pt``: the trainable weights, the op
 scheduler, the RNG, the position in the planned batches and the figures so far), written to a
 temporary file and renamed; with ``resume`` a new call on the same data, model and settings
 continues from it and ends with the same weights as a run never interrupted. The checkpoint is
-removed once the output is saved. It runs on accelerate, so ``accelerate launch -m parlay sft …`` runs this same
-code on several GPUs (DDP, or DeepSpeed/FSDP through an accelerate config); in a single process
-it runs on CPU or one GPU. LoRA (peft) by default, every weight with ``lora: false``. All
+removed once the output is saved. It runs on accelerate, so ``accelerate launch -m parlay sft …``
+runs this same code on several GPUs (DDP, or DeepSpeed/FSDP through an accelerate config); in a
+single process it runs on CPU or one GPU. LoRA (peft) by default, every weight with ``lora: false``. All
 randomness (LoRA's initialisation, the order of examples) comes from ``seed``; the caller's
 global random state is left as it was.
 """
@@ -40,7 +56,7 @@ from parlay.agents import hf_layer
 from parlay.agents.hf_layer import default_device, pick_dtype
 from parlay.config import TrainConfig, WeightConfig
 from parlay.episode import write_lines_atomic
-from parlay.improve import TrainDataError
+from parlay.improve import TrainDataError, TrainingDiverged
 from parlay.improve.examples import TrainExample
 from parlay.improve.weights import iw_factor
 from parlay.run import TrainStats
@@ -77,6 +93,37 @@ def weighted_nll(
     return loss, seq_logp, factor
 
 
+def policy_gradient_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logps: torch.Tensor,
+    clip: float,
+    kl: float,
+    own_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online RL's loss over the player's own tokens (``weights.scheme: rl``).
+
+    Per own token t of a sequence with advantage A: the ratio r = π(t)/π_old(t) to the
+    round-start model (which played the games), the clipped surrogate −min(r·A, clip(r, 1±ε)·A),
+    and a KL anchor to the same model, kl · (π_old/π − log(π_old/π) − 1) (non-negative, zero when
+    π = π_old). Summed over own tokens and divided by their number (``own_tokens`` as in
+    ``weighted_nll``). old_logps [B, T-1]: log π_old of each target token. Returns (loss, each
+    sequence's mean own-token log-prob [B])."""
+    targets = input_ids[:, 1:]
+    m = mask[:, 1:].float()
+    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(m)
+    delta = (logp - old_logps) * m  # log r, 0 off the own tokens
+    ratio = torch.exp(delta)
+    a = advantages[:, None]
+    surrogate = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    anchor = torch.exp(-delta) + delta - 1  # the k3 estimator of KL(π ‖ π_old) at sampled tokens
+    denominator = m.sum().clamp(min=1) if own_tokens is None else own_tokens
+    loss = ((surrogate + kl * anchor) * m).sum() / denominator
+    return loss, (logp * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 # --------------------------------------------------------------------------- the steps
 
 
@@ -87,6 +134,8 @@ class _Row:
     weight: float
     ref_logp: float = 0.0
     """iw-SFT: mean own-token log-prob under the round-start model."""
+    old_logps: list[float] | None = None
+    """Online RL: log-prob of each target token (positions 1..T-1) under the round-start model."""
 
 
 def _tokenize(examples: Sequence[TrainExample], tokenizer, stops: set[int], max_length: int):
@@ -148,6 +197,22 @@ def _tensors(rows: list[_Row], pad_id: int, device) -> tuple[torch.Tensor, torch
     mask = _pad([r.mask for r in rows], 0).to(device)
     attention = _pad([[1] * len(r.ids) for r in rows], 0).to(device)
     return ids, mask, attention
+
+
+@torch.no_grad()
+def _token_logps(model, rows: list[_Row], pad_id: int, batch_size: int, device) -> list[list[float]]:
+    """Log-prob of every target token of each example under ``model`` as it is now (π_old)."""
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        ids, _, attention = _tensors(chunk, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        out += [row[: len(r.ids) - 1] for row, r in zip(logp.tolist(), chunk, strict=True)]
+    model.train(was_training)
+    return out
 
 
 @torch.no_grad()
@@ -278,11 +343,15 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     model.to(accelerator.device)
     pad_id = tokenizer.pad_token_id
 
-    # 2. iw-SFT: every example's log-prob under the frozen round-start model.
+    # 2. iw-SFT and online RL: every example's log-probs under the frozen round-start model.
     iw = weights is not None and weights.scheme == "iw_sft"
+    rl = weights.rl if weights is not None and weights.scheme == "rl" else None
     if iw:
         for row, ref in zip(rows, _mean_logps(model, rows, pad_id, cfg.batch_size, accelerator.device), strict=True):
             row.ref_logp = ref
+    if rl:
+        for row, old in zip(rows, _token_logps(model, rows, pad_id, cfg.batch_size, accelerator.device), strict=True):
+            row.old_logps = old
 
     # 3. The plan: whole optimiser steps, the same number in every process (DDP needs every rank to step).
     n_epochs = epochs if epochs is not None else cfg.epochs
@@ -332,7 +401,19 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
             denominator = step_tokens.clamp(min=1) / nproc
         with accelerator.accumulate(model), torch.autocast(accelerator.device.type, torch.bfloat16, enabled=autocast):
             logits = model(input_ids=input_ids, attention_mask=attention).logits
-            loss, seq_logp, factor = weighted_nll(logits, input_ids, mask, w, reweight, denominator)
+            if rl:
+                old_logps = _pad([r.old_logps for r in picked], 0.0).to(accelerator.device)  # type: ignore[misc]
+                loss, seq_logp = policy_gradient_loss(
+                    logits, input_ids, mask, w, old_logps, rl.clip, rl.kl, denominator
+                )
+                factor = torch.ones_like(seq_logp)
+            else:
+                loss, seq_logp, factor = weighted_nll(logits, input_ids, mask, w, reweight, denominator)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss is {loss.item()} at optimiser step {len(losses) + 1} (learning rate too high?); "
+                    f"nothing was saved to {out}"
+                )
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()

@@ -7,19 +7,23 @@
   0, w_max)`` with pi_ref the model at the start of the round's training, frozen; the trainer
   recomputes it at every step as theta moves (``iw_factor``), so here every example starts at 1.
 - ``judge``: an agent's 0-10 rating (``improve/judge.py``), divided by 10.
+- ``rl``: the advantage ``R - b`` itself, negative for sides that did worse than their baseline
+  (``rl_advantages``); the trainer turns it into a clipped policy-gradient loss (``sft.py``).
 
 Static weights are scaled to mean 1 over the kept examples, so the learning rate means the same
-under every scheme.
+under every scheme; advantages are scaled by their standard deviation instead (``rl.scale``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
-from parlay.config import WeightConfig
+from parlay.config import RLConfig, WeightConfig
+from parlay.episode import PlayerEpisode
 
 
 def awr_weights(rewards: Sequence[float], baselines: Sequence[float], beta: float, w_max: float) -> list[float]:
@@ -59,3 +63,26 @@ def iw_factor(logp: torch.Tensor, ref_logp: torch.Tensor, temperature: float, w_
 
     Detached: the weight scales the gradient of the NLL, it is not itself differentiated."""
     return torch.exp(temperature * (logp.detach() - ref_logp)).clamp(0.0, w_max)
+
+
+def rl_advantages(sides: Sequence[PlayerEpisode], cfg: RLConfig) -> list[float]:
+    """Each side's reward minus its baseline: the mean reward of the *other* sides of the same
+    role (first or second speaker) — on the same context (``group``) or in the whole round
+    (``role``). A side with no other in its group has no baseline and gets 0 (nothing to learn).
+    With ``scale: std`` the advantages are divided by their standard deviation."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, side in enumerate(sides):
+        key = (side.first, side.context_key) if cfg.baseline == "group" else (side.first,)
+        groups[key].append(i)
+    out = [0.0] * len(sides)
+    for members in groups.values():
+        total = sum(sides[i].reward for i in members)
+        for i in members:
+            if len(members) > 1:
+                out[i] = sides[i].reward - (total - sides[i].reward) / (len(members) - 1)
+    if cfg.scale == "std" and len(out) > 1:
+        mean = sum(out) / len(out)
+        std = math.sqrt(sum((a - mean) ** 2 for a in out) / len(out))
+        if std > 0:
+            out = [a / std for a in out]
+    return out
