@@ -266,7 +266,8 @@ class Loop:
         )
 
     def track(self, record: RoundRecord) -> None:
-        """A complete round's figures, namespaced: rollout/ (its games), train/, eval/ (vs round 0)."""
+        """A complete round's figures, namespaced: rollout/ (its games), train/, eval/ (vs round 0,
+        and the held-out partners)."""
         if self.tracker is None or not self.tracker.active:
             return
         figures = flatten("rollout", {k: v for k, v in record.metrics.items() if k in METRICS})
@@ -277,6 +278,11 @@ class Loop:
             vs = record.vs_round0
             figures |= {"eval/vs_round0": vs["mean"], "eval/vs_round0_low": vs["ci95"][0]}
             figures |= {"eval/vs_round0_high": vs["ci95"][1]}
+        for spec, f in (record.heldout or {}).items():  # eval/heldout/<partner>/…: never trained with
+            figures |= {
+                f"eval/heldout/{spec}/reward": f["mean_reward"],
+                f"eval/heldout/{spec}/agreement": f["agreement_rate"],
+            }
         self.tracker.log(figures, record.round)
 
     def _advance_game(self, ep: Episode) -> None:

@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+from parlay.agents import load_agent
 from parlay.config import ConfigError, parse_config
 from parlay.episode import all_player_episodes, read_episodes
 from parlay.evaluate.report import write_report
@@ -15,6 +16,7 @@ from parlay.loop import Loop
 from parlay.rollout import plan_games
 from parlay.run import RunDir, prepare_run
 from tests.test_loop import config
+from tests.test_tracking import scalars
 
 MIX = [
     {"agent": "self", "share": 0.5},
@@ -77,6 +79,7 @@ def test_a_league_round_trains_only_on_the_models_sides_and_records_every_partne
         rollout={"games": 8},
         partners=MIX,
         heldout={"partners": ["bot:hard"], "games": 4},
+        tracking=["tensorboard"],
     )
     history = Loop(prepare_run(cfg, False)).run()
     run = RunDir(cfg.run_dir)
@@ -107,6 +110,8 @@ def test_a_league_round_trains_only_on_the_models_sides_and_records_every_partne
     assert rec.partners["bot:conceder"]["vs_round0"]["games"] == 2  # same partner, same games as round 0
     assert rec.partners["checkpoint@0"].get("vs_round0") is None
     assert RunDir(cfg.run_dir).records() == history
+    logged = scalars(cfg.run_dir / "tensorboard")
+    assert [step for step, _ in logged["eval/heldout/bot:hard/reward"]] == [0, 1]
     # The report plots and tables the model with each partner, held-out ones marked.
     page = write_report(cfg.run_dir)[0].read_text()
     assert 'id="plot-partners"' in page and 'id="partners"' in page and "bot:hard *" in page
@@ -142,3 +147,7 @@ def test_checkpoint_partners_load_after_a_resume(parrot_lm, tmp_path):
     met = {ep.meta["partner"] for ep in r2} - {"self"}
     assert met and met <= {"checkpoint@0", "checkpoint@1"}
     assert [r.round for r in history] == [0, 1, 2]
+    # Any command takes a round's model by name: run:DIR@K.
+    agent = load_agent(f"run:{cfg.run_dir}@1")
+    assert agent.spec == f"run:{cfg.run_dir}@1" and agent.model is not None
+    agent.close()

@@ -9,7 +9,8 @@
 - ``openai:MODEL@BASE_URL`` — any OpenAI-compatible endpoint (``openai:gpt-4o-mini`` uses the
   official API and ``$OPENAI_API_KEY``);
 - ``vllm:MODEL`` — vLLM's offline engine (``pip install 'parlay[vllm]'``, GPU);
-- ``human`` — a person at this terminal.
+- ``human`` — a person at this terminal;
+- ``run:DIR[@K]`` — round K's model of the run in DIR (default: its last complete round).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def load_agent(spec: str, sampling: Sampling | None = None) -> Agent:
     """The agent a spec string names (see the module docstring)."""
     kind, _, rest = spec.partition(":")
     sampling = sampling or Sampling()
+    if kind == "run":  # round K's model of a run, named run:DIR@K wherever it plays
+        from parlay.run import round_agent_spec
+
+        name, resolved = round_agent_spec(spec)
+        agent = load_agent(resolved, sampling)
+        agent.spec = name
+        return agent
     if kind == "bot" and rest in BOTS:
         agent = BOTS[rest]()
     elif kind == "human" and not rest:
@@ -70,7 +78,8 @@ def load_agent(spec: str, sampling: Sampling | None = None) -> Agent:
     else:
         known = ", ".join(f"bot:{n}" for n in BOTS)
         raise AgentError(
-            f"unknown agent {spec!r}: expected one of {known}, hf:MODEL, openai:MODEL@URL, vllm:MODEL or human"
+            f"unknown agent {spec!r}: expected one of {known}, hf:MODEL, openai:MODEL@URL, vllm:MODEL, "
+            "run:DIR[@K] or human"
         )
     agent.spec = spec
     return agent

@@ -59,6 +59,7 @@ def episode_figures(ep: Episode) -> dict[str, Any]:
     messages = [(t.player, t.message or "") for _, t in ep.message_turns()]
     reward, ceiling = sum(ep.rewards) / len(ep.rewards), ctx.reward_ceiling(ep.game_objective())
     na, nb = ctx.nash_point
+    nash_distance = ((xa - na) ** 2 + (xb - nb) ** 2) ** 0.5 / TOTAL_VALUE
     return {
         "agreed": agreed,
         "reward": reward,
@@ -66,8 +67,8 @@ def episode_figures(ep: Episode) -> dict[str, Any]:
         "ceiling": ceiling,
         "ceiling_share": reward / ceiling if ceiling > 0 else 0.0,
         "has_ceiling": ceiling > 0,
-        "nash_distance": ((xa - na) ** 2 + (xb - nb) ** 2) ** 0.5 / TOTAL_VALUE,
-        "nash_distance_agreed": ((xa - na) ** 2 + (xb - nb) ** 2) ** 0.5 / TOTAL_VALUE if agreed else 0.0,
+        "nash_distance": nash_distance,
+        "nash_distance_agreed": nash_distance if agreed else 0.0,
         "competitiveness": ctx.competitiveness,
         "raw_ceiling": ctx.max_welfare / 2,
         "pareto": agreed and ctx.is_pareto_optimal(xa, xb),
@@ -307,9 +308,8 @@ PARTNER_METRICS = ("agreement_rate", "pareto_rate", "ceiling_share", "nash_dista
 
 def partner_summary(episodes: Sequence[Episode], before: Sequence[Episode] | None = None) -> dict[str, Any]:
     """The trained model's figures with one partner: its own mean reward (with a bootstrap 95 %
-    interval), the games' agreement,
-    Pareto share, ceiling share, distance to the Nash point and errors; with ``before`` (the same
-    games at round 0), the paired change of its reward."""
+    interval), the games' agreement, Pareto share, ceiling share, distance to the Nash point and
+    errors; with ``before`` (the same games at round 0), the paired change of its reward."""
     rewards = np.array(list(learner_rewards(episodes).values()))
     metrics = compute_metrics(episodes)
     out: dict[str, Any] = {"games": len(episodes), "mean_reward": float(rewards.mean()) if len(rewards) else 0.0}
