@@ -85,51 +85,18 @@ def main() -> None:
     peak = peak_matmul_flops(pick_dtype(args.dtype, "cpu"))
     sampling = Sampling(temperature=0.7, max_new_tokens=args.max_new_tokens)
     games = plan_games(args.games, args.seed)
-    rows = [
-        run_mode(
-            "(a) one game at a time, no reuse",
-            model,
-            tokenizer,
-            games[: args.serial_games],
-            sampling,
-            False,
-            True,
-            args.max_messages,
-            params,
-            peak,
-        ),
-        run_mode(
-            "(b) batched, no reuse", model, tokenizer, games, sampling, False, False, args.max_messages, params, peak
-        ),
-        run_mode(
-            "(c) batched + prefix reuse",
-            model,
-            tokenizer,
-            games,
-            sampling,
-            True,
-            False,
-            args.max_messages,
-            params,
-            peak,
-        ),
-        run_mode(
-            "(d) batched + prefix reuse + shared prefix",
-            model,
-            tokenizer,
-            games,
-            sampling,
-            True,
-            False,
-            args.max_messages,
-            params,
-            peak,
-            share=True,
-        ),
+    modes = [  # name, games, prefix reuse, one game at a time, shared prefix
+        ("(a) one game at a time, no reuse", games[: args.serial_games], False, True, False),
+        ("(b) batched, no reuse", games, False, False, False),
+        ("(c) batched + prefix reuse", games, True, False, False),
+        ("(d) batched + prefix reuse + shared prefix", games, True, False, True),
     ]
-    same = rows[2].pop("turn_texts") == rows[3].pop("turn_texts")
-    for r in rows[:2]:
-        r.pop("turn_texts")
+    rows = [
+        run_mode(name, model, tokenizer, planned, sampling, reuse, serial, args.max_messages, params, peak, share)
+        for name, planned, reuse, serial, share in modes
+    ]
+    texts = [r.pop("turn_texts") for r in rows]
+    same = texts[2] == texts[3]
     header = (
         "| mode | games | s | games/min | gen tok/s | processed tok/game | unique tok/game | processed/unique "
         "| share of peak |"
