@@ -98,6 +98,23 @@ def test_rows_that_end_early_ride_along_without_changing_the_others(model64):
     assert batched == [agent.generate([p], None, [i])[0] for i, p in enumerate(prompts)]
 
 
+def test_a_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_games(model64, caplog):
+    model, tokenizer = model64
+    roomy = HFAgent(model, tokenizer, GREEDY)
+    expected = _play(roomy, n=6)
+    agent = HFAgent(model, tokenizer, GREEDY)
+    generate = agent.generate
+
+    def small_memory(prompts, keys, seeds):
+        if len(prompts) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return generate(prompts, keys, seeds)
+
+    agent.generate = small_memory
+    assert [e.turns for e in _play(agent, n=6)] == [e.turns for e in expected]
+    assert agent.max_batch == 3 and "retrying in batches of 3" in caplog.text  # 6 conversations, then 3
+
+
 def test_sampling_is_seeded(tiny_lm):
     model, tokenizer, _ = tiny_lm
     agent = HFAgent(model.to(torch.float32), tokenizer, Sampling(temperature=1.0, max_new_tokens=10))

@@ -11,7 +11,8 @@ Rows of different lengths share one batch: cached
 keys/values are left-padded to a common length, new tokens are left-padded too, and the
 attention mask and explicit position ids keep every row's positions right. Keys and values are
 written in place into room reserved for the reply. Rows whose reply has ended leave the batch
-in bulk, once they are a quarter of it (each removal copies the cache).
+in bulk, once they are a quarter of it (each removal copies the cache). A batch that runs out of
+GPU memory is halved and tried again, with a warning, down to one conversation.
 """
 
 from __future__ import annotations
@@ -161,12 +162,26 @@ class HFAgent(ModelAgent):
     def complete(self, prompts: list[Prompt]) -> list[Reply]:
         self._calls += 1
         replies: list[Reply] = []
-        for start in range(0, len(prompts), self.max_batch):
+        start = 0
+        while start < len(prompts):
             chunk = prompts[start : start + self.max_batch]
             encoded = [hf_layer.render(self.tokenizer, p.messages, generation_prompt=True) for p in chunk]
-            for out in self.generate(encoded, [p.key for p in chunk], [p.seed for p in chunk]):
+            try:
+                outs = self.generate(encoded, [p.key for p in chunk], [p.seed for p in chunk])
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise
+                # Seeded replies do not depend on the batch, so a smaller batch gives the same games.
+                self.max_batch = max(1, len(chunk) // 2)
+                log.warning("out of memory decoding %d conversations at once: retrying in batches of %d "
+                            "(set rollout.batch lower to start there)", len(chunk), self.max_batch)  # fmt: skip
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            for out in outs:
                 text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
                 replies.append(Reply(text, tokens=len(out)))
+            start += len(chunk)
         self._evict()
         return replies
 
