@@ -23,7 +23,7 @@ from parlay.config import ConfigError, RolloutConfig, load_config
 from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
 from parlay.evaluate.metrics import format_change
-from parlay.evaluate.tables import metrics_table, partners_table, rounds_table, tournament_tables
+from parlay.evaluate.tables import metrics_table, partners_table, rounds_table, sweep_table, tournament_tables
 from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
@@ -285,6 +285,38 @@ def _read_all(files: list[Path]) -> list[Episode]:
     return episodes
 
 
+def _sweep(specs, lambdas, n, seed, out, max_messages, sampling, as_json, steal_lock) -> None:
+    """``parlay eval --agents A[,B] --lambdas …``: the same games at each λ, a table and a plot."""
+    from parlay.evaluate.sweep import run_sweep, save_plot
+
+    if len(specs) > 2:
+        raise ConfigError("--lambdas sweeps one pairing: give --agents A (itself) or A,B")
+    try:
+        values = [objective(float(x)).lam for x in lambdas.split(",") if x.strip()]
+    except (ValueError, RuleError) as exc:
+        raise ConfigError(f"--lambdas: expected numbers in [-1, 1] separated by commas ({exc})") from None
+    if not values:
+        raise ConfigError("--lambdas: no value given")
+    loaded = _load_agents(list(dict.fromkeys(specs)), sampling)
+    a, b = loaded[0], loaded[-1]
+    out = out or Path("eval") / f"sweep-n{n}-seed{seed}"
+    hooks = RichHooks()
+    try:
+        with FolderLock(out, steal=steal_lock):
+            hooks.stage(f"{a.spec} vs {b.spec} at {len(values)} values of λ", n * len(values))
+            result = run_sweep(a, b, values, n, seed, out, max_messages, hooks.game_done)
+            save_plot(result, out / "sweep.png")
+    finally:
+        hooks.end_stage()
+        for agent in loaded:
+            agent.close()
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    console.print(sweep_table(result))
+    err.print(f"sweep written to {out}/sweep.json and sweep.png")
+
+
 def _load_agents(specs: list[str], sampling: Sampling) -> list[Agent]:
     """Each agent of a tournament, with an error that names the one that cannot be loaded."""
     agents: list[Agent] = []
@@ -339,9 +371,17 @@ def eval_(
     ] = None,
     as_json: JsonOpt = False,
     steal_lock: StealOpt = False,
+    lambdas: Annotated[
+        str | None,
+        typer.Option(
+            "--lambdas",
+            help="A λ sweep instead of a tournament: --agents A[,B] play the same games at each λ "
+            "(comma-separated, e.g. 1,0.5,0,-0.5,-1); sweep.json and sweep.png in --out.",
+        ),
+    ] = None,
 ) -> None:
-    """Metrics with 95% intervals of episode FILES, or a cross-play tournament of --agents (one writer
-    per tournament folder)."""
+    """Metrics with 95% intervals of episode FILES, a cross-play tournament of --agents, or with
+    --lambdas a sweep of the objective (one writer per output folder)."""
     from parlay.evaluate import summarize
     from parlay.evaluate.consistency import judge_summary
 
@@ -359,6 +399,10 @@ def eval_(
         specs = [x for s in (agents or "").split(",") if s.strip() for x in expand_rounds(s.strip())]
         if not specs:
             raise ConfigError("--agents: no agent spec given")
+        if lambdas is not None:
+            _sweep(specs, lambdas, n, seed, out, max_messages, Sampling(temperature, top_p, max_new_tokens, seed),
+                   as_json, steal_lock)  # fmt: skip
+            return
         loaded = _load_agents(specs, Sampling(temperature, top_p, max_new_tokens, seed))
         out = out or Path("eval") / f"{obj.name}-n{n}-seed{seed}"
         hooks = RichHooks()

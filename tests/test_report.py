@@ -191,3 +191,29 @@ def test_broken_runs_get_clear_errors(tmp_path):
     (run_dir / "rounds" / "1" / "episodes.jsonl").write_text("{broken\n")
     _, view = write_report(run_dir)
     assert any("round 1: games cannot be read" in m and "episodes.jsonl:1" in m for m in view.missing)
+
+
+def test_a_lambda_sweep_plays_the_same_games_at_each_objective_and_reaches_the_report(run_dir):
+    out = run_dir / "eval"
+    args = ["eval", "--agents", "bot:hard,bot:cooperative", "--lambdas", "1,0,-1", "-n", "12", "--out", str(out)]
+    r = run(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert [p["lambda"] for p in result["points"]] == [1.0, 0.0, -1.0]
+    files = [out / p["episodes"] for p in result["points"]]
+    games = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+    assert len({tuple(sorted((g["id"], json.dumps(g["context"])) for g in gs)) for gs in games}) == 1  # same games
+    assert [gs[0]["objective"]["lam"] for gs in games] == [1.0, 0.0, -1.0]
+    cooperative, competitive = result["points"][0]["metrics"], result["points"][2]["metrics"]
+    assert cooperative["mean_reward_a"] > competitive["mean_reward_a"]  # the score counts the partner's points
+    assert (out / "sweep.png").stat().st_size > 0
+    again = run(*args, "--json")  # rerun: every game is already there, none is played twice
+    assert again.returncode == 0 and json.loads(again.stdout)["points"] == result["points"]
+    assert all(len(f.read_text().splitlines()) == 12 for f in files)
+    page = write_report(run_dir)[0].read_text()
+    assert 'id="plot-sweep"' in page
+    bad = run("eval", "--agents", "bot:hard", "--lambdas", "1,2", "-n", "2", "--out", str(out / "x"))
+    assert bad.returncode == 2 and "--lambdas" in bad.stderr
+    (out / "sweep.json").write_text("{}")
+    view = load_run(run_dir, resamples=50)
+    assert view.sweep is None and any("not a sweep file" in m for m in view.missing)

@@ -22,6 +22,7 @@ import yaml
 
 from parlay.episode import Episode, EpisodeFileError, ReadReport, read_episodes
 from parlay.evaluate.metrics import RESAMPLES, game_rewards, summarize
+from parlay.evaluate.sweep import read_sweep
 from parlay.evaluate.tournament import TournamentError, read_tournament
 from parlay.run import RoundRecord, RunDir, RunDirError, StageDir, TrainInfo
 
@@ -63,6 +64,8 @@ class RunView:
     rounds: list[RoundView]
     missing: list[str] = field(default_factory=list)
     tournament: dict[str, Any] | None = None
+    sweep: dict[str, Any] | None = None
+    """A λ sweep in ``RUN_DIR/eval`` (``parlay eval --lambdas``)."""
 
     @property
     def name(self) -> str:
@@ -108,7 +111,13 @@ def load_run(run_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> RunVie
             tournament = read_tournament(run.eval_dir / "tournament.json")
         except TournamentError as exc:
             missing.append(str(exc))
-    return RunView(run_dir, config, rounds, missing, tournament)
+    sweep = None
+    if (run.eval_dir / "sweep.json").exists():
+        try:
+            sweep = read_sweep(run.eval_dir / "sweep.json")
+        except ValueError as exc:
+            missing.append(str(exc))
+    return RunView(run_dir, config, rounds, missing, tournament, sweep)
 
 
 def _read_round(stage: StageDir, k: int, seed: int, resamples: int, missing: list[str]) -> RoundView | None:

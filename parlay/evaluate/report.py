@@ -5,7 +5,8 @@ agreement, Pareto-optimality, errors, the share above the mean and inconsistent 
 reward distribution; dialogue length and vocabulary; the round-score correlation with and without
 non-agreements; with partners or held-out partners, the model's reward with each of them per round
 beside its self-play curve; a cross-play heat map and ratings when the run holds a tournament
-(``RUN_DIR/eval``); and the best and worst dialogue of each round. A partial run gets a report of what exists, headed by
+(``RUN_DIR/eval``), and a λ sweep's curves when it holds one; and the best and worst dialogue of
+each round. A partial run gets a report of what exists, headed by
 what is missing.
 """
 
@@ -30,6 +31,7 @@ from parlay.episode import Episode, write_lines_atomic
 from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
 from parlay.evaluate.consistency import judge_summary
 from parlay.evaluate.metrics import LABELS, format_change, game_rewards
+from parlay.evaluate.sweep import plot_sweep
 from parlay.games.dond import ITEMS
 from parlay.locking import REPORT_LOCK, REPORT_WAIT, FolderLock
 from parlay.run import RunDir, RunDirError
@@ -80,6 +82,8 @@ def _write_report(run_dir: Path, seed: int, judge: Agent | None, judge_limit: in
         plots["partners"] = partners
     if view.tournament is not None:
         plots["crossplay"] = plot_crossplay(view.tournament)
+    if view.sweep is not None:
+        plots["sweep"] = plot_sweep(view.sweep)
     images = {}
     for name, fig in plots.items():
         buf = io.BytesIO()
@@ -329,5 +333,6 @@ def render(
         images=images,
         partners=[_partner_cells(row) for row in partner_rows(view)] if "partners" in images else [],
         tournament=view.tournament,
+        sweep=view.sweep,
         dialogues=dialogues,
     )

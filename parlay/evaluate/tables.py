@@ -140,6 +140,21 @@ def ratings_table(result: dict[str, Any]) -> Table | None:
     return table
 
 
+def sweep_table(result: dict[str, Any]) -> Table:
+    """A λ sweep (``sweep.py``): per λ, A's reward, agreement, Pareto share of deals and points kept."""
+    table = Table(
+        title=f"{result['a']} vs {result['b']}, {result['games']} games at each λ (95% CI)", title_justify="left"
+    )
+    cols = ["mean_reward_a", "agreement_rate", "pareto_rate_agreed", "mean_raw_score"]
+    table.add_column("λ", justify="right")
+    for name in cols:
+        table.add_column(LABELS[name][1], justify="right")
+    for p in result["points"]:
+        cells = (_interval(p["metrics"][k], p["ci95"].get(k), LABELS[k][2]) for k in cols)
+        table.add_row(f"{p['lambda']:g}", *cells)
+    return table
+
+
 def rounds_table(records: list[RoundRecord]) -> Table:
     """One row per round: reward (and its paired change from round 0), agreement, Pareto, errors,
     kept examples, train loss, minutes."""
