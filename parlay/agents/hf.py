@@ -7,9 +7,9 @@ the tokens it has already processed; at the next turn only the tokens after the 
 prefix with the new prompt are prefilled. With ``share_prefix`` on as well, the token prefix that
 the batch's new conversations have in common (the system prompt up to the game's own facts, see
 ``prompts.system_prompt``) is prefilled once and serves every conversation that begins with it.
-Rows of different lengths share one batch: cached
-keys/values are left-padded to a common length, new tokens are left-padded too, and the
-attention mask and explicit position ids keep every row's positions right. Keys and values are
+Rows of different lengths share one batch: cached keys/values are left-padded to a common
+length, new tokens are left-padded too, and the attention mask and explicit position ids keep
+every row's positions right. Keys and values are
 written in place into room reserved for the reply. Rows whose reply has ended leave the batch
 in bulk, once they are a quarter of it (each removal copies the cache). A batch that runs out of
 GPU memory is halved and tried again, with a warning, down to one conversation.
