@@ -129,6 +129,21 @@ def bot_round_zero(cfg):
     assert len({ep.rewards[0] for ep in episodes}) > 1
 
 
+def rl_run(parrot_lm, tmp_path, **train):
+    """An RL run of one round on groups of 4 games, whose round 0 the bots played; its records."""
+    cfg = config(
+        tmp_path,
+        str(parrot_lm),
+        rounds=1,
+        rollout={"games": 8, "group_size": 4},
+        weights={"scheme": "rl", "rl": {"baseline": "group"}},
+        **({"train": train} if train else {}),
+    )
+    prepare_run(cfg, False)
+    bot_round_zero(cfg)
+    return cfg, Loop(cfg).run()
+
+
 def test_a_diverging_round_is_marked_failed_and_plays_the_previous_model(parrot_lm, tmp_path):
     """A learning rate that turns the loss into NaN: the round says so, keeps the round-0 model,
     and no model folder is written."""
@@ -136,33 +151,14 @@ def test_a_diverging_round_is_marked_failed_and_plays_the_previous_model(parrot_
         cfg = TrainConfig(lr=1e30, epochs=4, batch_size=2, grad_accum=1, warmup_steps=0, dtype="float32")
         train(bot_examples(1), str(parrot_lm), tmp_path / "nan", cfg)
     assert not (tmp_path / "nan").exists()
-    cfg = config(
-        tmp_path,
-        str(parrot_lm),
-        rounds=1,
-        rollout={"games": 8, "group_size": 4},
-        weights={"scheme": "rl", "rl": {"baseline": "group"}},
-        train={"lr": 1e30, "lora": False, "min_steps": 8},
-    )
-    prepare_run(cfg, False)
-    bot_round_zero(cfg)
-    history = Loop(cfg).run()
+    cfg, history = rl_run(parrot_lm, tmp_path, lr=1e30, lora=False, min_steps=8)
     info = history[1].train
     assert info is not None and not info.trained and "loss is nan" in (info.failure or "").lower()
     assert history[1].model == history[0].model and not RunDir(cfg.run_dir).round(1).model.exists()
 
 
 def test_an_rl_round_trains_on_both_signs(parrot_lm, tmp_path):
-    cfg = config(
-        tmp_path,
-        str(parrot_lm),
-        rounds=1,
-        rollout={"games": 8, "group_size": 4},
-        weights={"scheme": "rl", "rl": {"baseline": "group"}},
-    )
-    prepare_run(cfg, False)
-    bot_round_zero(cfg)
-    history = Loop(cfg).run()
+    cfg, history = rl_run(parrot_lm, tmp_path)
     from parlay.improve.examples import read_examples
 
     examples = read_examples(RunDir(cfg.run_dir).round(1).train_data)

@@ -23,7 +23,7 @@ import yaml
 from parlay.episode import Episode, EpisodeFileError, ReadReport, read_episodes
 from parlay.evaluate.metrics import RESAMPLES, game_rewards, summarize
 from parlay.evaluate.sweep import read_sweep
-from parlay.evaluate.tournament import TournamentError, read_tournament
+from parlay.evaluate.tournament import read_tournament
 from parlay.run import RoundRecord, RunDir, RunDirError, StageDir, TrainInfo
 
 __all__ = ["RoundView", "RunDirError", "RunView", "load_run", "round_score_correlation"]
@@ -105,19 +105,20 @@ def load_run(run_dir: Path, seed: int = 0, resamples: int = RESAMPLES) -> RunVie
         absent = [k for k in range(planned + 1) if k not in {r.k for r in rounds}]
         if absent:
             missing.append(f"round(s) {', '.join(map(str, absent))} of 0..{planned} not played yet")
-    tournament = None
-    if (run.eval_dir / "tournament.json").exists():
-        try:
-            tournament = read_tournament(run.eval_dir / "tournament.json")
-        except TournamentError as exc:
-            missing.append(str(exc))
-    sweep = None
-    if (run.eval_dir / "sweep.json").exists():
-        try:
-            sweep = read_sweep(run.eval_dir / "sweep.json")
-        except ValueError as exc:
-            missing.append(str(exc))
+    tournament = _optional(run.eval_dir / "tournament.json", read_tournament, missing)
+    sweep = _optional(run.eval_dir / "sweep.json", read_sweep, missing)
     return RunView(run_dir, config, rounds, missing, tournament, sweep)
+
+
+def _optional(path: Path, read, missing: list[str]) -> dict[str, Any] | None:
+    """What ``read`` makes of ``path`` when it exists; a file it refuses is named in ``missing``."""
+    if not path.exists():
+        return None
+    try:
+        return read(path)
+    except ValueError as exc:  # TournamentError is one
+        missing.append(str(exc))
+        return None
 
 
 def _read_round(stage: StageDir, k: int, seed: int, resamples: int, missing: list[str]) -> RoundView | None:
