@@ -626,6 +626,147 @@ def report(
     err.print(f"report written to {path} (plots in {RunDir(run_dir).plots})")
 
 
+# ---------------------------------------------------------------------- human studies
+
+study_app = typer.Typer(help="Human studies: participant tokens and exports (the server is parlay serve).")
+app.add_typer(study_app, name="study")
+
+StudyOpt = Annotated[Path | None, typer.Option("--study", help="Study file (YAML): conditions, design, bonus.")]
+AgentsOpt = Annotated[
+    str | None, typer.Option("--agent", help="Without a study file: the agents to compare, comma-separated specs.")
+]
+DbOpt = Annotated[str, typer.Option("--db", help="SQLAlchemy database URL of the study.")]
+DEFAULT_DB = "sqlite:///parlay-study.db"
+
+
+def _study(study_file: Path | None, agents: str | None, objective_spec: str, games: int | None) -> Any:
+    from parlay.web.study import load_study, study_from_flags
+
+    if study_file is not None:
+        if agents:
+            raise ConfigError("give either --study or --agent, not both")
+        return load_study(study_file)
+    if not agents:
+        raise ConfigError("give a study file (--study) or the agents to compare (--agent SPEC[,SPEC…])")
+    extra = {"games_per_participant": games} if games else {}
+    return study_from_flags([a.strip() for a in agents.split(",") if a.strip()], objective_spec, **extra)
+
+
+def _links(store: Any, study: Any, n: int, base_url: str, out: Path | None) -> None:
+    made = store.add_participants(study, n)
+    lines = ["number,token,link", *(f"{k},{t},{base_url.rstrip('/')}/play#token={t}" for k, t in made)]
+    if out is not None:
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        err.print(f"{n} participant links written to {out} (only their hashes are stored: keep this file)")
+    else:
+        for line in lines[1:]:
+            console.print(line.split(",", 2)[2], highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def serve(
+    agents: AgentsOpt = None,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    study_file: StudyOpt = None,
+    db: DbOpt = DEFAULT_DB,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    games: Annotated[int | None, typer.Option("--games", min=1, help="Games per participant (no study file).")] = None,
+    participants: Annotated[
+        int, typer.Option("--participants", min=0, help="Make this many participant links at start and print them.")
+    ] = 0,
+    temperature: TempOpt = ROLLOUT.temperature,
+    max_new_tokens: MaxTokOpt = ROLLOUT.max_new_tokens,
+) -> None:
+    """Serve a human study: people play the models in their browsers (see README, 'Running a study').
+
+    The admin token comes from $PARLAY_ADMIN_TOKEN, or is made and printed once at start."""
+    import os
+
+    import uvicorn
+
+    from parlay.web.app import create_app
+    from parlay.web.store import Store, new_token
+
+    study = _study(study_file, agents, objective_spec, games)
+    specs = sorted({c.agent for c in study.conditions})
+    if "human" in specs:
+        raise ConfigError("'human' cannot be a study's partner: the participants are the humans")
+    store = Store(db)
+    store.ensure_study(study)
+    loaded: dict[str, Agent] = {}
+    try:
+        for spec in specs:
+            err.print(f"loading {spec} …")
+            loaded[spec] = load_agent(spec, Sampling(temperature=temperature, max_new_tokens=max_new_tokens))
+        admin_token = os.environ.get("PARLAY_ADMIN_TOKEN") or new_token()
+        base = f"http://{host}:{port}"
+        if participants:
+            _links(store, study, participants, base, None)
+        if not os.environ.get("PARLAY_ADMIN_TOKEN"):
+            err.print(f"admin page: {base}/admin#token={admin_token}", highlight=False, soft_wrap=True)
+        app_ = create_app(study, store, loaded, admin_token)
+        uvicorn.run(app_, host=host, port=port, log_level="warning")
+    finally:
+        for agent in loaded.values():
+            agent.close()
+        store.close()
+
+
+@study_app.command("tokens")
+@user_errors
+def study_tokens(
+    n: Annotated[int, typer.Option("-n", min=1, help="Participants to add.")] = 10,
+    study_file: StudyOpt = None,
+    agents: AgentsOpt = None,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    games: Annotated[int | None, typer.Option("--games", min=1, help="Games per participant (no study file).")] = None,
+    db: DbOpt = DEFAULT_DB,
+    base_url: Annotated[str, typer.Option(help="Where participants reach the server.")] = "http://127.0.0.1:8000",
+    out: Annotated[Path | None, typer.Option("--out", help="CSV of number, token and link (default: print links).")] = (
+        None
+    ),
+) -> None:
+    """Add participants to a study and give their personal links (each shown once: only hashes are stored)."""
+    from parlay.web.store import Store
+
+    study = _study(study_file, agents, objective_spec, games)
+    store = Store(db)
+    try:
+        _links(store, study, n, base_url, out)
+    finally:
+        store.close()
+
+
+@study_app.command("export")
+@user_errors
+def study_export(
+    output: Annotated[Path, typer.Option("--out", help="Episodes JSONL of every finished game (self-play schema).")],
+    study_file: StudyOpt = None,
+    agents: AgentsOpt = None,
+    objective_spec: ObjectiveOpt = "semi-competitive",
+    games: Annotated[int | None, typer.Option("--games", min=1, help="Games per participant (no study file).")] = None,
+    db: DbOpt = DEFAULT_DB,
+    csv: Annotated[Path | None, typer.Option("--csv", help="Also one CSV row per game (live ones included).")] = None,
+) -> None:
+    """Export a study's games: Episodes JSONL (for parlay eval/report and warm_start.episodes) and CSV."""
+    from parlay.web import results
+    from parlay.web.store import Store
+
+    study = _study(study_file, agents, objective_spec, games)
+    store = Store(db)
+    try:
+        episodes = results.episodes(store, study)
+        write_episodes(output, episodes)
+        err.print(f"{len(episodes)} finished games written to {output}")
+        if csv is not None:
+            csv.write_text(results.export_csv(store, study), encoding="utf-8")
+            err.print(f"games table written to {csv}")
+    finally:
+        store.close()
+
+
 def run() -> None:
     """Entry point; keeps a Ctrl-C quiet."""
     try:

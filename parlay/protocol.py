@@ -289,6 +289,21 @@ class Game:
         self._maybe_finish()
         return turn
 
+    def check(self, text: str) -> ProtocolError | None:
+        """The rejection ``step`` would give this reply now (None: it would be accepted), without
+        applying it. A user interface uses it to refuse a person's move with the protocol's own
+        feedback, without counting it towards the abort after consecutive rejections."""
+        if self.is_terminal:
+            raise RuntimeError("the game is over")
+        if self.max_reply_chars is not None and isinstance(text, str) and len(text) > self.max_reply_chars:
+            return ProtocolError(ErrorCode.TOO_LONG, f"{len(text)} characters")
+        parsed = self._check(parse_reply(text))
+        return parsed if isinstance(parsed, ProtocolError) else None
+
+    def feedback(self, error: ProtocolError) -> str:
+        """The protocol's feedback line for a rejection in this game."""
+        return prompts.feedback(error.code.value, self.context, self.max_reply_chars)
+
     def _check(self, parsed: Parsed) -> Parsed:
         """Context-dependent rules on top of the parse."""
         if isinstance(parsed, ProtocolError):
@@ -305,7 +320,7 @@ class Game:
         return parsed
 
     def _reject(self, player: str, text: str, error: ProtocolError, tokens: int | None) -> Turn:
-        fb = prompts.feedback(error.code.value, self.context, self.max_reply_chars)
+        fb = self.feedback(error)
         turn = Turn(
             player=player, text=text, accepted=False, error=error.code, detail=error.detail, feedback=fb, tokens=tokens
         )

@@ -130,24 +130,13 @@ def play_matches(
         by_agent: dict[int, list[tuple[int, Game, TurnRequest]]] = {}
         agent_of: dict[int, Agent] = {}
         for i, game in live.items():
-            m, player = matches[i], game.current_player
-            assert player is not None
-            agent = m.a if player == "A" else m.b
-            request = TurnRequest(
-                game_id=m.game.id,
-                player=player,
-                messages=game.conversation(),
-                context=game.context,
-                objective=objective,
-                proposal_owed=game.proposal_owed,
-                n_messages=game.n_messages,
-                max_messages=max_messages,
-                seed=derive_seed(m.game.seed, len(game.turns)),
-            )
+            m = matches[i]
+            request = turn_request(game, m.game.id, m.game.seed)
+            agent = m.a if request.player == "A" else m.b
             by_agent.setdefault(id(agent), []).append((i, game, request))
             agent_of[id(agent)] = agent
         for key, batch in by_agent.items():
-            replies = _act(agent_of[key], [req for _, _, req in batch])
+            replies = act_safely(agent_of[key], [req for _, _, req in batch])
             for (i, game, _), reply in zip(batch, replies, strict=True):
                 if reply.error is not None:
                     game.end("failed", reply.error)
@@ -158,7 +147,26 @@ def play_matches(
     return [done[i] for i in range(len(matches))]
 
 
-def _act(agent: Agent, requests: list[TurnRequest]) -> list[Reply]:
+def turn_request(game: Game, game_id: str, game_seed: int) -> TurnRequest:
+    """What the player to move in ``game`` is asked, with the attempt's seed derived from the
+    game's seed and the turn: the one place a turn request is built (rollouts, the web app)."""
+    player = game.current_player
+    if player is None:
+        raise RuntimeError(f"game {game_id} is over: nobody is to move")
+    return TurnRequest(
+        game_id=game_id,
+        player=player,
+        messages=game.conversation(),
+        context=game.context,
+        objective=game.objective,
+        proposal_owed=game.proposal_owed,
+        n_messages=game.n_messages,
+        max_messages=game.max_messages,
+        seed=derive_seed(game_seed, len(game.turns)),
+    )
+
+
+def act_safely(agent: Agent, requests: list[TurnRequest]) -> list[Reply]:
     """The agent's replies; a backend that fails outright fails these games, not the run."""
     try:
         replies = agent.act(requests)

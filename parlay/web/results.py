@@ -1,0 +1,133 @@
+"""What a study has gathered: per-participant totals and bonuses, per-condition results with the
+same bootstrap intervals as ``parlay eval``, and the games exported as Episodes JSONL (the
+self-play schema, so ``parlay eval``/``report`` read them and ``warm_start.episodes`` trains on
+them) or as one CSV row per game."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from parlay.episode import Episode
+from parlay.evaluate.metrics import summarize
+from parlay.web.store import GameRow, ParticipantRow, Store
+from parlay.web.study import HUMAN, Study
+
+CONDITION_METRICS = (
+    "games",
+    "mean_reward_a",
+    "mean_reward_b",
+    "agreement_rate",
+    "pareto_rate",
+    "pareto_rate_agreed",
+    "error_rate",
+    "messages_per_game",
+)
+"""What the admin page shows per condition; seat A is the person, B the model."""
+
+
+def stage(p: ParticipantRow, games_done: int, study: Study) -> str:
+    if p.consented_at is None:
+        return "consent"
+    if p.checked_at is None:
+        return "check"
+    return "done" if games_done >= study.games_per_participant else "play"
+
+
+def episodes(store: Store, study: Study) -> list[Episode]:
+    """The study's finished games, in participant and game order."""
+    return [Episode.model_validate(row.episode) for row in store.games(study.name, "done") if row.episode]
+
+
+def study_results(store: Store, study: Study) -> dict[str, Any]:
+    """Participants, games and per-condition results of a study (the admin page's data)."""
+    rows = store.games(study.name)
+    by_participant: dict[int, list[GameRow]] = {}
+    for row in rows:
+        by_participant.setdefault(row.participant_id, []).append(row)
+    participants = []
+    for p in store.participants(study.name):
+        games = by_participant.get(p.id, [])
+        done = [g for g in games if g.status == "done" and g.episode]
+        points = sum(g.episode["rewards"][0] for g in done)  # type: ignore[index]
+        participants.append(
+            {
+                "number": p.number,
+                "stage": stage(p, len(done), study),
+                "conditions": [study.conditions[c].name for c in sorted(set(study.conditions_of(p.number)))],
+                "games_done": len(done),
+                "points": points,
+                "bonus": study.bonus(points),
+                "check_attempts": p.check_attempts,
+            }
+        )
+    finished = [Episode.model_validate(r.episode) for r in rows if r.status == "done" and r.episode]
+    conditions = []
+    for c in study.conditions:
+        eps = [e for e in finished if e.meta.get("condition") == c.name]
+        summary = summarize(eps) if eps else {"metrics": {"games": 0}, "ci95": {}}
+        conditions.append(
+            {
+                "name": c.name,
+                "agent": c.agent,
+                "objective": c.objective,
+                "metrics": {k: summary["metrics"].get(k) for k in CONDITION_METRICS},
+                "ci95": {k: summary["ci95"][k] for k in CONDITION_METRICS if k in summary["ci95"]},
+            }
+        )
+    numbers = {p.id: p.number for p in store.participants(study.name)}
+    games = [game_row(r, study, numbers) for r in rows]
+    return {
+        "study": study.name,
+        "currency": study.currency,
+        "participants": participants,
+        "conditions": conditions,
+        "games": games,
+    }
+
+
+def game_row(row: GameRow, study: Study, numbers: dict[int, int]) -> dict[str, Any]:
+    """One game as a flat record (the admin table and the CSV export)."""
+    ep = row.episode or {}
+    outcome = ep.get("outcome", {})
+    proposals = outcome.get("proposals", {})
+    rewards, scores = ep.get("rewards", [None, None]), ep.get("raw_scores", [None, None])
+    ctx = row.context
+    return {
+        "game": row.id,
+        "participant": numbers[row.participant_id],
+        "game_number": row.number + 1,
+        "condition": study.conditions[row.condition].name,
+        "agent": row.agent,
+        "lambda": row.lam,
+        "status": row.status,
+        "outcome": outcome.get("status", ""),
+        "first_speaker": "human" if row.first_speaker == HUMAN else "model",
+        "counts": " ".join(map(str, ctx["counts"])),
+        "human_values": " ".join(map(str, ctx["values_a"])),
+        "model_values": " ".join(map(str, ctx["values_b"])),
+        "human_kept": " ".join(map(str, proposals.get("A", []))),
+        "model_kept": " ".join(map(str, proposals.get("B", []))),
+        "human_score": scores[0],
+        "model_score": scores[1],
+        "human_reward": rewards[0],
+        "model_reward": rewards[1],
+        "turns": len(ep.get("turns", [])),
+        "updated": row.updated_at.isoformat(timespec="seconds") + "Z",
+    }
+
+
+def export_jsonl(store: Store, study: Study) -> str:
+    return "".join(ep.model_dump_json() + "\n" for ep in episodes(store, study))
+
+
+def export_csv(store: Store, study: Study) -> str:
+    numbers = {p.id: p.number for p in store.participants(study.name)}
+    rows = [game_row(r, study, numbers) for r in store.games(study.name)]
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
