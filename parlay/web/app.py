@@ -13,7 +13,6 @@ they are read, each participant has a token-bucket rate limit, and every page is
 content security policy that allows no inline script, so chat text can only ever be text.
 """
 
-
 import asyncio
 import hmac
 import logging

@@ -1,0 +1,539 @@
+"""The study web app against its real pieces: the FastAPI app with SQLite (and PostgreSQL, started
+here), a server process killed mid-game, and the model workers' batching."""
+
+import asyncio
+import json
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from parlay.agents import Agent, load_agent
+from parlay.agents.base import Reply, TurnRequest
+from parlay.config import ConfigError
+from parlay.episode import read_episodes
+from parlay.games import objective
+from parlay.testing import check_episode
+from parlay.web.app import RateLimit, create_app
+from parlay.web.store import Store
+from parlay.web.study import comprehension_questions, load_study, study_from_flags
+from tests.web_support import free_port, postgres_server, start_process
+
+STUDY = study_from_flags(["bot:hard", "bot:cooperative"], "semi-competitive", games_per_participant=2)
+ADMIN = "admin-token-" + "x" * 32
+VIEW_KEYS = {
+    "id", "number", "of", "version", "counts", "values", "objective", "max_messages", "messages",
+    "max_message_chars", "chat", "finished", "your_turn", "partner_typing", "proposal_owed", "may_propose",
+}  # fmt: skip
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Gate(Agent):
+    """Wraps an agent; each act call waits until the test opens the gate, and batch sizes are kept."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent, self.spec = agent, agent.spec
+        self.open = threading.Event()
+        self.batches: list[int] = []
+
+    def act(self, requests: list[TurnRequest]) -> list[Reply]:
+        self.batches.append(len(requests))
+        assert self.open.wait(30), "the test never opened the gate"
+        return self.agent.act(requests)
+
+
+def make_app(store: Store, study=STUDY, agents=None, **kwargs):
+    agents = agents or {spec: load_agent(spec) for spec in {c.agent for c in study.conditions}}
+    return create_app(study, store, agents, ADMIN, poll_seconds=kwargs.pop("poll_seconds", 0.5), **kwargs)
+
+
+@pytest.fixture
+def web(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'study.db'}")
+    tokens = [t for _, t in store.add_participants(STUDY, 4)]
+    with TestClient(make_app(store)) as client:
+        yield SimpleNamespace(client=client, store=store, tokens=tokens, db=tmp_path / "study.db")
+    store.close()
+
+
+def get_ready(client, token: str) -> None:
+    """Consent, then pass the comprehension check (after one wrong try)."""
+    assert client.get("/api/me", headers=auth(token)).json()["stage"] == "consent"
+    assert client.post("/api/consent", json={"agree": True}, headers=auth(token)).status_code == 200
+    me = client.get("/api/me", headers=auth(token)).json()
+    assert me["stage"] == "check" and [q["id"] for q in me["questions"]] == ["mismatch", "objective", "values"]
+    assert all("answer" not in q for q in me["questions"])
+    wrong = client.post("/api/check", json={"answers": {"mismatch": 0}}, headers=auth(token)).json()
+    assert wrong == {"passed": False, "wrong": ["mismatch", "objective", "values"]}
+    right = {q["id"]: q["answer"] for q in comprehension_questions(objective(me_objective(client, token)))}
+    assert client.post("/api/check", json={"answers": right}, headers=auth(token)).json()["passed"]
+
+
+def me_objective(client, token: str) -> str:
+    text = client.get("/api/me", headers=auth(token)).json()["objective"]
+    return {"own points.": "semi-competitive", "plus": "cooperative", "minus": "competitive"}[
+        next(k for k in ("own points.", "plus", "minus") if k in text)
+    ]
+
+
+def wait_for_turn(client, token: str, game: dict) -> dict:
+    while not game["finished"] and not game["your_turn"]:
+        game = client.get(f"/api/games/{game['id']}?after={game['version']}", headers=auth(token)).json()
+    return game
+
+
+def play_game(client, token: str, keep: list[int] | None = None) -> dict:
+    """Play the participant's next game to its end: a message, then a proposal."""
+    data = client.post("/api/games/next", headers=auth(token)).json()
+    game = data["game"]
+    assert set(game) == VIEW_KEYS
+    step = 0
+    while True:
+        game = wait_for_turn(client, token, game)
+        if game["finished"]:
+            return game
+        if game["may_propose"] and (game["proposal_owed"] or game["messages"] >= 2):
+            body = {"move_id": f"move-{step:04d}", "kind": "proposal", "kept": keep or [c // 2 for c in game["counts"]]}
+        else:
+            body = {"move_id": f"move-{step:04d}", "kind": "message", "text": "I would like the books; take the rest."}
+        response = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token))
+        assert response.status_code == 200, response.text
+        game, step = response.json()["game"], step + 1
+
+
+def play_through(client, store: Store, token: str) -> list[dict]:
+    get_ready(client, token)
+    games = [play_game(client, token) for _ in range(STUDY.games_per_participant)]
+    assert client.post("/api/games/next", headers=auth(token)).json() == {"done": True}
+    return games
+
+
+# ------------------------------------------------------------------ studies
+
+
+def test_study_files_are_checked_key_by_key(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text("conditions: [{name: a, agent: bot:hard}]\ngames: 3\n")
+    with pytest.raises(ConfigError, match=r"games: unknown key"):
+        load_study(path)
+    path.write_text("conditions: [{name: a, agent: bot:hard, objective: greedy}]\n")
+    with pytest.raises(ConfigError, match=r"conditions.0.objective: unknown objective 'greedy'"):
+        load_study(path)
+    path.write_text(
+        "design: within\nconditions: [{name: a, agent: bot:hard}, {name: b, agent: bot:hard, objective: competitive}]"
+    )
+    with pytest.raises(ConfigError, match="within needs one objective"):
+        load_study(path)
+    path.write_text("conditions: [{name: a, agent: bot:hard}, {name: a, agent: bot:cooperative}]")
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_study(path)
+    path.write_text("conditions: []")
+    with pytest.raises(ConfigError, match="conditions"):
+        load_study(path)
+    with pytest.raises(ConfigError, match="no such study file"):
+        load_study(tmp_path / "missing.yaml")
+
+
+def test_assignment_is_balanced_in_every_block_and_position():
+    between = study_from_flags(["bot:hard", "bot:cooperative", "bot:conceder"], "cooperative", games_per_participant=2)
+    for block in range(4):
+        firsts = [between.conditions_of(i)[0] for i in range(3 * block, 3 * block + 3)]
+        assert sorted(firsts) == [0, 1, 2]
+    assert all(len(set(between.conditions_of(i))) == 1 for i in range(12))
+    within = between.model_copy(update={"design": "within", "games_per_participant": 3})
+    for position in range(3):
+        assert sorted(within.conditions_of(i)[position] for i in range(3)) == [0, 1, 2]
+    assert sorted(within.conditions_of(5)) == [0, 1, 2]
+    # the same participant and game always get the same seeded context; another game another one
+    assert within.game_plan(4, 1) == within.game_plan(4, 1)
+    assert within.game_plan(4, 1).context != within.game_plan(4, 2).context or within.game_plan(4, 1).seed != (
+        within.game_plan(4, 2).seed
+    )
+
+
+def test_a_study_with_another_definition_under_the_same_name_is_refused(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.add_participants(STUDY, 2)
+    other = study_from_flags(["bot:hard"], "competitive")
+    with pytest.raises(ConfigError, match="different study named 'study'"):
+        store.ensure_study(other)
+    with pytest.raises(ConfigError, match="cannot be opened|database"):
+        Store("sqlite:////nonexistent-dir/x/y.db")
+
+
+# ------------------------------------------------------------------ a participant's way through
+
+
+def test_a_participant_plays_a_study_through_and_the_admin_sees_and_exports_it(web, tmp_path):
+    client, token = web.client, web.tokens[0]
+    games = play_through(client, web.store, token)
+    assert all(g["finished"] and g["result"]["status"] in ("deal", "invalid_deal") for g in games)
+    me = client.get("/api/me", headers=auth(token)).json()
+    assert me["stage"] == "done" and me["games_done"] == 2
+    assert me["points"] == pytest.approx(sum(g["result"]["your_reward"] for g in games))
+
+    summary = client.get("/api/admin/summary", headers=auth(ADMIN)).json()
+    played = [c for c in summary["conditions"] if c["metrics"]["games"]]
+    assert len(played) == 1 and played[0]["metrics"]["games"] == 2  # between-subjects: one condition
+    assert set(played[0]["ci95"]) >= {"mean_reward_a", "mean_reward_b", "agreement_rate", "pareto_rate"}
+    row = next(p for p in summary["participants"] if p["number"] == 0)
+    assert row["stage"] == "done" and row["games_done"] == 2 and row["check_attempts"] == 2
+    assert [p["stage"] for p in summary["participants"][1:]] == ["consent"] * 3
+    assert summary["workers"][played[0]["agent"]]["turns"] >= 2
+
+    exported = client.get("/api/admin/export.jsonl", headers=auth(ADMIN))
+    path = tmp_path / "episodes.jsonl"
+    path.write_text(exported.text)
+    episodes = list(read_episodes(path))
+    assert [e.id for e in episodes] == [g["id"] for g in games]
+    for ep, game in zip(episodes, games, strict=True):
+        check_episode(ep, objective("semi-competitive"))
+        assert ep.meta["agents"] == {"A": "human", "B": played[0]["agent"]} and ep.meta["source"] == "web"
+        assert ep.rewards[0] == game["result"]["your_reward"]
+    csv = client.get("/api/admin/export.csv", headers=auth(ADMIN)).text.splitlines()
+    assert csv[0].startswith("game,participant,game_number,condition") and len(csv) == 3
+
+
+def test_the_cli_makes_tokens_and_exports(tmp_path):
+    from typer.testing import CliRunner
+
+    from parlay.cli import app
+
+    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    study = tmp_path / "study.yaml"
+    study.write_text("name: pilot\nconditions: [{name: hard, agent: bot:hard}]\ngames_per_participant: 1\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["study", "tokens", "--study", str(study), "--db", db, "-n", "3", "--out", str(tmp_path / "t.csv")])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "t.csv").read_text().splitlines()
+    assert lines[0] == "number,token,link" and len(lines) == 4
+    number, token, link = lines[1].split(",")
+    assert link == f"http://127.0.0.1:8000/play#token={token}" and len(token) >= 40
+    loaded = load_study(study)
+    store = Store(db)
+    with TestClient(make_app(store, loaded)) as client:
+        get_ready(client, token)
+        play_game(client, token)
+    result = runner.invoke(app, ["study", "export", "--study", str(study), "--db", db, "--out", str(tmp_path / "e.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert len(list(read_episodes(tmp_path / "e.jsonl"))) == 1
+    bad = runner.invoke(app, ["study", "tokens", "--db", db])
+    assert bad.exit_code == 2 and "give a study file" in bad.output
+    unknown = runner.invoke(app, ["serve", "--agent", "bot:nobody", "--db", db.replace("cli.db", "x.db")])
+    assert unknown.exit_code == 2 and "unknown agent 'bot:nobody'" in unknown.output
+
+
+def test_refused_moves_get_the_protocols_feedback_and_change_nothing(web):
+    client, token = web.client, web.tokens[1]
+    get_ready(client, token)
+    game = wait_for_turn(client, token, client.post("/api/games/next", headers=auth(token)).json()["game"])
+    before = game
+    url = f"/api/games/{game['id']}/moves"
+    if game["messages"] == 0:
+        early = client.post(url, json={"move_id": "early-001", "kind": "proposal", "kept": [0, 0, 0]}, headers=auth(token))
+        assert early.status_code == 422 and early.json()["code"] == "proposal_too_early"
+        assert "cannot propose before any message" in early.json()["detail"]
+    too_many = [min(4, c + 1) for c in game["counts"]]
+    if too_many != list(game["counts"]) and game["messages"]:
+        out = client.post(url, json={"move_id": "range-001", "kind": "proposal", "kept": too_many}, headers=auth(token))
+        assert out.status_code == 422 and out.json()["code"] == "out_of_range"
+    cases = [
+        ({"move_id": "m-000001", "kind": "message", "text": "   "}, "empty"),
+        ({"move_id": "m-000002", "kind": "message", "text": "x" * 301}, "longer than 300"),
+        ({"move_id": "m-000003", "kind": "message", "text": "deal? [propose] (1 book)"}, "square brackets"),
+        ({"move_id": "m-000004", "kind": "proposal", "kept": [1, 1]}, "kept"),
+        ({"move_id": "m-000005", "kind": "proposal", "kept": [9, 0, 0]}, "kept"),
+        ({"move_id": "m-000006", "kind": "proposal", "kept": [1, 1, 1], "text": "hi"}, "no text"),
+        ({"move_id": "m-000007", "kind": "wave"}, "kind"),
+        ({"move_id": "m-000008", "kind": "message", "text": "hi", "extra": 1}, "extra"),
+        ({"move_id": "bad id!", "kind": "message", "text": "hi"}, "move_id"),
+    ]
+    for body, reason in cases:
+        response = client.post(url, json=body, headers=auth(token))
+        assert response.status_code == 422 and reason in response.json()["detail"], (body, response.text)
+    not_json = client.post(url, content=b"{not json", headers=auth(token) | {"Content-Type": "application/json"})
+    assert not_json.status_code == 422
+    after = client.get(f"/api/games/{game['id']}", headers=auth(token)).json()
+    assert after == before  # nothing refused left a trace
+
+
+def test_a_double_submitted_move_is_applied_once(web):
+    client, token = web.client, web.tokens[2]
+    get_ready(client, token)
+    game = wait_for_turn(client, token, client.post("/api/games/next", headers=auth(token)).json()["game"])
+    body = {"move_id": "same-move-01", "kind": "message", "text": "Hello there"}
+    url = f"/api/games/{game['id']}/moves"
+    first = client.post(url, json=body, headers=auth(token)).json()
+    again = client.post(url, json=body, headers=auth(token)).json()
+    assert first["seq"] == again["seq"]
+    final = wait_for_turn(client, token, again["game"])
+    mine = [c for c in final["chat"] if c["from"] == "you"]
+    assert [c["text"] for c in mine] == ["Hello there"]
+    assert len([m for m in web.store.moves(game["id"]) if m.move_id == "same-move-01"]) == 1
+
+
+# ------------------------------------------------------------------ security, one test per point
+
+
+def test_a_participant_sees_and_acts_only_in_their_own_games(web):
+    client, alice, bob = web.client, web.tokens[0], web.tokens[1]
+    get_ready(client, alice)
+    get_ready(client, bob)
+    game = client.post("/api/games/next", headers=auth(alice)).json()["game"]
+    client.post("/api/games/next", headers=auth(bob))
+    for response in (
+        client.get(f"/api/games/{game['id']}", headers=auth(bob)),
+        client.post(f"/api/games/{game['id']}/moves", json={"move_id": "steal-0001", "kind": "message", "text": "hi"},
+                    headers=auth(bob)),  # fmt: skip
+        client.get("/api/games/no-such-game", headers=auth(alice)),
+    ):
+        assert response.status_code == 404 and response.json()["detail"] == "no such game"
+
+
+def test_the_partners_values_never_reach_the_browser(web):
+    client, token = web.client, web.tokens[3]
+    seen: list[str] = []
+    original = client.request
+
+    def recording(*args, **kwargs):
+        response = original(*args, **kwargs)
+        seen.append(response.text)
+        return response
+
+    client.request = recording  # every response of a whole study, pages included
+    try:
+        seen.append(client.get("/play").text)
+        play_through(client, web.store, token)
+    finally:
+        client.request = original
+    views = []
+    for text in seen:
+        assert "values_a" not in text and "values_b" not in text
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        for view in (data, data.get("game")) if isinstance(data, dict) else ():
+            if isinstance(view, dict) and "chat" in view:
+                views.append(view)
+    assert len(views) > 4
+    for view in views:
+        assert set(view) - {"result"} == VIEW_KEYS
+        assert view["values"] == web.store.game(view["id"]).context["values_a"]  # one's own, only
+        for line in view["chat"]:
+            if line["from"] == "partner":  # its messages; its proposal only as "made", never what it keeps
+                assert set(line) <= {"from", "kind", "text"}
+        if "result" in view:  # the end shows both proposals and scores, never values
+            assert set(view["result"]) == {
+                "status", "reason", "your_proposal", "partner_proposal", "your_score", "partner_score",
+                "your_reward", "partner_reward",
+            }  # fmt: skip
+
+
+def test_admin_routes_need_the_admin_token(web):
+    client = web.client
+    for path in ("/api/admin/summary", "/api/admin/export.jsonl", "/api/admin/export.csv"):
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers=auth("wrong-token")).status_code == 403
+        assert client.get(path, headers=auth(web.tokens[0])).status_code == 403  # a participant is no admin
+        assert client.get(path, headers=auth(ADMIN)).status_code == 200
+
+
+def test_tokens_are_long_random_and_stored_hashed(web):
+    assert len(set(web.tokens)) == 4 and all(len(t) >= 40 for t in web.tokens)
+    raw = b"".join(p.read_bytes() for p in web.db.parent.glob("study.db*"))
+    assert not any(t.encode() in raw for t in web.tokens)
+    from parlay.web.store import token_hash
+
+    assert all(token_hash(t).encode() in raw for t in web.tokens)
+    for bad in ("", "Bearer", "Bearer " + "x" * 200, "Basic abc", "Bearer not-a-token"):
+        response = web.client.get("/api/me", headers={"Authorization": bad} if bad else {})
+        assert response.status_code == 401 and "token" in response.json()["detail"]
+
+
+def test_inputs_are_validated_and_length_limited(web):
+    client, token = web.client, web.tokens[0]
+    huge = {"agree": True, "pad": "x" * 10_000}
+    assert client.post("/api/consent", json=huge, headers=auth(token)).status_code == 413
+    assert client.post("/api/consent", json={"agree": False}, headers=auth(token)).status_code == 422
+    assert client.post("/api/consent", json={"agree": True, "more": 1}, headers=auth(token)).status_code == 422
+    assert client.post("/api/check", json={"answers": {"mismatch": 1}}, headers=auth(token)).status_code == 409
+    assert client.post("/api/games/next", headers=auth(token)).status_code == 409  # no consent yet
+    client.post("/api/consent", json={"agree": True}, headers=auth(token))
+    many = {"answers": {f"q{i}": 0 for i in range(50)}}
+    assert client.post("/api/check", json=many, headers=auth(token)).status_code == 422
+    assert client.get("/api/games/" + "g" * 500, headers=auth(token)).status_code == 404
+
+
+def test_chat_text_is_data_never_markup(web):
+    client, token = web.client, web.tokens[1]
+    get_ready(client, token)
+    game = wait_for_turn(client, token, client.post("/api/games/next", headers=auth(token)).json()["game"])
+    attack = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
+    response = client.post(
+        f"/api/games/{game['id']}/moves", json={"move_id": "xss-000001", "kind": "message", "text": attack},
+        headers=auth(token),
+    )  # fmt: skip
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    assert response.json()["game"]["chat"][-1]["text"] == attack  # kept as typed, shown as text by the page
+    page = client.get("/play")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
+    script = client.get("/static/play.js").text
+    assert "innerHTML" not in script and "insertAdjacentHTML" not in script
+
+
+def test_each_participant_has_a_rate_limit(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'rl.db'}")
+    alice, bob = (t for _, t in store.add_participants(STUDY, 2))
+    with TestClient(make_app(store, rate=RateLimit(per_second=0.5, burst=5))) as client:
+        codes = [client.get("/api/me", headers=auth(alice)).status_code for _ in range(8)]
+        assert codes[:5] == [200] * 5 and codes[5:] == [429] * 3
+        assert client.get("/api/me", headers=auth(bob)).status_code == 200  # others are not slowed
+
+
+# ------------------------------------------------------------------ batching and restarts
+
+
+def test_one_worker_answers_every_pending_model_turn_in_one_batch(tmp_path):
+    study = study_from_flags(["bot:cooperative"], "cooperative", games_per_participant=1)
+    store = Store(f"sqlite:///{tmp_path / 'batch.db'}")
+    tokens = [t for _, t in store.add_participants(study, 6)]
+    gate = Gate(load_agent("bot:cooperative"))
+    with TestClient(make_app(store, study, {"bot:cooperative": gate}, batch_wait=0.0)) as client:
+        games = []
+        for token in tokens:
+            get_ready(client, token)
+            game = client.post("/api/games/next", headers=auth(token)).json()["game"]
+            if game["your_turn"]:
+                body = {"move_id": f"hello-{token[:6]}", "kind": "message", "text": "Hello"}
+                game = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token)).json()["game"]
+            assert game["partner_typing"] and not game["your_turn"]
+            games.append((token, game))
+        time.sleep(0.3)
+        gate.open.set()
+        for token, game in games:
+            assert wait_for_turn(client, token, game)["chat"][-1]["from"] == "partner"
+    assert sum(gate.batches[:2]) == 6 and len(gate.batches) >= 2 and max(gate.batches) >= 5
+
+
+def test_a_game_survives_a_server_killed_while_the_model_is_thinking(tmp_path):
+    db = f"sqlite:///{tmp_path / 'restart.db'}"
+    study = study_from_flags(["bot:cooperative"], "semi-competitive", games_per_participant=2)
+    store = Store(db)
+    token = store.add_participants(study, 1)[0][1]
+    port = free_port()
+    cmd = ["-m", "tests.web_server", "--db", db, "--port", str(port), "--agents", "bot:cooperative"]
+    base = f"http://127.0.0.1:{port}"
+    server = start_process([*cmd, "--delay", "600"], f"{base}/api/me")
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            get_ready(client, token)
+            game = client.post("/api/games/next", headers=auth(token)).json()["game"]
+            if game["your_turn"]:
+                body = {"move_id": "before-kill", "kind": "message", "text": "Books for me?"}
+                game = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token)).json()["game"]
+            assert game["partner_typing"]
+            acknowledged = game["chat"]
+    finally:
+        server.kill()
+        server.wait()
+    server = start_process(cmd, f"{base}/api/me")  # no delay now: the pending turn is answered
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            resumed = wait_for_turn(client, token, client.get(f"/api/games/{game['id']}", headers=auth(token)).json())
+            assert resumed["chat"][: len(acknowledged)] == acknowledged  # nothing acknowledged is lost
+            assert resumed["chat"][len(acknowledged)]["from"] == "partner"
+            assert client.post("/api/games/next", headers=auth(token)).json()["game"]["id"] == game["id"]
+            finished = [play_game(client, token) for _ in range(2)]
+            assert finished[0]["id"] == game["id"] and all(g["finished"] for g in finished)
+    finally:
+        server.terminate()
+        server.wait()
+    moves = store.moves(game["id"])
+    assert [m.seq for m in moves] == list(range(len(moves)))
+
+
+def test_a_restarted_app_replays_its_live_games_and_queues_the_models_turn(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'replay.db'}")
+    study = study_from_flags(["bot:hard"], "semi-competitive", games_per_participant=1)
+    token = store.add_participants(study, 1)[0][1]
+    gate = Gate(load_agent("bot:hard"))
+    with TestClient(make_app(store, study, {"bot:hard": gate})) as client:
+        get_ready(client, token)
+        game = client.post("/api/games/next", headers=auth(token)).json()["game"]
+        if game["your_turn"]:
+            body = {"move_id": "before-stop", "kind": "message", "text": "Hi"}
+            game = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token)).json()["game"]
+        gate.open.set()  # lets the app stop; the answer of the blocked call may or may not be stored
+    with TestClient(make_app(store, study)) as client:
+        resumed = wait_for_turn(client, token, client.get(f"/api/games/{game['id']}", headers=auth(token)).json())
+        assert resumed["chat"][: len(game["chat"])] == game["chat"]
+        assert resumed["your_turn"] or resumed["finished"]
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def test_a_study_runs_on_a_real_postgresql_server(tmp_path):
+    with postgres_server() as url:
+        store = Store(url)
+        tokens = [t for _, t in store.add_participants(STUDY, 2)]
+        with TestClient(make_app(store)) as client:
+            games = play_through(client, store, tokens[0])
+            get_ready(client, tokens[1])
+            live = client.post("/api/games/next", headers=auth(tokens[1])).json()["game"]
+            live = wait_for_turn(client, tokens[1], live)
+            body = {"move_id": "pg-move-01", "kind": "message", "text": "Hello from PostgreSQL"}
+            client.post(f"/api/games/{live['id']}/moves", json=body, headers=auth(tokens[1]))
+            client.post(f"/api/games/{live['id']}/moves", json=body, headers=auth(tokens[1]))  # a resend
+        with TestClient(make_app(store)) as client:  # a restart: the live game is replayed from PostgreSQL
+            resumed = client.get(f"/api/games/{live['id']}", headers=auth(tokens[1])).json()
+            assert [c["text"] for c in resumed["chat"] if c["from"] == "you"][-1] == "Hello from PostgreSQL"
+            summary = client.get("/api/admin/summary", headers=auth(ADMIN)).json()
+            assert sum(c["metrics"]["games"] for c in summary["conditions"]) == len(games)
+            exported = client.get("/api/admin/export.jsonl", headers=auth(ADMIN)).text.splitlines()
+            assert [json.loads(line)["id"] for line in exported] == [g["id"] for g in games]
+        store.close()
+
+
+def test_the_hub_is_usable_without_http():
+    """The hub's pieces carry the web app's rules on their own: a view never holds the partner's
+    values, and a model reply that is an error ends the game as failed."""
+    from parlay.web.hub import Hub
+
+    async def scenario(tmp: str) -> None:
+        store = Store(f"sqlite:///{tmp}/hub.db")
+        study = study_from_flags(["bot:hard"], "semi-competitive", games_per_participant=1)
+        store.ensure_study(study)
+        store.add_participants(study, 1)
+        hub = Hub(study, store, {"bot:hard": load_agent("bot:hard")}, batch_wait=0.0)
+        participant = store.participants(study.name)[0]
+        live = await hub.next_game(participant)
+        assert live is not None
+        while not live.model_to_move:
+            await hub.human_move(live, f"m-{len(live.game.turns):06d}", "[message] hi")
+        await hub.apply_model_reply(live, Reply("", error="backend down"))
+        assert live.game.outcome.status == "failed"
+        assert store.game(live.row.id).status == "done" and store.game(live.row.id).ended["status"] == "failed"
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(tmp))
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    for key in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
