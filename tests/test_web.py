@@ -164,7 +164,7 @@ def test_a_study_with_another_definition_under_the_same_name_is_refused(tmp_path
     other = study_from_flags(["bot:hard"], "competitive")
     with pytest.raises(ConfigError, match="different study named 'study'"):
         store.ensure_study(other)
-    with pytest.raises(ConfigError, match="cannot be opened|database"):
+    with pytest.raises(ConfigError, match=r"cannot be opened|database"):
         Store("sqlite:////nonexistent-dir/x/y.db")
 
 
@@ -210,18 +210,22 @@ def test_the_cli_makes_tokens_and_exports(tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text("name: pilot\nconditions: [{name: hard, agent: bot:hard}]\ngames_per_participant: 1\n")
     runner = CliRunner()
-    result = runner.invoke(app, ["study", "tokens", "--study", str(study), "--db", db, "-n", "3", "--out", str(tmp_path / "t.csv")])
+    result = runner.invoke(
+        app, ["study", "tokens", "--study", str(study), "--db", db, "-n", "3", "--out", str(tmp_path / "t.csv")]
+    )
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "t.csv").read_text().splitlines()
     assert lines[0] == "number,token,link" and len(lines) == 4
-    number, token, link = lines[1].split(",")
+    _, token, link = lines[1].split(",")
     assert link == f"http://127.0.0.1:8000/play#token={token}" and len(token) >= 40
     loaded = load_study(study)
     store = Store(db)
     with TestClient(make_app(store, loaded)) as client:
         get_ready(client, token)
         play_game(client, token)
-    result = runner.invoke(app, ["study", "export", "--study", str(study), "--db", db, "--out", str(tmp_path / "e.jsonl")])
+    result = runner.invoke(
+        app, ["study", "export", "--study", str(study), "--db", db, "--out", str(tmp_path / "e.jsonl")]
+    )
     assert result.exit_code == 0, result.output
     assert len(list(read_episodes(tmp_path / "e.jsonl"))) == 1
     bad = runner.invoke(app, ["study", "tokens", "--db", db])
@@ -237,7 +241,9 @@ def test_refused_moves_get_the_protocols_feedback_and_change_nothing(web):
     before = game
     url = f"/api/games/{game['id']}/moves"
     if game["messages"] == 0:
-        early = client.post(url, json={"move_id": "early-001", "kind": "proposal", "kept": [0, 0, 0]}, headers=auth(token))
+        early = client.post(
+            url, json={"move_id": "early-001", "kind": "proposal", "kept": [0, 0, 0]}, headers=auth(token)
+        )
         assert early.status_code == 422 and early.json()["code"] == "proposal_too_early"
         assert "cannot propose before any message" in early.json()["detail"]
     too_many = [min(4, c + 1) for c in game["counts"]]
@@ -290,8 +296,11 @@ def test_a_participant_sees_and_acts_only_in_their_own_games(web):
     client.post("/api/games/next", headers=auth(bob))
     for response in (
         client.get(f"/api/games/{game['id']}", headers=auth(bob)),
-        client.post(f"/api/games/{game['id']}/moves", json={"move_id": "steal-0001", "kind": "message", "text": "hi"},
-                    headers=auth(bob)),  # fmt: skip
+        client.post(
+            f"/api/games/{game['id']}/moves",
+            json={"move_id": "steal-0001", "kind": "message", "text": "hi"},
+            headers=auth(bob),
+        ),
         client.get("/api/games/no-such-game", headers=auth(alice)),
     ):
         assert response.status_code == 404 and response.json()["detail"] == "no such game"
