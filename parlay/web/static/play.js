@@ -52,8 +52,8 @@ async function refresh() {
     show("consent");
     $("agree").focus();
   } else if (me.stage === "check") {
-    renderCheck(me);
     show("check");
+    renderCheck(me);
   } else if (me.stage === "play") {
     await startGame();
   } else {
