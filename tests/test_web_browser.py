@@ -141,7 +141,7 @@ def test_a_person_plays_a_tiny_transformers_model_on_a_phone(tmp_path, parrot_lm
 
     spec = f"hf:{parrot_lm}"
     command = ["-m", "tests.web_server", "--agents", spec, "--games", "1", "--delay", "0.7"]
-    server, base, token = serve(tmp_path, [spec], command + ["--admin-token", ADMIN])
+    server, base, token = serve(tmp_path, [spec], [*command, "--admin-token", ADMIN])
     try:
         with sync_playwright() as pw:
             browser = launch(pw)
