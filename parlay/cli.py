@@ -643,8 +643,8 @@ def _study(study_file: Path | None, agents: str | None, objective_spec: str, gam
     from parlay.web.study import load_study, study_from_flags
 
     if study_file is not None:
-        if agents:
-            raise ConfigError("give either --study or --agent, not both")
+        if agents or games:
+            raise ConfigError("with --study, the study file says the agents and games (not --agent or --games)")
         return load_study(study_file)
     if not agents:
         raise ConfigError("give a study file (--study) or the agents to compare (--agent SPEC[,SPEC…])")

@@ -17,6 +17,7 @@ LAYERS = [
     ("improve", ["parlay.improve"]),
     ("evaluate", ["parlay.evaluate", "parlay.tracking"]),
     ("loop", ["parlay.league", "parlay.loop"]),
+    ("serve", ["parlay.web"]),
     ("face", ["parlay.cli", "parlay.__main__"]),
 ]
 ROOT = Path(parlay.__file__).parent

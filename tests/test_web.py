@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -141,6 +142,12 @@ def test_study_files_are_checked_key_by_key(tmp_path):
         load_study(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "studies").glob("*.yaml")))
+def test_every_shipped_study_loads(path):
+    study = load_study(path)
+    assert study.name == path.stem and study.conditions
+
+
 def test_assignment_is_balanced_in_every_block_and_position():
     between = study_from_flags(["bot:hard", "bot:cooperative", "bot:conceder"], "cooperative", games_per_participant=2)
     for block in range(4):
@@ -175,6 +182,9 @@ def test_a_participant_plays_a_study_through_and_the_admin_sees_and_exports_it(w
     client, token = web.client, web.tokens[0]
     games = play_through(client, web.store, token)
     assert all(g["finished"] and g["result"]["status"] in ("deal", "invalid_deal") for g in games)
+    late = {"move_id": "after-the-end", "kind": "message", "text": "one more thing"}
+    over = client.post(f"/api/games/{games[0]['id']}/moves", json=late, headers=auth(token))
+    assert over.status_code == 409 and over.json()["detail"] == "This game is over."
     me = client.get("/api/me", headers=auth(token)).json()
     assert me["stage"] == "done" and me["games_done"] == 2
     assert me["points"] == pytest.approx(sum(g["result"]["your_reward"] for g in games))

@@ -161,12 +161,15 @@ class Hub:
         """The game, replayed from the database on first use; None if there is no such game."""
         if game_id in self.games:
             return self.games[game_id]
-        async with self._loading.setdefault(game_id, asyncio.Lock()):
-            if game_id not in self.games:
-                loaded = await asyncio.to_thread(self._load, game_id)
-                if loaded is None:
-                    return None
-                self.games[game_id] = loaded
+        try:
+            async with self._loading.setdefault(game_id, asyncio.Lock()):
+                if game_id not in self.games:
+                    loaded = await asyncio.to_thread(self._load, game_id)
+                    if loaded is None:
+                        return None
+                    self.games[game_id] = loaded
+        finally:
+            self._loading.pop(game_id, None)  # ids asked for in vain must not pile up
         return self.games[game_id]
 
     def _load(self, game_id: str) -> LiveGame | None:
