@@ -20,6 +20,7 @@ from parlay import __version__
 from parlay.agents import Agent, AgentError, Sampling, load_agent, load_judge
 from parlay.agents.base import TemplateError
 from parlay.config import ConfigError, RolloutConfig, load_config
+from parlay.distributed import DistributedError, RayPool, RemoteAgent
 from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, read_episodes, write_episodes
 from parlay.evaluate import compute_metrics
 from parlay.evaluate.metrics import format_change
@@ -29,7 +30,7 @@ from parlay.games import ContextFileError, Objective, RuleError, objective, read
 from parlay.improve import TrainDataError
 from parlay.lewis import LewisFormatError, import_file
 from parlay.locking import FolderLock, LockError
-from parlay.rollout import plan_games, play_games
+from parlay.rollout import plan_games, play_games, play_matches
 from parlay.run import RoundRecord, RunDir, RunDirError, expand_rounds, prepare_run, round_agent_spec
 from parlay.tracking import TrackingError, track_eval
 
@@ -55,6 +56,7 @@ USER_ERRORS = (
     RunDirError,
     TemplateError,
     LockError,
+    DistributedError,
     FileNotFoundError,
 )
 F = TypeVar("F", bound=Callable[..., Any])
@@ -371,6 +373,12 @@ def eval_(
     ] = None,
     as_json: JsonOpt = False,
     steal_lock: StealOpt = False,
+    workers: Annotated[
+        int, typer.Option("--workers", min=0, help="Ray actors that play the tournament (pip install 'parlay[ray]').")
+    ] = 0,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="A running Ray cluster (default: a local one).")
+    ] = None,
     lambdas: Annotated[
         str | None,
         typer.Option(
@@ -403,20 +411,29 @@ def eval_(
             _sweep(specs, lambdas, n, seed, out, max_messages, Sampling(temperature, top_p, max_new_tokens, seed),
                    as_json, steal_lock)  # fmt: skip
             return
-        loaded = _load_agents(specs, Sampling(temperature, top_p, max_new_tokens, seed))
+        sampling = Sampling(temperature, top_p, max_new_tokens, seed)
+        pool = RayPool(workers, ray_address) if workers else None
+        if pool is not None:  # the workers load the agents
+            loaded: list[Agent] = [RemoteAgent(round_agent_spec(spec)[0], sampling) for spec in specs]
+        else:
+            loaded = _load_agents(specs, sampling)
         out = out or Path("eval") / f"{obj.name}-n{n}-seed{seed}"
         hooks = RichHooks()
         try:
             with FolderLock(out, steal=steal_lock):
                 result = run_tournament(
-                    loaded, obj, n, seed, out, max_messages, Sampling(temperature, top_p, max_new_tokens, seed),
-                    on_pair=lambda what, total, done: (hooks.stage(what, total), hooks.advance(done)),
+                    loaded, obj, n, seed, out, max_messages, sampling,
+                    on_start=lambda total, done: (hooks.stage(f"tournament of {len(specs)} agents", total),
+                                                  hooks.advance(done)),
                     on_episode=hooks.game_done,
+                    play=pool.play_matches if pool else play_matches,
                 )  # fmt: skip
         finally:
             hooks.end_stage()
             for agent in loaded:
                 agent.close()
+            if pool is not None:
+                pool.close()
         episodes = None
     if judge_agent is not None:
         try:

@@ -51,6 +51,15 @@ class RolloutConfig(_Section):
         "'parlay[vllm]'; plays full weights, so it needs train.lora: false).",
     )
     dtype: str = Field("auto", description="Rollout dtype: auto, float32 or bfloat16.")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Ray actors that play the games, each loading its own agents (0: play in this process). "
+        "Needs pip install 'parlay[ray]'.",
+    )
+    ray_address: str | None = Field(
+        None, description="Address of a running Ray cluster (default: start a local Ray instance with `workers` CPUs)."
+    )
 
 
 FilterRule = Literal["above_mean", "nonzero", "agreed", "all", "top_fraction", "threshold"]

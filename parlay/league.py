@@ -27,7 +27,7 @@ that names its key; a partner that fails during a round fails its games (recorde
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -73,8 +73,10 @@ def heldout_games(cfg: RunConfig, index: int) -> list[GameSpec]:
 class League:
     """The partners of a run, loaded once; ``matches`` gives each round's games."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, sampling: Sampling) -> None:
-        self.cfg, self.run, self.sampling = cfg, run, sampling
+    def __init__(
+        self, cfg: RunConfig, run: RunDir, sampling: Sampling, load: Callable[[str, Sampling], Agent] = load_agent
+    ) -> None:
+        self.cfg, self.run, self.sampling, self.load = cfg, run, sampling, load
         self.fixed: dict[str, Agent] = {}
         for i, p in enumerate(cfg.partners):
             if p.agent != SELF and not p.agent.startswith("checkpoint:"):
@@ -84,7 +86,7 @@ class League:
 
     def _load(self, key: str, spec: str) -> Agent:
         try:
-            return load_agent(round_agent_spec(spec)[1], self.sampling)
+            return self.load(round_agent_spec(spec)[1], self.sampling)
         except (AgentError, ConfigError) as exc:
             raise ConfigError(f"{key}: {spec}: {exc}") from None
 
@@ -136,7 +138,7 @@ class League:
         r = self.cfg.rollout
         spec = model.agent_spec(r.dtype, r.batch, r.backend)
         if spec not in self._checkpoints:
-            self._checkpoints[spec] = load_agent(spec, self.sampling)
+            self._checkpoints[spec] = self.load(spec, self.sampling)
         return self._checkpoints[spec]
 
     def _priorities(self, k: int, pool: dict[int, ModelRef]) -> dict[int, float]:

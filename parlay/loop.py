@@ -26,6 +26,7 @@ from typing import Any
 from parlay.agents import load_agent, load_judge
 from parlay.agents.base import Sampling
 from parlay.config import ConfigError, RunConfig, WeightConfig
+from parlay.distributed import RayPool, RemoteAgent
 from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.evaluate import METRICS, compute_metrics, paired_difference
 from parlay.evaluate.metrics import partner_summary
@@ -74,13 +75,18 @@ class Loop:
     def run(self) -> list[RoundRecord]:
         """Play and train every round not yet complete; return the record of every round."""
         r = self.cfg.rollout
-        self.league = League(self.cfg, self.run_dir, Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed))
+        self.pool = RayPool(r.workers, r.ray_address) if r.workers else None
+        self.load = RemoteAgent if self.pool else load_agent  # with Ray, the workers load the agents
+        sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed)
+        self.league = League(self.cfg, self.run_dir, sampling, self.load)
         self.tracker = Tracker(self.cfg.tracking, self.run_dir.path, self.cfg.name, self.cfg.model_dump(mode="json"))
         try:
             return self._rounds()
         finally:
             self.tracker.close()
             self.league.close()
+            if self.pool is not None:
+                self.pool.close()
 
     def _rounds(self) -> list[RoundRecord]:
         cfg, run = self.cfg, self.run_dir
@@ -206,7 +212,7 @@ class Loop:
         held_todo = sum(len(plan) - len(h) for plan, h in zip(held, held_have, strict=True))
         if todo or held_todo:
             sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed)
-            learner = load_agent(model.agent_spec(r.dtype, r.batch, r.backend), sampling)
+            learner = self.load(model.agent_spec(r.dtype, r.batch, r.backend), sampling)
             self.hooks.stage(f"round {k}: play", len(games) + sum(len(p) for p in held))
             self.hooks.advance(len(have) + sum(len(h) for h in held_have), deals=sum(ep.agreed for ep in have.values()))
             writers: list[EpisodeWriter] = []
@@ -216,7 +222,8 @@ class Loop:
                 done = {spec: set(h) for spec, h in zip(self.cfg.heldout.partners, held_have, strict=True)}
                 extra, held_writers = self.league.heldout_matches(k, learner, done)
                 writers += held_writers
-                played = play_matches(matches + extra, self.obj, r.max_messages, self._advance_game, r.max_reply_chars)
+                play = self.pool.play_matches if self.pool else play_matches
+                played = play(matches + extra, self.obj, r.max_messages, self._advance_game, r.max_reply_chars)
             finally:
                 for w in writers:
                     w.close()

@@ -99,6 +99,10 @@ def play_games(
     return play_matches(matches, objective, max_messages, on_episode, max_reply_chars)
 
 
+PlayMatches = Callable[..., list[Episode]]
+"""``play_matches`` or another player with its signature (``distributed.RayPool.play_matches``)."""
+
+
 def play_matches(
     matches: Sequence[Match],
     objective: Objective,

@@ -14,6 +14,7 @@ LAYERS = [
     ("records", ["parlay.episode", "parlay.lewis", "parlay.run", "parlay.locking"]),
     ("agents", ["parlay.agents"]),
     ("rollout", ["parlay.rollout", "parlay.testing"]),
+    ("scale", ["parlay.distributed"]),
     ("improve", ["parlay.improve"]),
     ("evaluate", ["parlay.evaluate", "parlay.tracking"]),
     ("loop", ["parlay.league", "parlay.loop"]),

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from parlay.episode import Episode, EpisodeWriter, write_lines_atomic
 from parlay.evaluate.metrics import METRICS, paired_bootstrap, summarize
 from parlay.evaluate.ratings import ratings
 from parlay.games.dond import Objective
-from parlay.rollout import plan_games, play_games, split_finished
+from parlay.rollout import Match, PlayMatches, plan_games, play_matches, split_finished
 
 log = logging.getLogger(__name__)
 
@@ -80,42 +81,53 @@ def run_tournament(
     out: Path,
     max_messages: int | None,
     sampling: Sampling,
-    on_pair: Callable[[str, int, int], None] | None = None,
+    on_start: Callable[[int, int], None] | None = None,
     on_episode: Callable[[Episode], None] | None = None,
     resamples: int = 2000,
+    play: PlayMatches = play_matches,
 ) -> dict[str, Any]:
     """Play every ordered pair of ``agents`` (their ``spec`` names them) and summarise each.
 
-    ``on_pair(description, games, already_played)`` is called before a pair plays. Returns what
-    ``tournament.json`` holds."""
+    All pairs' missing games are played at once (``play``: in this process, where an agent that
+    sits in several pairs answers all its turns in one batch, or on Ray workers); each pair's
+    games go to its own file. ``on_start(games, already_played)`` is called before play, over
+    all pairs. Returns what ``tournament.json`` holds."""
     specs = [a.spec for a in agents]
     if len(set(specs)) != len(specs):
         raise TournamentError(f"an agent is listed twice: {', '.join(specs)}")
     setup = Setup(specs, obj.to_dict(), games, seed, max_messages, asdict(sampling))
     _check_setup(out, setup)
     plan = plan_games(games, seed)
-    pairs: list[dict[str, Any]] = []
-    by_pair: dict[tuple[int, int], list[Episode]] = {}
-    for i, a in enumerate(agents):
-        for j, b in enumerate(agents):
+    pairs = [(i, j) for i in range(len(agents)) for j in range(len(agents))]
+    have: dict[tuple[int, int], dict[str, Episode]] = {}
+    matches: list[Match] = []
+    with ExitStack() as files:
+        for i, j in pairs:
             path = pair_file(out, i, j)
-            have, todo = split_finished(path, plan)
-            if on_pair is not None:
-                on_pair(f"{a.spec} vs {b.spec}", len(plan), len(have))
+            have[(i, j)], todo = split_finished(path, plan)
             if todo:
-                with EpisodeWriter(path, append=True) as writer:
-                    played = play_games(a, b, todo, obj, max_messages, writer, on_episode, {"tournament": str(out)})
-                have |= {ep.id: ep for ep in played}
-            episodes = [have[g.id] for g in plan]
-            by_pair[(i, j)] = episodes
-            summary = summarize(episodes, seed=seed, resamples=resamples)
-            pairs.append({"a": a.spec, "b": b.spec, "a_index": i, "b_index": j, "episodes": str(path.relative_to(out))})
-            pairs[-1] |= summary
+                writer = files.enter_context(EpisodeWriter(path, append=True))
+                meta = {"tournament": str(out)}
+                matches += [Match(g, agents[i], agents[j], meta, writer) for g in todo]
+        if on_start is not None:
+            on_start(len(pairs) * len(plan), sum(len(h) for h in have.values()))
+        played = play(matches, obj, max_messages, on_episode) if matches else []
+    for m, ep in zip(matches, played, strict=True):
+        have[(specs.index(m.a.spec), specs.index(m.b.spec))][ep.id] = ep
+    summaries: list[dict[str, Any]] = []
+    by_pair: dict[tuple[int, int], list[Episode]] = {}
+    for i, j in pairs:
+        episodes = by_pair[(i, j)] = [have[(i, j)][g.id] for g in plan]
+        path = pair_file(out, i, j)
+        summaries.append(
+            {"a": specs[i], "b": specs[j], "a_index": i, "b_index": j, "episodes": str(path.relative_to(out))}
+        )
+        summaries[-1] |= summarize(episodes, seed=seed, resamples=resamples)
     changes = changes_from_first(specs, by_pair, seed)
-    result = asdict(setup) | {"pairs": pairs, "matrix": cross_play_matrix(specs, pairs), "vs_first": changes}
+    result = asdict(setup) | {"pairs": summaries, "matrix": cross_play_matrix(specs, summaries), "vs_first": changes}
     result["ratings"] = ratings(specs, by_pair, seed)
     write_lines_atomic(out / "tournament.json", [json.dumps(result, indent=1)])
-    write_csv(out / "tournament.csv", pairs)
+    write_csv(out / "tournament.csv", summaries)
     return result
 
 
