@@ -71,6 +71,8 @@ class Loop:
         self.trainer = make_trainer(cfg, self.run_dir.config_file)
         self.tracker: Tracker | None = None
         self.train_step = 0
+        self.pool: RayPool | None = None
+        self.load = load_agent
 
     def run(self) -> list[RoundRecord]:
         """Play and train every round not yet complete; return the record of every round."""
