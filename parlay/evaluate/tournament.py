@@ -101,6 +101,7 @@ def run_tournament(
     pairs = [(i, j) for i in range(len(agents)) for j in range(len(agents))]
     have: dict[tuple[int, int], dict[str, Episode]] = {}
     matches: list[Match] = []
+    pair_of: list[tuple[int, int]] = []  # the pair of each match
     with ExitStack() as files:
         for i, j in pairs:
             path = pair_file(out, i, j)
@@ -109,11 +110,12 @@ def run_tournament(
                 writer = files.enter_context(EpisodeWriter(path, append=True))
                 meta = {"tournament": str(out)}
                 matches += [Match(g, agents[i], agents[j], meta, writer) for g in todo]
+                pair_of += [(i, j)] * len(todo)
         if on_start is not None:
             on_start(len(pairs) * len(plan), sum(len(h) for h in have.values()))
         played = play(matches, obj, max_messages, on_episode) if matches else []
-    for m, ep in zip(matches, played, strict=True):
-        have[(specs.index(m.a.spec), specs.index(m.b.spec))][ep.id] = ep
+    for pair, ep in zip(pair_of, played, strict=True):
+        have[pair][ep.id] = ep
     summaries: list[dict[str, Any]] = []
     by_pair: dict[tuple[int, int], list[Episode]] = {}
     for i, j in pairs:

@@ -182,8 +182,8 @@ def create_app(
         return live
 
     async def require_stage(p: ParticipantRow, wanted: str) -> str:
-        done = sum(g.status == "done" for g in await asyncio.to_thread(store.games_of, p.id))
-        now = results.stage(p, done, study)
+        done = results.finished(await asyncio.to_thread(store.games_of, p.id))
+        now = results.stage(p, len(done), study)
         if now != wanted:
             raise Refused(409, f"this step is not open now (you are at: {now})")
         return now
@@ -210,7 +210,7 @@ def create_app(
     @app.get("/api/me")
     async def me(p: Participant) -> dict[str, Any]:
         games = await asyncio.to_thread(store.games_of, p.id)
-        done = [g for g in games if g.status == "done" and g.episode]
+        done = results.finished(games)
         now = results.stage(p, len(done), study)
         obj = study.objective_for(p.number)
         out: dict[str, Any] = {
@@ -227,10 +227,10 @@ def create_app(
         if now == "done":
             if p.finished_at is None:
                 await asyncio.to_thread(store.mark, p.id, "finished_at")
-            points = sum(g.episode["rewards"][0] for g in done)  # type: ignore[index]
+            total = results.points(done)
             out |= {
-                "points": points,
-                "bonus": study.bonus(points),
+                "points": total,
+                "bonus": study.bonus(total),
                 "currency": study.currency,
                 "completion_code": study.completion_code,
             }
@@ -252,7 +252,7 @@ def create_app(
         return {"passed": not wrong, "wrong": wrong}
 
     @app.post("/api/games/next")
-    async def next_game(p: Participant, request: Request) -> dict[str, Any]:
+    async def next_game(p: Participant) -> dict[str, Any]:
         if p.consented_at is None or p.checked_at is None:
             raise Refused(409, "give consent and pass the check first")
         live = await hub.next_game(p)

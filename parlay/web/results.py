@@ -27,6 +27,16 @@ CONDITION_METRICS = (
 """What the admin page shows per condition; seat A is the person, B the model."""
 
 
+def finished(rows: list[GameRow]) -> list[GameRow]:
+    """A participant's games that are over and recorded."""
+    return [g for g in rows if g.status == "done" and g.episode]
+
+
+def points(done: list[GameRow]) -> float:
+    """The person's reward summed over their finished games (the person sits as A)."""
+    return sum(g.episode["rewards"][0] for g in done)  # type: ignore[index]
+
+
 def stage(p: ParticipantRow, games_done: int, study: Study) -> str:
     if p.consented_at is None:
         return "consent"
@@ -37,7 +47,7 @@ def stage(p: ParticipantRow, games_done: int, study: Study) -> str:
 
 def episodes(store: Store, study: Study) -> list[Episode]:
     """The study's finished games, in participant and game order."""
-    return [Episode.model_validate(row.episode) for row in store.games(study.name, "done") if row.episode]
+    return [Episode.model_validate(row.episode) for row in finished(store.games(study.name, "done"))]
 
 
 def study_results(store: Store, study: Study) -> dict[str, Any]:
@@ -46,26 +56,26 @@ def study_results(store: Store, study: Study) -> dict[str, Any]:
     by_participant: dict[int, list[GameRow]] = {}
     for row in rows:
         by_participant.setdefault(row.participant_id, []).append(row)
+    people = store.participants(study.name)
     participants = []
-    for p in store.participants(study.name):
-        games = by_participant.get(p.id, [])
-        done = [g for g in games if g.status == "done" and g.episode]
-        points = sum(g.episode["rewards"][0] for g in done)  # type: ignore[index]
+    for p in people:
+        done = finished(by_participant.get(p.id, []))
+        total = points(done)
         participants.append(
             {
                 "number": p.number,
                 "stage": stage(p, len(done), study),
                 "conditions": [study.conditions[c].name for c in sorted(set(study.conditions_of(p.number)))],
                 "games_done": len(done),
-                "points": points,
-                "bonus": study.bonus(points),
+                "points": total,
+                "bonus": study.bonus(total),
                 "check_attempts": p.check_attempts,
             }
         )
-    finished = [Episode.model_validate(r.episode) for r in rows if r.status == "done" and r.episode]
+    played = [Episode.model_validate(r.episode) for r in finished(rows)]
     conditions = []
     for c in study.conditions:
-        eps = [e for e in finished if e.meta.get("condition") == c.name]
+        eps = [e for e in played if e.meta.get("condition") == c.name]
         summary = summarize(eps) if eps else {"metrics": {"games": 0}, "ci95": {}}
         conditions.append(
             {
@@ -76,7 +86,7 @@ def study_results(store: Store, study: Study) -> dict[str, Any]:
                 "ci95": {k: summary["ci95"][k] for k in CONDITION_METRICS if k in summary["ci95"]},
             }
         )
-    numbers = {p.id: p.number for p in store.participants(study.name)}
+    numbers = {p.id: p.number for p in people}
     games = [game_row(r, study, numbers) for r in rows]
     return {
         "study": study.name,
