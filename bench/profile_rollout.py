@@ -4,7 +4,8 @@
 
 1. The machine's limits: peak matmul FLOP/s at the dtype (large square matmuls), the matmul rate
    at the small row counts decoding runs at, and memory bandwidth (a large copy).
-2. One forward step of the model at batch 16/32/64 with a 400-token cache, and one prefill of 64
+2. One forward step of the model at batch 16/32/64 with a 400-token cache (every other row left-padded,
+   as in a real batch), and one prefill of 64
    new tokens per row: time, achieved FLOP/s, and the compute and memory bound of that step.
 3. A round of the quickstart's rollout (its sampling, cap and reply length; self-play, prefix reuse)
    under torch.profiler, with operator time grouped: matmuls, attention, cache handling, sampling,
@@ -76,6 +77,9 @@ def step_figures(model, batch: int, cached: int, params: int, limits: dict[str, 
 
     from parlay.agents.hf import _roomy_layer_class
 
+    mask = torch.ones((batch, cached + 1), dtype=torch.long)
+    mask[::2, : cached // 8] = 0  # left padding in every other row, as in a real batch: never a mask-free step
+
     def decode():
         layers = [_roomy_layer_class()(1) for _ in range(cfg.num_hidden_layers)]
         for i, layer in enumerate(layers):
@@ -86,7 +90,7 @@ def step_figures(model, batch: int, cached: int, params: int, limits: dict[str, 
         t = time.perf_counter()
         model(
             input_ids=torch.zeros((batch, 1), dtype=torch.long),
-            attention_mask=torch.ones((batch, cached + 1)),
+            attention_mask=mask,
             position_ids=torch.full((batch, 1), cached),
             past_key_values=cache,
             use_cache=True,

@@ -1,16 +1,18 @@
 """Rollout throughput on the embedded model: one game at a time vs batched vs batched + prefix reuse
-vs batched + prefix reuse + one shared system-prompt prefix.
+vs batched + prefix reuse + one shared system-prompt prefix, and the last in bf16.
 
     .venv/bin/python bench/rollout.py [--games 24] [--serial-games 4] [--dtype float32]
 
 (a) plays games one at a time and re-sends the whole conversation every turn (how the paper's
 code plays); (b) batches every pending turn of all games, recomputing each prompt; (c) does the
 same with per-conversation KV reuse; (d) adds one cached prefix (the system prompt's head, up to
-the game's own facts) shared by all conversations. All four play the same seeded games. Reported per mode:
+the game's own facts) shared by all conversations; (e) is (d) in bf16 (what ``dtype: auto`` plays
+on a CPU that computes bf16 natively; left out on one that does not). All play the same seeded
+games; (a)-(d) in ``--dtype``. Reported per mode:
 games/min, generated tokens/s, tokens processed per game (prefilled + generated) against the
 unique tokens per game (the longest sequence each conversation reached), and the share of the
 hardware limit: 2·params·tokens processed per second over the measured peak matmul FLOP/s at the
-same dtype. Figures are appended to bench/RESULTS.md.
+mode's dtype. Figures are appended to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from parlay.agents.base import Sampling
 from parlay.agents.hf import HFAgent, load_model
-from parlay.agents.hf_layer import pick_dtype
+from parlay.agents.hf_layer import cpu_has_bf16, pick_dtype
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 
@@ -85,18 +87,23 @@ def main() -> None:
     peak = peak_matmul_flops(pick_dtype(args.dtype, "cpu"))
     sampling = Sampling(temperature=0.7, max_new_tokens=args.max_new_tokens)
     games = plan_games(args.games, args.seed)
-    modes = [  # name, games, prefix reuse, one game at a time, shared prefix
-        ("(a) one game at a time, no reuse", games[: args.serial_games], False, True, False),
-        ("(b) batched, no reuse", games, False, False, False),
-        ("(c) batched + prefix reuse", games, True, False, False),
-        ("(d) batched + prefix reuse + shared prefix", games, True, False, True),
+    modes = [  # name, model, peak, games, prefix reuse, one game at a time, shared prefix
+        ("(a) one game at a time, no reuse", model, peak, games[: args.serial_games], False, True, False),
+        ("(b) batched, no reuse", model, peak, games, False, False, False),
+        ("(c) batched + prefix reuse", model, peak, games, True, False, False),
+        ("(d) batched + prefix reuse + shared prefix", model, peak, games, True, False, True),
     ]
+    bf16_peak = None
+    if cpu_has_bf16() and pick_dtype(args.dtype, "cpu") != torch.bfloat16:
+        bf16_model, _ = load_model(args.model, dtype="bfloat16", device="cpu")
+        bf16_peak = peak_matmul_flops(torch.bfloat16)
+        modes.append(("(e) = (d) in bf16", bf16_model, bf16_peak, games, True, False, True))
     rows = [
-        run_mode(name, model, tokenizer, planned, sampling, reuse, serial, args.max_messages, params, peak, share)
-        for name, planned, reuse, serial, share in modes
+        run_mode(name, m, tokenizer, planned, sampling, reuse, serial, args.max_messages, params, p, share)
+        for name, m, p, planned, reuse, serial, share in modes
     ]
     texts = [r.pop("turn_texts") for r in rows]
-    same = texts[2] == texts[3]
+    same = sum(c == d for c, d in zip(texts[2], texts[3], strict=True))
     header = (
         "| mode | games | s | games/min | gen tok/s | processed tok/game | unique tok/game | processed/unique "
         "| share of peak |"
@@ -108,23 +115,25 @@ def main() -> None:
             f"| {r['processed_per_game']:.0f} | {r['unique_per_game']:.0f} "
             f"| {r['processed_per_game'] / r['unique_per_game']:.2f} | {r['hw_share']:.1%} |"
         )
-    speedup = rows[3]["games_per_min"] / rows[0]["games_per_min"]
+    last = rows[-1]
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     text = "\n".join(
         [
             f"\n## rollout — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
-            f"Machine: {machine}; model {args.model} ({params / 1e6:.0f}M params, {args.dtype}); "
-            f"peak matmul {peak / 1e9:.0f} GFLOP/s; {args.games} games, cap {args.max_messages} messages, "
-            f"≤{args.max_new_tokens} new tokens per reply.",
+            f"Machine: {machine}; model {args.model} ({params / 1e6:.0f}M params, {args.dtype}"
+            f"{', and bf16 for (e)' if bf16_peak else ''}); peak matmul {peak / 1e9:.0f} GFLOP/s"
+            f"{f' ({bf16_peak / 1e9:.0f} in bf16)' if bf16_peak else ''}; {args.games} games, "
+            f"cap {args.max_messages} messages, ≤{args.max_new_tokens} new tokens per reply.",
             "",
             *lines,
             "",
-            f"(d) vs (a): {speedup:.1f}× games/min; (c) vs (b): "
-            f"{rows[2]['games_per_min'] / rows[1]['games_per_min']:.1f}×; (d) vs (c): "
+            f"{last['mode'][:3]} vs (a): {last['games_per_min'] / rows[0]['games_per_min']:.1f}× games/min; "
+            f"(c) vs (b): {rows[2]['games_per_min'] / rows[1]['games_per_min']:.1f}×; (d) vs (c): "
             f"{rows[3]['games_per_min'] / rows[2]['games_per_min']:.2f}×, "
-            f"{'the same' if same else 'NOT the same'} episodes.",
+            f"{same} of {len(texts[2])} games the same, turn for turn"
+            + (f"; (e) vs (d): {last['games_per_min'] / rows[3]['games_per_min']:.2f}×." if bf16_peak else "."),
         ]
     )
     print(text)

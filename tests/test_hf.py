@@ -124,6 +124,37 @@ def test_sampling_is_seeded(tiny_lm):
     assert len(outs) > 1
 
 
+def _sampler(temperature=1.0, top_p=1.0):
+    agent = HFAgent.__new__(HFAgent)  # the sampler needs only the sampling settings
+    agent.sampling = Sampling(temperature=temperature, top_p=top_p)
+    return agent
+
+
+def test_the_batched_sampler_draws_from_the_distribution_and_never_a_token_without_mass():
+    logits = torch.tensor([[0.0, -float("inf"), 1.0, 2.0, -float("inf")]])
+    n = 20000
+    drawn = _sampler()._sample(logits.repeat(n, 1), [torch.Generator().manual_seed(i) for i in range(n)])
+    share = torch.bincount(drawn, minlength=5) / n
+    assert share[1] == 0 and share[4] == 0
+    assert torch.allclose(share, torch.softmax(logits[0], -1), atol=0.015)  # 4+ standard errors
+    # top-p keeps only the nucleus: here the single most likely token
+    nucleus = _sampler(top_p=0.5)._sample(logits.repeat(50, 1), [torch.Generator().manual_seed(i) for i in range(50)])
+    assert set(nucleus.tolist()) == {3}
+
+
+def test_a_draw_at_the_top_of_the_unit_interval_is_the_last_token_with_mass(monkeypatch):
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([1.0 - 2**-53], dtype=torch.float64))
+    logits = torch.tensor([[3.0, 0.0, -float("inf"), -float("inf")]])
+    assert _sampler()._sample(logits, [torch.Generator()]).tolist() == [1]
+
+
+def test_a_rows_draw_depends_on_its_seed_and_logits_not_on_the_batch():
+    logits = torch.randn(12, 300, generator=torch.Generator().manual_seed(0)) * 3
+    alone = [_sampler()._sample(logits[i : i + 1], [torch.Generator().manual_seed(100 + i)]).item() for i in range(12)]
+    together = _sampler()._sample(logits, [torch.Generator().manual_seed(100 + i) for i in range(12)]).tolist()
+    assert alone == together and len(set(together)) > 3
+
+
 def test_spec_options_and_errors(tiny_lm, tmp_path):
     _, _, path = tiny_lm
     agent = load_agent(f"hf:{path}+reuse=0+dtype=float32")
@@ -183,10 +214,12 @@ def test_bf16_on_a_cpu_without_it_falls_back_to_float32_and_says_so(monkeypatch,
     monkeypatch.setattr(hf_layer, "cpu_has_bf16", lambda: False)
     with caplog.at_level("WARNING"):
         assert hf_layer.pick_dtype("bf16", "cpu") == torch.float32
-        assert hf_layer.pick_dtype("bfloat16", "cpu", training=True) == torch.float32
+        assert hf_layer.pick_dtype("bfloat16", "cpu") == torch.float32
+        assert hf_layer.pick_dtype("auto", "cpu") == torch.float32
     assert "no native bf16" in caplog.text
     assert hf_layer.pick_dtype("bf16", "cuda") == torch.bfloat16
     monkeypatch.setattr(hf_layer, "cpu_has_bf16", lambda: True)
     assert hf_layer.pick_dtype("bf16", "cpu") == torch.bfloat16
+    assert hf_layer.pick_dtype("auto", "cpu") == torch.bfloat16
     with pytest.raises(AgentError, match="unknown dtype"):
         hf_layer.pick_dtype("int3", "cpu")

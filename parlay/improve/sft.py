@@ -331,7 +331,7 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     from accelerate import Accelerator
 
     started = time.perf_counter()
-    dtype = pick_dtype(cfg.dtype, device, training=True)
+    dtype = pick_dtype(cfg.dtype, device)
     # Full fine-tuning keeps fp32 master weights and computes in bf16 where that is the dtype.
     autocast = not cfg.lora and dtype == torch.bfloat16
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=device == "cpu")
