@@ -50,7 +50,9 @@ class RolloutConfig(_Section):
         description="Who plays the model's turns: hf (transformers, CPU or GPU) or vllm (GPU, pip install "
         "'parlay[vllm]'; plays full weights, so it needs train.lora: false).",
     )
-    dtype: str = Field("auto", description="Rollout dtype: auto, float32 or bfloat16.")
+    dtype: str = Field(
+        "auto", description="Rollout dtype: auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bf16."
+    )
     workers: int = Field(
         0,
         ge=0,
