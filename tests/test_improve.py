@@ -60,6 +60,16 @@ def test_empty_selection_is_reported_and_follows_the_policy():
     assert select([], FilterConfig()).kept == []
 
 
+def test_keeping_mostly_no_deal_sides_against_a_negative_mean_is_called_out():
+    # A competitive round: two lost deals, one won, three sides without a deal (mean -1).
+    lost = [pe(-4, i=0), pe(-3, i=1), pe(1, i=2), pe(0, False, i=3), pe(0, False, i=4), pe(0, False, i=5)]
+    above = select(lost, FilterConfig(rule="above_mean"))
+    assert above.kept == [2, 3, 4, 5] and "3 of the 4 kept sides ended without a deal" in above.note
+    won = select(lost, FilterConfig(rule="nonzero"))
+    assert won.kept == [2] and won.note == ""
+    assert select(ROUND, FilterConfig(rule="above_mean")).note == ""  # a positive mean: nothing to say
+
+
 def test_one_path_from_games_to_examples():
     """Rule, then sides with turns of their own, then the judge gate, then weights; zero weights dropped."""
     from parlay.agents import load_agent

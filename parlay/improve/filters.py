@@ -15,6 +15,11 @@ Rules (``FilterConfig.rule``), all over the player-episodes of one round:
 competitive objective produces for every even split (the paper's competitive variant). When
 nothing passes, ``on_empty`` says what happens: ``skip`` trains nothing this round, ``nonzero``
 falls back to that rule; either way the result says so.
+
+When the baseline is negative (most deals lost points, as under a competitive objective early
+on), ``above_mean`` keeps the sides that ended without a deal; if they are most of what it kept,
+the result's note says so, since training on them teaches the model to avoid deals
+(docs/RESULTS.md, the competitive runs) and ``nonzero`` keeps only the sides that won.
 """
 
 from __future__ import annotations
@@ -86,9 +91,21 @@ def select(episodes: Sequence[PlayerEpisode], cfg: FilterConfig) -> Selection:
 
     kept = run(cfg.rule)
     if kept or not episodes:
-        return Selection(kept, base, cfg.rule)
+        return Selection(kept, base, cfg.rule, _no_deal_warning(episodes, base, kept))
     note = f"rule {cfg.rule} kept none of {len(episodes)} player-episodes"
     if cfg.on_empty == "nonzero" and cfg.rule != "nonzero":
         kept = run("nonzero")
         return Selection(kept, base, "nonzero", f"{note}; fell back to nonzero, which kept {len(kept)}")
     return Selection([], base, cfg.rule, f"{note}; this round's training is skipped")
+
+
+def _no_deal_warning(episodes: Sequence[PlayerEpisode], base: list[float], kept: list[int]) -> str:
+    """A note when most kept sides passed only because their no-deal 0 beat a negative baseline."""
+    no_deal = [i for i in kept if not episodes[i].agreed and episodes[i].reward == 0 and base[i] < 0]
+    if 2 * len(no_deal) <= len(kept):
+        return ""
+    return (
+        f"{len(no_deal)} of the {len(kept)} kept sides ended without a deal and pass only because the baseline "
+        f"is negative (most deals lost points): training on them teaches the model to avoid deals; "
+        f"filter.rule: nonzero keeps only the sides that won"
+    )
