@@ -695,6 +695,10 @@ def serve(
     ] = 0,
     temperature: TempOpt = ROLLOUT.temperature,
     max_new_tokens: MaxTokOpt = ROLLOUT.max_new_tokens,
+    check: Annotated[
+        bool,
+        typer.Option(help="Before serving, play 4 trial games of each model against bot:conceder; warn if all abort."),
+    ] = True,
 ) -> None:
     """Serve a human study: people play the models in their browsers (see README, 'Running a study').
 
@@ -703,7 +707,9 @@ def serve(
 
     import uvicorn
 
+    from parlay.agents.base import ModelAgent
     from parlay.web.app import create_app
+    from parlay.web.hub import trial
     from parlay.web.store import Store, new_token
 
     study = _study(study_file, agents, objective_spec, games)
@@ -717,6 +723,12 @@ def serve(
         for spec in specs:
             err.print(f"loading {spec} …")
             loaded[spec] = load_agent(spec, Sampling(temperature=temperature, max_new_tokens=max_new_tokens))
+        for condition in study.conditions:
+            agent = loaded[condition.agent]
+            if check and isinstance(agent, ModelAgent):
+                err.print(f"trial games: {condition.name} ({condition.agent}) …")
+                if warning := trial(agent, condition.objective, study.max_messages):
+                    err.print(f"[bold red]warning[/]: condition {condition.name}: {warning}", soft_wrap=True)
         admin_token = os.environ.get("PARLAY_ADMIN_TOKEN") or new_token()
         base = f"http://{host}:{port}"
         if participants:

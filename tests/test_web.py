@@ -556,3 +556,12 @@ def _no_proxy(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def test_a_model_that_cannot_speak_the_protocol_fails_its_trial_games(tiny_lm):
+    from parlay.web.hub import trial
+
+    _, _, path = tiny_lm
+    raw = load_agent(f"hf:{path}")  # random weights: every reply is rejected, every game aborted
+    assert "failed the protocol: all 4 trial games" in trial(raw, "semi-competitive", 6)
+    assert trial(load_agent("bot:cooperative"), "semi-competitive", 6) == ""  # it plays: no warning

@@ -33,6 +33,30 @@ from parlay.web.study import HUMAN, MODEL, Study, public_context
 
 log = logging.getLogger(__name__)
 
+TRIAL_PARTNER = "bot:conceder"
+TRIAL_GAMES = 4
+
+
+def trial(agent: Agent, objective_spec: str, max_messages: int, games: int = TRIAL_GAMES) -> str:
+    """Play ``games`` seeded games of ``agent`` (as player B, its seat in a study) against the
+    conceding bot before people meet it; return a warning when every one was aborted for rejected
+    replies (a model that cannot speak the protocol: its games with people would all end so),
+    else ``""``."""
+    from parlay.agents import load_agent
+    from parlay.rollout import plan_games, play_games
+
+    episodes = play_games(
+        load_agent(TRIAL_PARTNER), agent, plan_games(games, seed=0), objective(objective_spec), max_messages
+    )
+    aborted = sum(e.outcome.status == "aborted" for e in episodes)
+    if aborted < len(episodes):
+        return ""
+    return (
+        f"{agent.spec} failed the protocol: all {aborted} trial games against {TRIAL_PARTNER} ({objective_spec}) "
+        f"were aborted for rejected replies, so every game with a person would end the same way. Serve a "
+        f"warm-started or trained model (run:DIR), not a raw one"
+    )
+
 
 class Refused(Exception):
     """A move or request that is not applied; ``status`` is the HTTP status to answer with."""
