@@ -723,12 +723,11 @@ def serve(
         for spec in specs:
             err.print(f"loading {spec} …")
             loaded[spec] = load_agent(spec, Sampling(temperature=temperature, max_new_tokens=max_new_tokens))
-        for condition in study.conditions:
-            agent = loaded[condition.agent]
-            if check and isinstance(agent, ModelAgent):
-                err.print(f"trial games: {condition.name} ({condition.agent}) …")
-                if warning := trial(agent, condition.objective, study.max_messages):
-                    err.print(f"[bold red]warning[/]: condition {condition.name}: {warning}", soft_wrap=True)
+        for spec, objective_name in sorted({(c.agent, c.objective) for c in study.conditions}):
+            if check and isinstance(loaded[spec], ModelAgent):
+                err.print(f"trial games: {spec} ({objective_name}) …")
+                if warning := trial(loaded[spec], objective_name, study.max_messages):
+                    err.print(f"[bold red]warning[/]: {warning}", soft_wrap=True)
         admin_token = os.environ.get("PARLAY_ADMIN_TOKEN") or new_token()
         base = f"http://{host}:{port}"
         if participants:

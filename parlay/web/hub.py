@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parlay import prompts
+from parlay.agents import load_agent
 from parlay.agents.base import Agent, Reply
 from parlay.episode import Episode
 from parlay.games.dond import Context, objective
 from parlay.protocol import Game
-from parlay.rollout import act_safely, turn_request
+from parlay.rollout import act_safely, plan_games, play_games, turn_request
 from parlay.web.store import GameRow, MoveConflict, ParticipantRow, Store
 from parlay.web.study import HUMAN, MODEL, Study, public_context
 
@@ -42,9 +43,6 @@ def trial(agent: Agent, objective_spec: str, max_messages: int, games: int = TRI
     conceding bot before people meet it; return a warning when every one was aborted for rejected
     replies (a model that cannot speak the protocol: its games with people would all end so),
     else ``""``."""
-    from parlay.agents import load_agent
-    from parlay.rollout import plan_games, play_games
-
     episodes = play_games(
         load_agent(TRIAL_PARTNER), agent, plan_games(games, seed=0), objective(objective_spec), max_messages
     )
