@@ -4,9 +4,9 @@
 
 1. The machine's limits: peak matmul FLOP/s at the dtype (large square matmuls), the matmul rate
    at the small row counts decoding runs at, and memory bandwidth (a large copy).
-2. One forward step of the model at batch 16/32/64 with a 400-token cache (every other row left-padded,
-   as in a real batch), and one prefill of 64
-   new tokens per row: time, achieved FLOP/s, and the compute and memory bound of that step.
+2. One forward step of the model at batch 16/32/64 with a 400-token cache (every other row
+   left-padded, as in a real batch), and one prefill of 64 new tokens per row: time, achieved
+   FLOP/s, and the compute and memory bound of that step.
 3. A round of the quickstart's rollout (its sampling, cap and reply length; self-play, prefix reuse)
    under torch.profiler, with operator time grouped: matmuls, attention, cache handling, sampling,
    other tensor work; tokenisation (chat rendering) timed separately; the rest of the wall time is

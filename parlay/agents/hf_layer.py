@@ -49,10 +49,10 @@ def default_device() -> str:
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
     """``auto``: bf16 on GPU and on CPUs that compute it natively, else fp32, for play and training
-    alike. Measured on an AVX512-BF16 CPU (docs/RESULTS.md): bf16 trains 1.4× and decodes 2× as
-    fast as fp32, and a LoRA adapter merged into bf16 weights keeps its effect (the trained model's
-    next-token distributions differ from fp32's by a KL of 0.001 nats, against 1.4 without the
-    adapter)."""
+    alike. Measured on an AVX512-BF16 CPU (docs/RESULTS.md, bench/RESULTS.md): bf16 trains 1.4×
+    and decodes 2× as fast as fp32, and a LoRA adapter merged into bf16 weights keeps its effect
+    (the trained model's next-token distributions differ from fp32's by a KL of 0.001 nats,
+    against 1.4 without the adapter)."""
     if name == "auto":
         if device.startswith("cuda") or (device == "cpu" and cpu_has_bf16()):
             return torch.bfloat16
