@@ -8,7 +8,8 @@ from parlay.agents import AgentError, language, load_agent
 from parlay.agents.scripted import BOTS
 from parlay.evaluate import compute_metrics
 from parlay.games import all_contexts, objective
-from parlay.rollout import plan_games, play_games
+from parlay.protocol import Game, message_reply, message_text, parse_reply, proposal_reply
+from parlay.rollout import plan_games, play_games, turn_request
 from parlay.testing import check_agents, check_game
 
 OBJECTIVES = ["cooperative", "semi-competitive", "competitive", "0.5"]
@@ -92,3 +93,42 @@ def test_bots_read_stated_values_and_offers():
 def test_unknown_agent_spec_is_a_clear_error():
     with pytest.raises(AgentError, match=r"unknown agent 'bot:nice'.*bot:hard"):
         load_agent("bot:nice")
+
+
+@pytest.mark.parametrize("bot", ["conceder", "hard", "cooperative"])
+def test_a_bot_does_not_hold_its_yes_to_a_worse_offer(bot):
+    """The partner offers what the bot asks for and the bot agrees; then the partner says it keeps
+    everything and proposes that. The bot's yes was to the first offer: it does not propose to
+    keep nothing. When the partner only restates the offer, the bot proposes what it agreed to."""
+    ctx = next(c for c in all_contexts() if all(v > 0 for v in c.values("B")))
+
+    def offer(partner_keeps):
+        return message_reply(
+            f"I take {language.items_phrase(partner_keeps)} and you take "
+            f"{language.items_phrase(ctx.complement(partner_keeps))}."
+        )
+
+    for asks_more in (True, False):
+        game = Game(ctx, objective("cooperative"), first_speaker="A", max_messages=20)
+        agent = load_agent(f"bot:{bot}")
+        bot_gets, said = ctx.counts, ""
+        while not language.is_acceptance(said):  # offer the bot what it last asked for until it agrees
+            partner_keeps = ctx.complement(bot_gets)
+            game.step(offer(partner_keeps))
+            said = message_text(agent.act([turn_request(game, "g", game.n_messages)])[0].text)
+            game.step(message_reply(said))
+            bot_gets = (language.read_offer(said, ctx.counts) or (bot_gets,))[0]
+            assert game.n_messages < 10, "the bot never agreed"
+        agreed = ctx.complement(partner_keeps)
+        now = ctx.counts if asks_more else partner_keeps
+        game.step(offer(now))
+        reply = agent.act([turn_request(game, "g", 98)])[0].text
+        if not reply.startswith("[propose]"):  # it answers in words first; the partner proposes
+            game.step(reply)
+            game.step(proposal_reply(now))
+            reply = agent.act([turn_request(game, "g", 99)])[0].text
+        kept = parse_reply(reply).kept
+        if asks_more:
+            assert kept != (0, 0, 0), f"bot:{bot} gave everything away after agreeing to keep {agreed}"
+        else:
+            assert kept == agreed

@@ -124,6 +124,10 @@ def test_sampling_is_seeded(tiny_lm):
     assert len(outs) > 1
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+"""Where the sampler's tests run: the batched draw runs on the model's device."""
+
+
 @pytest.fixture
 def sampler(tiny_lm):
     """An agent's sampler at a temperature and top-p: ``sampler(1.0, 0.5)._sample(logits, generators)``."""
@@ -131,26 +135,30 @@ def sampler(tiny_lm):
     return lambda temperature=1.0, top_p=1.0: HFAgent(model, tokenizer, Sampling(temperature=temperature, top_p=top_p))
 
 
-def test_the_batched_sampler_draws_from_the_distribution_and_never_a_token_without_mass(sampler):
-    logits = torch.tensor([[0.0, -float("inf"), 1.0, 2.0, -float("inf")]])
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_batched_sampler_draws_from_the_distribution_and_never_a_token_without_mass(sampler, device):
+    logits = torch.tensor([[0.0, -float("inf"), 1.0, 2.0, -float("inf")]], device=device)
     n = 20000
     drawn = sampler()._sample(logits.repeat(n, 1), [torch.Generator().manual_seed(i) for i in range(n)])
-    share = torch.bincount(drawn, minlength=5) / n
+    assert drawn.device.type == device
+    share = torch.bincount(drawn.cpu(), minlength=5) / n
     assert share[1] == 0 and share[4] == 0
-    assert torch.allclose(share, torch.softmax(logits[0], -1), atol=0.015)  # 4+ standard errors
+    assert torch.allclose(share, torch.softmax(logits[0].cpu(), -1), atol=0.015)  # 4+ standard errors
     # top-p keeps only the nucleus: here the single most likely token
     nucleus = sampler(top_p=0.5)._sample(logits.repeat(50, 1), [torch.Generator().manual_seed(i) for i in range(50)])
     assert set(nucleus.tolist()) == {3}
 
 
-def test_a_draw_at_the_top_of_the_unit_interval_is_the_last_token_with_mass(sampler, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_draw_at_the_top_of_the_unit_interval_is_the_last_token_with_mass(sampler, monkeypatch, device):
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([1.0 - 2**-53], dtype=torch.float64))
-    logits = torch.tensor([[3.0, 0.0, -float("inf"), -float("inf")]])
+    logits = torch.tensor([[3.0, 0.0, -float("inf"), -float("inf")]], device=device)
     assert sampler()._sample(logits, [torch.Generator()]).tolist() == [1]
 
 
-def test_a_rows_draw_depends_on_its_seed_and_logits_not_on_the_batch(sampler):
-    logits = torch.randn(12, 300, generator=torch.Generator().manual_seed(0)) * 3
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_rows_draw_depends_on_its_seed_and_logits_not_on_the_batch(sampler, device):
+    logits = (torch.randn(12, 300, generator=torch.Generator().manual_seed(0)) * 3).to(device)
     alone = [sampler()._sample(logits[i : i + 1], [torch.Generator().manual_seed(100 + i)]).item() for i in range(12)]
     together = sampler()._sample(logits, [torch.Generator().manual_seed(100 + i) for i in range(12)]).tolist()
     assert alone == together and len(set(together)) > 3

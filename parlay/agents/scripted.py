@@ -37,6 +37,9 @@ class _Reading:
     my_offer: Counts | None = None
     """What I last asked to keep."""
     i_accepted: bool = False
+    """My last message accepted the partner's offer, and no worse one for me has come since."""
+    accepted: Counts | None = None
+    """The partner offer my last acceptance was given to."""
     partner_values: dict[int, int] | None = None
     partner_wants: tuple[int, ...] = (0, 0, 0)
     """How often the partner asked for each item type."""
@@ -45,7 +48,10 @@ class _Reading:
 
 
 def _read(req: TurnRequest) -> _Reading:
+    """An acceptance holds for the offer it answered: a later partner offer that is worse for me
+    withdraws it, so a partner cannot win a "deal" and then ask for more."""
     counts = req.context.counts
+    score = lambda kept: req.context.raw_score(req.player, kept)  # noqa: E731
     r = _Reading(partner_values={})
     wants = [0, 0, 0]
     for msg in req.messages[1:]:
@@ -60,9 +66,12 @@ def _read(req: TurnRequest) -> _Reading:
                 r.partner_offer = offer[1]  # the listener (me) gets this
                 for i, k in enumerate(offer[0]):
                     wants[i] += k > 0
+                if r.accepted is not None and score(r.partner_offer) < score(r.accepted):
+                    r.i_accepted = False
             r.partner_values.update(language.read_values(text))  # type: ignore[union-attr]
         elif msg["role"] == "assistant":
             r.i_accepted = language.is_acceptance(text)
+            r.accepted = r.partner_offer if r.i_accepted else None
             r.partner_accepted = False
             r.stated_values = r.stated_values or bool(language.read_values(text))
             if offer is not None:
