@@ -10,7 +10,10 @@ A random model never speaks the protocol, so its games end after five rejected r
 ``--max-new-tokens`` tokens each: the workload is decoding, as in a round, though not a game's
 real length. Reported: games/min and generated tokens/s at each batch (games played at once),
 the share of the GPU's measured bf16 matmul peak (2 · parameters · tokens processed per second),
-and LoRA and full fine-tuning tokens/s through ``improve/sft.train``. Figures are printed and
+the model's forward calls in the rollout and the milliseconds each took (a decode step is one
+call, with the agent's sampling and cache handling around it), the time of a bare decode step of
+the model alone at that batch and the share of it the GPU spent in kernels (low: the host, not
+the GPU, sets the pace), and LoRA and full fine-tuning tokens/s through ``improve/sft.train``. Figures are printed and
 appended to bench/RESULTS.md with the device.
 """
 
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 TEMPLATE = (
@@ -99,11 +103,17 @@ def rollout(model, tokenizer, games: int, max_new_tokens: int, params: int, peak
     from parlay.rollout import plan_games, play_games
 
     agent = HFAgent(model, tokenizer, Sampling(temperature=1.0, max_new_tokens=max_new_tokens), max_batch=games)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    episodes = play_games(agent, agent, plan_games(games, 0), objective("cooperative"), 6)
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - start
+    forwards = [0]
+    hook = model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        episodes = play_games(agent, agent, plan_games(games, 0), objective("cooperative"), 6)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - start
+    finally:
+        hook.remove()
+    bare_ms, busy = bare_decode_step(model, games)
     processed = agent.stats["prefill_tokens"] + agent.stats["generated_tokens"]
     return {
         "games": len(episodes),
@@ -111,7 +121,45 @@ def rollout(model, tokenizer, games: int, max_new_tokens: int, params: int, peak
         "games_per_min": 60 * len(episodes) / secs,
         "gen_tok_s": agent.stats["generated_tokens"] / secs,
         "peak_share": 2 * params * processed / secs / peak,
+        "forwards": forwards[0],
+        "ms_per_forward": 1000 * secs / max(1, forwards[0]),
+        "bare_step_ms": bare_ms,
+        "gpu_busy": busy,
     }
+
+
+def bare_decode_step(model, batch: int, cached: int = 300) -> tuple[float, float]:
+    """One decode step of the model alone (batch rows, one new token each over a ``cached``-token
+    cache): its milliseconds, and the share of them the GPU spent in kernels (profiled)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, cached), device="cuda")
+    new = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
+    with torch.inference_mode():
+        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+
+        def step() -> None:
+            model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        ms = 100 * (time.perf_counter() - start)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+    # Kernel time, counted once: from the kernels' own events, or where a profiler lists none, from
+    # the operators that launched them (their self device time), whichever it recorded.
+    events = prof.key_averages()
+    kernels = max(
+        sum(e.self_device_time_total for e in events if e.device_type.name == side) for side in ("CUDA", "CPU")
+    )
+    return ms, kernels / 1e6 / wall
 
 
 def training(name: str, model, tokenizer, lora: bool, steps: int) -> dict[str, float]:
@@ -164,13 +212,18 @@ def render(rows: list[dict], train_rows: list[dict], device: str, peak: float, m
         f"≤{max_new_tokens} new tokens a reply (a random model's games end after five rejected replies: a "
         "decoding workload, not real game lengths).",
         "",
-        "| shape | params | games at once | s | games/min | gen tok/s | share of bf16 peak |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | params | games at once | s | games/min | gen tok/s | share of bf16 peak "
+        "| forward calls | ms a call | bare decode step ms | GPU busy in it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['batch']} | {r['seconds']:.1f} | {r['games_per_min']:.0f} "
-            f"| {r['gen_tok_s']:.0f} | {r['peak_share']:.3%} |"
+            f"| {r['gen_tok_s']:.0f} | {r['peak_share']:.3%} | {r.get('forwards', '–')} "
+            f"| {r['ms_per_forward']:.1f} | {r['bare_step_ms']:.1f} | {r['gpu_busy']:.0%} |"
+            if "gpu_busy" in r
+            else f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['batch']} | {r['seconds']:.1f} "
+            f"| {r['games_per_min']:.0f} | {r['gen_tok_s']:.0f} | {r['peak_share']:.3%} | – | – | – | – |"
         )
     if train_rows:
         lines += [
