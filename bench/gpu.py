@@ -13,8 +13,8 @@ the share of the GPU's measured bf16 matmul peak (2 · parameters · tokens proc
 the model's forward calls in the rollout and the milliseconds each took (a decode step is one
 call, with the agent's sampling and cache handling around it), the time of a bare decode step of
 the model alone at that batch and the share of it the GPU spent in kernels (low: the host, not
-the GPU, sets the pace), and LoRA and full fine-tuning tokens/s through ``improve/sft.train``. Figures are printed and
-appended to bench/RESULTS.md with the device.
+the GPU, sets the pace), and LoRA and full fine-tuning tokens/s through ``improve/sft.train``.
+Figures are printed and appended to bench/RESULTS.md with the device.
 """
 
 from __future__ import annotations
@@ -217,13 +217,14 @@ def render(rows: list[dict], train_rows: list[dict], device: str, peak: float, m
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        extra = (  # "–" in rows recorded before these columns existed
+            f"{r['forwards']} | {r['ms_per_forward']:.1f} | {r['bare_step_ms']:.1f} | {r['gpu_busy']:.0%}"
+            if "gpu_busy" in r
+            else "– | – | – | –"
+        )
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['batch']} | {r['seconds']:.1f} | {r['games_per_min']:.0f} "
-            f"| {r['gen_tok_s']:.0f} | {r['peak_share']:.3%} | {r.get('forwards', '–')} "
-            f"| {r['ms_per_forward']:.1f} | {r['bare_step_ms']:.1f} | {r['gpu_busy']:.0%} |"
-            if "gpu_busy" in r
-            else f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['batch']} | {r['seconds']:.1f} "
-            f"| {r['games_per_min']:.0f} | {r['gen_tok_s']:.0f} | {r['peak_share']:.3%} | – | – | – | – |"
+            f"| {r['gen_tok_s']:.0f} | {r['peak_share']:.3%} | {extra} |"
         )
     if train_rows:
         lines += [
