@@ -113,19 +113,24 @@ def rollout(model, tokenizer, games: int, max_new_tokens: int, params: int, peak
         secs = time.perf_counter() - start
     finally:
         hook.remove()
-    bare_ms, busy = bare_decode_step(model, games)
-    processed = agent.stats["prefill_tokens"] + agent.stats["generated_tokens"]
-    return {
+    figures = {
         "games": len(episodes),
         "seconds": secs,
         "games_per_min": 60 * len(episodes) / secs,
         "gen_tok_s": agent.stats["generated_tokens"] / secs,
-        "peak_share": 2 * params * processed / secs / peak,
+        "peak_share": 2 * params * (agent.stats["prefill_tokens"] + agent.stats["generated_tokens"]) / secs / peak,
         "forwards": forwards[0],
         "ms_per_forward": 1000 * secs / max(1, forwards[0]),
-        "bare_step_ms": bare_ms,
-        "gpu_busy": busy,
     }
+    del agent  # its cached prefixes would crowd the bare step's cache out of GPU memory
+    torch.cuda.empty_cache()
+    try:
+        figures["bare_step_ms"], figures["gpu_busy"] = bare_decode_step(model, games)
+    except torch.OutOfMemoryError:
+        print(f"bare decode step at batch {games}: out of GPU memory; its columns are left empty", flush=True)
+        figures["bare_step_ms"] = figures["gpu_busy"] = float("nan")
+        torch.cuda.empty_cache()
+    return figures
 
 
 def bare_decode_step(model, batch: int, cached: int = 300) -> tuple[float, float]:
@@ -216,12 +221,13 @@ def render(rows: list[dict], train_rows: list[dict], device: str, peak: float, m
         "| forward calls | ms a call | bare decode step ms | GPU busy in it |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def show(value, spec: str) -> str:  # "–": not measured (rows recorded before a column existed, an OOM)
+        return "–" if value is None or value != value else format(value, spec)
+
+    columns = (("forwards", "d"), ("ms_per_forward", ".1f"), ("bare_step_ms", ".1f"), ("gpu_busy", ".0%"))
     for r in rows:
-        extra = (  # "–" in rows recorded before these columns existed
-            f"{r['forwards']} | {r['ms_per_forward']:.1f} | {r['bare_step_ms']:.1f} | {r['gpu_busy']:.0%}"
-            if "gpu_busy" in r
-            else "– | – | – | –"
-        )
+        extra = " | ".join(show(r.get(key), spec) for key, spec in columns)
         lines.append(
             f"| {r['shape']} | {r['params'] / 1e9:.2f}B | {r['batch']} | {r['seconds']:.1f} | {r['games_per_min']:.0f} "
             f"| {r['gen_tok_s']:.0f} | {r['peak_share']:.3%} | {extra} |"
