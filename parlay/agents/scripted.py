@@ -39,7 +39,7 @@ class _Reading:
     i_accepted: bool = False
     """My last message accepted the partner's offer, and no worse one for me has come since."""
     accepted: Counts | None = None
-    """The partner offer my last acceptance was given to."""
+    """The partner offer my standing acceptance answered (None once withdrawn)."""
     partner_values: dict[int, int] | None = None
     partner_wants: tuple[int, ...] = (0, 0, 0)
     """How often the partner asked for each item type."""
@@ -67,7 +67,7 @@ def _read(req: TurnRequest) -> _Reading:
                 for i, k in enumerate(offer[0]):
                     wants[i] += k > 0
                 if r.accepted is not None and score(r.partner_offer) < score(r.accepted):
-                    r.i_accepted = False
+                    r.i_accepted, r.accepted = False, None
             r.partner_values.update(language.read_values(text))  # type: ignore[union-attr]
         elif msg["role"] == "assistant":
             r.i_accepted = language.is_acceptance(text)
