@@ -169,6 +169,10 @@ class Turn(BaseModel):
     feedback: str | None = None
     tokens: int | None = None
     """Tokens generated for this reply, when the agent reports them."""
+    logprobs: list[float] | None = None
+    """The sampler's log-probability (natural log) of each generated token of the reply, its stop
+    token excluded, under the model's own distribution (temperature 1, no top-p), when the agent
+    reports them: the trainer compares its own with these (sampler–trainer parity)."""
 
 
 OutcomeStatus = Literal["deal", "invalid_deal", "no_deal", "aborted", "failed"]
@@ -254,8 +258,9 @@ class Game:
 
     # -- moves
 
-    def step(self, text: str, tokens: int | None = None) -> Turn:
-        """Apply the current player's reply; return the recorded Turn."""
+    def step(self, text: str, tokens: int | None = None, logprobs: list[float] | None = None) -> Turn:
+        """Apply the current player's reply; return the recorded Turn (``tokens`` and ``logprobs``
+        as the agent reported them, see ``Turn``)."""
         if self.is_terminal:
             raise RuntimeError("the game is over")
         player = self._current
@@ -263,6 +268,7 @@ class Game:
         if limit is not None and isinstance(text, str) and len(text) > limit:
             cut = f"{text[:limit]} […{len(text) - limit} more characters not kept]"
             return self._reject(player, cut, ProtocolError(ErrorCode.TOO_LONG, f"{len(text)} characters"), tokens)
+        extra = {"tokens": tokens, "logprobs": logprobs}
         parsed = self._check(parse_reply(text))
         if isinstance(parsed, ProtocolError):
             return self._reject(player, text, parsed, tokens)
@@ -270,13 +276,13 @@ class Game:
         self._pending_retries = []
         partner = other(player)
         if isinstance(parsed, Message):
-            turn = Turn(player=player, text=text, accepted=True, kind="message", message=parsed.text, tokens=tokens)
+            turn = Turn(player=player, text=text, accepted=True, kind="message", message=parsed.text, **extra)
             self.n_messages += 1
             self.transcripts[player].append({"role": "assistant", "content": parsed.canonical()})
             self.transcripts[partner].append({"role": "user", "content": parsed.canonical()})
         else:
             turn = Turn(
-                player=player, text=text, accepted=True, kind="proposal", proposal=list(parsed.kept), tokens=tokens
+                player=player, text=text, accepted=True, kind="proposal", proposal=list(parsed.kept), **extra
             )
             self._proposals[player] = parsed.kept
             self.transcripts[player].append({"role": "assistant", "content": parsed.canonical()})

@@ -145,7 +145,7 @@ def play_matches(
                 if reply.error is not None:
                     game.end("failed", reply.error)
                 else:
-                    game.step(reply.text, reply.tokens)
+                    game.step(reply.text, reply.tokens, reply.logprobs)
                 if game.is_terminal:
                     finish(i, game)
     return [done[i] for i in range(len(matches))]

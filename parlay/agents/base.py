@@ -72,6 +72,9 @@ class Reply:
     text: str
     tokens: int | None = None
     """Generated tokens, where the backend counts them."""
+    logprobs: list[float] | None = None
+    """Per generated token (stop token excluded), its log-probability under the model's own
+    distribution (temperature 1, no top-p), where the backend computes it (``protocol.Turn``)."""
     error: str | None = None
     """Set when the backend could not produce a reply at all; the game is then recorded as failed."""
 
