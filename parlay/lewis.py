@@ -21,13 +21,13 @@ from pathlib import Path
 
 from parlay.episode import Episode
 from parlay.games.contexts import parse_player_line
-from parlay.games.dond import Context, Counts, RuleError, context_problems, objective
+from parlay.games.dond import ITEMS, Context, Counts, RuleError, context_problems, objective
 from parlay.protocol import Game, message_reply, proposal_reply
 
 _SECTION = {
     name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL) for name in ("input", "dialogue", "output", "partner_input")
 }
-_ITEM = re.compile(r"^item([012])=(\d+)$")
+_ITEM = re.compile(r"^item(\d+)=(\d+)$")
 
 
 class LewisFormatError(ValueError):
@@ -93,16 +93,33 @@ def parse_line(line: str, lineno: int = 0) -> LewisLine:
                 utterances[-1] = (who, f"{utterances[-1][1]} {text}")
             else:
                 utterances.append((who, text))
-    tokens = sections["output"].split()
-    if len(tokens) != 6:
-        raise LewisFormatError(f"<output> must hold 6 entries, got {len(tokens)}")
-    output: tuple[Counts, Counts] | None = None
-    if all(_ITEM.match(t) for t in tokens):
-        values = [int(_ITEM.match(t)[2]) for t in tokens]  # type: ignore[index]
-        output = (tuple(values[:3]), tuple(values[3:]))  # type: ignore[assignment]
-    elif not all(t.startswith("<") and t.endswith(">") for t in tokens):
-        raise LewisFormatError(f"<output> entries must be itemN=K or <marker>, got {' '.join(tokens)!r}")
-    return LewisLine(lineno, counts, mine, theirs, tuple(utterances), selector, output)
+    return LewisLine(lineno, counts, mine, theirs, tuple(utterances), selector, _output(sections["output"]))
+
+
+def _output(text: str) -> tuple[Counts, Counts] | None:
+    """(what YOU keep, what THEM keep) from ``item0=a item1=b item2=c item0=d item1=e item2=f``,
+    each half read by its ``itemN`` index (in any order), or None for six ``<marker>`` entries
+    (a disagreement). A missing, repeated or unknown index is an error, never another deal."""
+    tokens = text.split()
+    if len(tokens) != 2 * len(ITEMS):
+        raise LewisFormatError(f"<output> must hold {2 * len(ITEMS)} entries, got {len(tokens)}")
+    if all(t.startswith("<") and t.endswith(">") for t in tokens):
+        return None
+    halves = []
+    for who, half in (("YOU", tokens[: len(ITEMS)]), ("THEM", tokens[len(ITEMS) :])):
+        kept: dict[int, int] = {}
+        for token in half:
+            m = _ITEM.match(token)
+            if m is None:
+                raise LewisFormatError(f"<output> entries must be itemN=K or <marker>, got {token!r} in {text!r}")
+            index = int(m[1])
+            if index >= len(ITEMS):
+                raise LewisFormatError(f"<output> has {token!r}: item index out of range 0..{len(ITEMS) - 1}")
+            if index in kept:
+                raise LewisFormatError(f"<output> gives item{index} twice for {who}")
+            kept[index] = int(m[2])
+        halves.append(tuple(kept[i] for i in range(len(ITEMS))))  # three distinct indices in 0..2: all present
+    return halves[0], halves[1]  # type: ignore[return-value]
 
 
 @dataclass

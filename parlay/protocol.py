@@ -4,8 +4,53 @@ A reply is ``[message] text`` or ``[propose] (x books, y hats, z balls)`` (the c
 speaker keeps); anything after ``[END]`` is dropped. This module is the wire format's one home:
 ``message_reply`` and ``proposal_reply`` write a well-formed reply (bots, the terminal player,
 the Lewis importer and the tests all go through them), ``parse_reply`` maps *any* string to a
-``Message``, a ``Proposal`` or a typed ``ProtocolError`` — it never raises — and
-``message_text`` reads the text of an accepted message back out of a transcript line.
+``Message``, a ``Proposal``, a ``SidedProposal`` or a typed ``ProtocolError`` — it never
+raises — and ``message_text`` reads the text of an accepted message back out of a transcript
+line.
+
+**No forged turns.** A reply that contains a special-token marker of any chat-model family
+(``SPECIAL_TOKEN``: ``<|im_start|>``, ``<start_of_turn>``, ``</s>``, ``[INST]``, …) is refused
+with ``ErrorCode.SPECIAL_TOKEN``. Such text would otherwise be rendered into the partner's
+prompt, where the chat template's tokenizer reads it as control tokens (a forged end of turn, a
+forged system message). ``parse_reply`` checks it first, before the tags (``[message] hi</s>``
+is a special token, not a message), on what is left once ``[END]`` and what follows are cut
+(that part never reaches a prompt). It is the one place replies enter a game, so every way in
+goes through it: ``Game.step``, ``Game.check`` (the web app's participants), the terminal
+player and every agent. The Hugging Face layer also encodes message text as plain text: defence
+in depth, not a reason to drop this.
+
+**The phrasings of a proposal accepted.** The body is read as item counts (``2 books``,
+``one hat``, ``no balls``, ``a ball``, ``-1 books``), each given to a side by these rules:
+
+1. A count given to no side is the speaker's: the canonical ``(x books, y hats, z balls)``, and
+   ``2 balls, 1 hat, 0 books`` in any order.
+2. A phrase of the speaker's gives it the counts that follow — ``I keep``, ``I take``, ``I get``,
+   ``I want``, ``I have``, ``I receive``, ``I'll have``, ``I'd like (to keep)``, ``I would
+   take`` (any of will/would/can/could/should/shall/may), ``give me``, ``let me keep``, ``my
+   share``, and ``me:`` or ``mine:`` opening a clause.
+3. A phrase of the partner's gives the partner the counts that follow — ``you keep``, ``you
+   take``, ``you get``, ``you want``, ``you have``, ``you can have``, ``you'll get``, ``you to
+   have`` (as in "I want you to have"), ``give you``, ``leaving you``, ``your share``, and
+   ``you:`` or ``yours:`` opening a clause.
+4. ``for me``, ``to me``, ``mine`` (the speaker's) and ``for you``, ``to you``, ``yours`` (the
+   partner's) right after counts (``2 books for me``, ``(0 books, 0 hats, 3 balls) for you``,
+   ``the 3 balls are yours``) give that side every count since the last phrase or sentence end;
+   if a phrase before gave one of them to the other side it is unclear, and refused
+   (``I keep 2 books, 1 hat for you``). At the start of a clause they lead like rules 2–3
+   (``for me: 2 books, for you: 1 hat``).
+5. A leading phrase gives counts only when one follows at once (``the``, ``all``, ``only``,
+   ``:``, ``(`` may stand between), and keeps giving them up to the next phrase or the end of
+   the sentence (``.``, ``;``, ``!``, ``?``, a new line). A phrase with no count after it (``I
+   have a proposal for you: (…)``, ``I get that you want the balls, so (…)``) gives nothing.
+6. The speaker keeps, of each item, the count stated for itself, or the count on the table minus
+   the count stated for the partner. An item stated for both sides must add up to the count
+   (else: inconsistent), an item stated for neither side is missing, an item stated twice for
+   one side is given twice: all three refused as malformed. A partner's count beyond what is on
+   the table leaves the speaker a negative count: out of range.
+
+Only the game knows the counts, so a proposal that states any partner's share parses to a
+``SidedProposal``, which ``Game`` resolves into the ``Proposal`` of the counts kept; the
+transcript line (``Proposal.canonical``) is always the canonical form of what the speaker keeps.
 
 ``Game`` is the one referee used everywhere (rollouts, the terminal, the web app, the Lewis
 importer). It owns whose turn it is, the hidden proposals, the rejection rules (among them a
@@ -46,6 +91,7 @@ class ErrorCode(StrEnum):
     """Every way a reply can be rejected; each has its own feedback line in protocol.toml."""
 
     EMPTY = "empty"
+    SPECIAL_TOKEN = "special_token"
     NO_PREFIX = "no_prefix"
     TWO_PREFIXES = "two_prefixes"
     EMPTY_MESSAGE = "empty_message"
@@ -58,6 +104,33 @@ class ErrorCode(StrEnum):
 
 MESSAGE_TAG = "[message]"
 PROPOSE_TAG = "[propose]"
+
+SPECIAL_TOKEN = re.compile(
+    r"(?i:<[|｜][^\s|｜]+[|｜]>"
+    r"|<(?:start_of_turn|end_of_turn|bos|eos|pad|unk|mask)>"
+    r"|</?s>"
+    r"|\[/?inst\]"
+    r"|<</?sys>>)"
+    r"|\[/?(?:TOOL_CALLS|AVAILABLE_TOOLS|TOOL_RESULTS|TOOL_CONTENT|SYSTEM_PROMPT|IMG|IMG_BREAK|IMG_END)\]"
+)
+"""A special-token marker of a chat-model family: text a reply may not contain.
+
+- angle-pipe tokens ``<|name|>`` with any name without spaces: ChatML (Qwen, SmolLM)
+  ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``; Llama 3 ``<|begin_of_text|>``,
+  ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``; Phi-3 ``<|user|>``,
+  ``<|assistant|>``, ``<|system|>``, ``<|end|>``; and DeepSeek's full-width ``<｜User｜>``;
+- Gemma ``<start_of_turn>``, ``<end_of_turn>``, ``<bos>``, ``<eos>``, ``<pad>``, ``<unk>``,
+  ``<mask>``;
+- sentencepiece ``<s>``, ``</s>`` (Llama 2, Mistral);
+- Llama 2 / Mistral ``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``;
+- Mistral v3 and later control tokens ``[TOOL_CALLS]``, ``[AVAILABLE_TOOLS]``,
+  ``[/AVAILABLE_TOOLS]``, ``[TOOL_RESULTS]``, ``[/TOOL_RESULTS]``, ``[TOOL_CONTENT]``,
+  ``[SYSTEM_PROMPT]``, ``[/SYSTEM_PROMPT]``, ``[IMG]``, ``[IMG_BREAK]``, ``[IMG_END]``.
+
+A tokenizer matches special tokens exactly, so inner spaces are not tolerated (``< |x| >`` is
+plain text to every tokenizer); case is ignored except for Mistral's upper-case control words
+(``[img]`` is ordinary text), which refuses a little more than the tokenizers would.
+"""
 
 
 def message_reply(text: str) -> str:
@@ -93,41 +166,157 @@ class ProtocolError:
     detail: str
 
 
-Parsed = Message | Proposal | ProtocolError
+Share = tuple[int | None, int | None, int | None]
+"""A count per item type, None where the proposal states none."""
+
+
+@dataclass(frozen=True)
+class SidedProposal:
+    """A proposal that states what the partner keeps of some items: per item type, the count
+    stated for the speaker and the count stated for the partner (None: not stated; every item
+    has at least one). Only the counts on the table turn it into what the speaker keeps
+    (``resolve``), so ``Game`` resolves it."""
+
+    speaker: Share
+    partner: Share
+
+    def resolve(self, counts: Counts) -> Proposal | ProtocolError:
+        """What the speaker keeps: its own count, or the count minus the partner's; an item
+        stated for both sides must add up to ``counts``."""
+        kept = []
+        for item, c, mine, theirs in zip(ITEMS, counts, self.speaker, self.partner, strict=True):
+            if mine is not None and theirs is not None and mine + theirs != c:
+                return ProtocolError(
+                    ErrorCode.MALFORMED_PROPOSAL,
+                    f"inconsistent: {mine} {item}s for the speaker and {theirs} for the partner, but there are {c}",
+                )
+            kept.append(mine if mine is not None else c - theirs)  # type: ignore[operator]
+        return Proposal(tuple(kept))  # type: ignore[arg-type]
+
+
+Parsed = Message | Proposal | SidedProposal | ProtocolError
 
 _END = re.compile(r"\[\s*end\s*\]", re.IGNORECASE)
 _TAG = re.compile(r"\[\s*(message|propose|proposal)\s*\]", re.IGNORECASE)
 _COUNT_WORDS = NUMBER_WORDS | ARTICLES
 _ITEM_COUNT = re.compile(
-    rf"(?P<num>-?\d+|{'|'.join(_COUNT_WORDS)})\s+(?P<item>{ITEM_PATTERN})(?:e?s)?\b",
+    rf"(?<!\w)(?P<num>-?\d+|{'|'.join(_COUNT_WORDS)})\s+(?P<item>{ITEM_PATTERN})(?:e?s)?\b",
     re.IGNORECASE,
 )
 
+# Whose a count is, in a proposal's text: the phrases of the module docstring's list.
+_VERB = r"(?:(?:like|want|love)\s+to\s+)?(?:keep|take|get|want|have|receive|like)\b"
+_MODAL = r"(?:['’](?:ll|d)|\s+(?:will|would|can|could|should|shall|may))?"
+_LINE_START = r"(?:^|(?<=[(;,.!?\n]))\s*"
+_SIDE_PHRASE = re.compile(
+    rf"(?P<me_lead>\bi{_MODAL}\s+{_VERB}|\bgive\s+me\b|\blet\s+me\s+(?:keep|take|have|get)\b"
+    rf"|\bmy\s+(?:share|part|side|half|portion)\b|{_LINE_START}(?:me|mine)\s*:)"
+    rf"|(?P<you_lead>\byou{_MODAL}\s+{_VERB}|\byou\s+to\s+(?:keep|take|get|have|receive)\b|\bgive\s+you\b"
+    rf"|\bleav(?:e|es|ing)\s+you\b|\byour\s+(?:share|part|side|half|portion)\b|{_LINE_START}(?:you|yours)\s*:)"
+    r"|(?P<me_either>\b(?:for|to)\s+me\b|\bmine\b)"
+    r"|(?P<you_either>\b(?:for|to)\s+you\b|\byours\b)",
+    re.IGNORECASE,
+)
+"""``*_lead`` phrases come before the counts they give; ``*_either`` ones before or after."""
+_SENTENCE_END = re.compile(r"[;!?\n]|\.(?!\d)")
+_BEFORE_COUNTS = re.compile(r"(?:[\s:=(–—]|\b(?:the|all|only|just|both|of|is|are|would|will|be)\b)*", re.IGNORECASE)
+"""What may stand between a leading phrase and its first count ("you keep the 3 balls")."""
+_AFTER_COUNTS = re.compile(r"[\s)\]]*(?:(?:are|is|go|goes|will\s+go|would\s+go|will\s+be|would\s+be)\s+)?", re.I)
+"""What may stand between counts and a following ``for me`` or ``yours`` ("3 balls are yours")."""
+_CLAUSE_START = re.compile(r"(?:^|[(;,.!?\n:]|\band|\bthen|\bso)\s*$", re.IGNORECASE)
+"""What precedes a ``for me``/``for you`` that leads ("…, for you 3 balls"), unlike the ``for
+you`` of "a proposal for you: (…)"."""
 
-def _parse_proposal_body(body: str) -> Proposal | ProtocolError:
-    found = list(_ITEM_COUNT.finditer(body))
-    if not found:
+_SPEAKER, _PARTNER = "speaker", "partner"
+
+
+def _count(m: re.Match[str]) -> tuple[int, int]:
+    """(item index, count) of one ``N items`` match."""
+    num = m["num"].lower()
+    return ITEMS.index(m["item"].lower()), _COUNT_WORDS[num] if num in _COUNT_WORDS else int(num)
+
+
+def _record(group: list[tuple[int, int, str | None]], stated: dict[str, dict[int, int]]) -> ProtocolError | None:
+    """Enter a group's counts into ``stated`` (side → item → count); a count stated for no side
+    is the speaker's (the canonical form). An item stated twice for one side is an error."""
+    for i, n, side in group:
+        owner = side or _SPEAKER
+        if i in stated[owner]:
+            return ProtocolError(ErrorCode.MALFORMED_PROPOSAL, f"{ITEMS[i]}s given twice for the {owner}")
+        stated[owner][i] = n
+    return None
+
+
+def _parse_proposal_body(body: str) -> Proposal | SidedProposal | ProtocolError:
+    """Read a proposal's body by the rules of the module docstring: a ``Proposal`` when every
+    count is the speaker's, a ``SidedProposal`` when some are the partner's."""
+    counts = list(_ITEM_COUNT.finditer(body))
+    if not counts:
         return ProtocolError(ErrorCode.MALFORMED_PROPOSAL, f"no item counts in {body!r}")
-    counts: dict[str, int] = {}
-    for m in found:
-        item = m["item"].lower()
-        if item in counts:
-            return ProtocolError(ErrorCode.MALFORMED_PROPOSAL, f"{item}s given twice")
-        num = m["num"].lower()
-        counts[item] = _COUNT_WORDS[num] if num in _COUNT_WORDS else int(num)
-    missing = [f"{item}s" for item in ITEMS if item not in counts]
+    count_starts = {m.start() for m in counts}
+    events = sorted(
+        [(m.start(), "count", m) for m in counts]
+        + [(m.start(), "side", m) for m in _SIDE_PHRASE.finditer(body)]
+        + [(m.start(), "end", m) for m in _SENTENCE_END.finditer(body)],
+        key=lambda event: event[0],
+    )
+    stated: dict[str, dict[int, int]] = {_SPEAKER: {}, _PARTNER: {}}
+    scope: str | None = None  # the side of the last leading phrase, up to the next phrase or sentence end
+    group: list[tuple[int, int, str | None]] = []  # (item, count, side) since the last phrase or sentence end
+    last_count_end = covered = 0
+    for start, kind, m in events:
+        if start < covered:  # inside a match already read
+            continue
+        covered = m.end()
+        if kind == "count":
+            group.append((*_count(m), scope))
+            last_count_end = m.end()
+            continue
+        if kind == "end":
+            scope = None
+        else:
+            which = m.lastgroup or ""
+            side = _SPEAKER if which.startswith("me") else _PARTNER
+            either = which.endswith("either")
+            if either and group and _AFTER_COUNTS.fullmatch(body, last_count_end, start):  # "3 balls for you"
+                clash = next((i for i, _, s in group if s not in (None, side)), None)
+                if clash is not None:
+                    return ProtocolError(
+                        ErrorCode.MALFORMED_PROPOSAL, f"unclear whose {ITEMS[clash]}s: {m[0].strip()!r} after them"
+                    )
+                group[:] = [(i, n, side) for i, n, _ in group]
+                scope = None
+            elif _BEFORE_COUNTS.match(body, m.end()).end() in count_starts and (  # type: ignore[union-attr]
+                not either or _CLAUSE_START.search(body, 0, start)
+            ):
+                scope = side  # "you keep the 3 balls", "…, for me 2 books"
+            else:
+                continue  # a side word that gives no counts ("I have a proposal for you:"): read past it
+        if (error := _record(group, stated)) is not None:
+            return error
+        group = []
+    if (error := _record(group, stated)) is not None:
+        return error
+    missing = [f"{item}s" for i, item in enumerate(ITEMS) if i not in stated[_SPEAKER] and i not in stated[_PARTNER]]
     if missing:
         return ProtocolError(ErrorCode.MALFORMED_PROPOSAL, f"missing {', '.join(missing)}")
-    return Proposal(tuple(counts[item] for item in ITEMS))  # type: ignore[arg-type]
+    if not stated[_PARTNER]:
+        return Proposal(tuple(stated[_SPEAKER][i] for i in range(len(ITEMS))))  # type: ignore[arg-type]
+    mine, theirs = (tuple(stated[side].get(i) for i in range(len(ITEMS))) for side in (_SPEAKER, _PARTNER))
+    return SidedProposal(mine, theirs)  # type: ignore[arg-type]
 
 
 def parse_reply(text: str) -> Parsed:
-    """Parse one reply, tolerant of case, spacing, singular/plural and a trailing ``[END]``."""
+    """Parse one reply, tolerant of case, spacing, singular/plural and a trailing ``[END]``;
+    a reply with a chat special token before ``[END]`` is refused before any tag is read."""
     if not isinstance(text, str):
         return ProtocolError(ErrorCode.EMPTY, f"reply is not text: {type(text).__name__}")
     text = _END.split(text, maxsplit=1)[0].strip()
     if not text:
         return ProtocolError(ErrorCode.EMPTY, "empty reply")
+    forged = SPECIAL_TOKEN.search(text)
+    if forged is not None:
+        return ProtocolError(ErrorCode.SPECIAL_TOKEN, f"special token {forged[0]!r}")
     tags = list(_TAG.finditer(text))
     if not tags:
         return ProtocolError(ErrorCode.NO_PREFIX, "no [message] or [propose] tag")
@@ -281,9 +470,7 @@ class Game:
             self.transcripts[player].append({"role": "assistant", "content": parsed.canonical()})
             self.transcripts[partner].append({"role": "user", "content": parsed.canonical()})
         else:
-            turn = Turn(
-                player=player, text=text, accepted=True, kind="proposal", proposal=list(parsed.kept), **extra
-            )
+            turn = Turn(player=player, text=text, accepted=True, kind="proposal", proposal=list(parsed.kept), **extra)
             self._proposals[player] = parsed.kept
             self.transcripts[player].append({"role": "assistant", "content": parsed.canonical()})
             if len(self._proposals) == 1:
@@ -310,8 +497,11 @@ class Game:
         """The protocol's feedback line for a rejection in this game."""
         return prompts.feedback(error.code.value, self.context, self.max_reply_chars)
 
-    def _check(self, parsed: Parsed) -> Parsed:
-        """Context-dependent rules on top of the parse."""
+    def _check(self, parsed: Parsed) -> Message | Proposal | ProtocolError:
+        """Context-dependent rules on top of the parse; a ``SidedProposal`` comes out resolved
+        into the ``Proposal`` of what the speaker keeps."""
+        if isinstance(parsed, SidedProposal):
+            parsed = parsed.resolve(self.context.counts)
         if isinstance(parsed, ProtocolError):
             return parsed
         if isinstance(parsed, Message) and self.proposal_owed:

@@ -1,5 +1,7 @@
 """Importing Lewis et al. (2017)-format dialogues; the data here is written by the test."""
 
+import pytest
+
 from parlay.evaluate import compute_metrics
 from parlay.lewis import import_file, import_lines
 
@@ -67,3 +69,44 @@ def test_metrics_of_an_imported_file(tmp_path):
     assert m["agreement_rate"] == 0.5
     assert m["mean_raw_score"] == 3.0  # (6 + 6) / 2 for the deal, 0 for the other
     assert m["pareto_rate"] == 0.5
+
+
+# The selection halves read by their itemN index: (YOU keep, THEM keep) is the deal, whatever the order.
+REORDERED_OUT = "item2=2 item0=0 item1=0 item1=2 item2=0 item0=1"  # YOU (0, 0, 2), THEM (1, 2, 0), shuffled
+REORDERED_THEM = "item2=0 item0=1 item1=2 item1=0 item2=2 item0=0"  # the other side: (1, 2, 0), (0, 0, 2)
+
+
+def test_an_output_is_read_by_item_index_not_position():
+    ordered = import_lines([side(YOU_IN, THEM_IN, DEAL, DEAL_OUT), side(THEM_IN, YOU_IN, swap(DEAL), THEM_OUT)])
+    shuffled = import_lines(
+        [side(YOU_IN, THEM_IN, DEAL, REORDERED_OUT), side(THEM_IN, YOU_IN, swap(DEAL), REORDERED_THEM)]
+    )
+    assert not shuffled.bad_lines and len(shuffled.episodes) == 1
+    (deal,) = shuffled.episodes
+    # YOU (player A) keeps item0=0, item1=0, item2=2 and THEM (player B) item0=1, item1=2, item2=0
+    assert deal.outcome.status == "deal" and deal.outcome.proposals == {"A": [0, 0, 2], "B": [1, 2, 0]}
+    assert deal.raw_scores == [6, 6]  # A: 2 balls x 3; B: 1 book x 2 + 2 hats x 2
+    assert deal.outcome == ordered.episodes[0].outcome
+
+
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        ("item0=0 item0=0 item2=2 item0=1 item1=2 item2=0", "item0 twice for YOU"),
+        ("item0=0 item1=0 item2=2 item0=1 item1=2 item1=0", "item1 twice for THEM"),
+        ("item0=0 item1=0 item3=2 item0=1 item1=2 item2=0", "out of range"),
+        ("item0=0 item1=0 item2=2 item0=1 item1=2", "must hold 6 entries"),
+        ("item0=0 item1=0 item2=2 item0=1 item1=2 item2=0 item0=0", "must hold 6 entries"),
+        ("item0=0 item1=x item2=2 item0=1 item1=2 item2=0", "'item1=x'"),
+        ("item0=0 item1=0 item2=-2 item0=1 item1=2 item2=0", "'item2=-2'"),
+        ("item0=0 item1=0 item2=2 <disagree> <disagree> <disagree>", "'<disagree>'"),
+        ("book=0 item1=0 item2=2 item0=1 item1=2 item2=0", "'book=0'"),
+    ],
+)
+def test_a_malformed_output_is_a_reported_bad_line(output, reason):
+    good_other_side = side(THEM_IN, YOU_IN, swap(DEAL), THEM_OUT)
+    result = import_lines([side(YOU_IN, THEM_IN, DEAL, output), good_other_side])
+    assert result.episodes == []
+    bad = dict(result.bad_lines)
+    assert list(bad) == [1] and reason in bad[1], bad
+    assert result.unpaired == [2]  # its partner line is kept, unpaired, never paired with another deal
