@@ -103,14 +103,14 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_games(mode
     roomy = HFAgent(model, tokenizer, GREEDY)
     expected = _play(roomy, n=6)
     agent = HFAgent(model, tokenizer, GREEDY)
-    generate = agent.generate
+    sample = agent.sample
 
     def small_memory(prompts, keys, seeds):
         if len(prompts) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return generate(prompts, keys, seeds)
+        return sample(prompts, keys, seeds)
 
-    agent.generate = small_memory
+    agent.sample = small_memory
     assert [e.turns for e in _play(agent, n=6)] == [e.turns for e in expected]
     assert agent.max_batch == 3 and "retrying in batches of 3" in caplog.text  # 6 conversations, then 3
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from parlay.agents import hf_layer
-from parlay.agents.base import ModelAgent, Prompt, Reply, Sampling
+from parlay.agents.base import AgentError, ModelAgent, Prompt, Reply, Sampling
 from parlay.agents.hf_layer import default_device, pick_dtype
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,28 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return n
 
 
+ATTENTION_KINDS = {"full_attention", "sliding_attention"}
+
+
+def sliding_window(config, name: str = "model") -> int | None:
+    """The shortest sliding attention window among a model's layers, or None when every layer
+    attends to the whole sequence. Reads ``layer_types`` (transformers' per-layer attention kinds:
+    Gemma 2/3, Qwen2 with sliding layers, recent configs) or, without it, ``sliding_window``
+    (Mistral, Phi-3: every layer slides). Raises ``AgentError`` for an attention kind this decoder
+    does not know (chunked or linear attention, state-space layers), before any game is played."""
+    text_config = config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    kinds = getattr(text_config, "layer_types", None)
+    if kinds is not None:
+        unknown = sorted(set(kinds) - ATTENTION_KINDS)
+        if unknown:
+            raise AgentError(f"{name}: layers of kind {', '.join(unknown)} are not supported by the transformers "
+                             "decoder (it knows full and sliding attention); play this model through "
+                             "an openai: endpoint or vllm: instead")  # fmt: skip
+        return window if "sliding_attention" in kinds and window else None
+    return window or None
+
+
 class HFAgent(ModelAgent):
     """A transformers causal LM playing many conversations at once."""
 
@@ -144,14 +166,15 @@ class HFAgent(ModelAgent):
         """Token prefixes that begin many conversations, with their keys and values."""
         self._calls = 0
         self.stop_ids = hf_layer.stop_ids(tokenizer, getattr(model, "generation_config", None))
-        text_config = model.config.get_text_config()
-        layer_types = getattr(text_config, "layer_types", None)
-        if layer_types is not None:
-            self._roomy = all(t == "full_attention" for t in layer_types)
-        else:
-            self._roomy = not getattr(text_config, "sliding_window", None)
-        """Write new keys and values in place (every layer attends to the whole sequence); a model
-        with sliding-window layers keeps transformers' own cache."""
+        hf_layer.check_template(tokenizer, spec, self.stop_ids)
+        self.window = sliding_window(model.config, spec)
+        """The shortest sliding attention window of the model's layers (None: every layer attends to
+        the whole sequence). Every layer keeps all its keys and values here, and transformers' own
+        mask applies the window: exact while a batch's columns are a conversation's positions, or
+        all fit in the window (``generate`` turns reuse off for good otherwise)."""
+        self._roomy = True
+        """Write new keys and values in place (False: transformers' own ``DynamicCache``, kept to
+        check the in-place cache against it)."""
         self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "generated_tokens": 0}
         """Running counts: tokens prefilled, taken from the cache, and generated."""
         self.conversation_tokens: dict[tuple[str, str], int] = {}
@@ -167,7 +190,7 @@ class HFAgent(ModelAgent):
             chunk = prompts[start : start + self.max_batch]
             encoded = [hf_layer.render(self.tokenizer, p.messages, generation_prompt=True) for p in chunk]
             try:
-                outs = self.generate(encoded, [p.key for p in chunk], [p.seed for p in chunk])
+                outs, logps = self.sample(encoded, [p.key for p in chunk], [p.seed for p in chunk])
             except torch.OutOfMemoryError:
                 if len(chunk) == 1:
                     raise
@@ -179,9 +202,9 @@ class HFAgent(ModelAgent):
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            for out in outs:
+            for out, lp in zip(outs, logps, strict=True):
                 text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
-                replies.append(Reply(text, tokens=len(out)))
+                replies.append(Reply(text, tokens=len(out), logprobs=[round(x, 5) for x in lp]))
             start += len(chunk)
         self._evict()
         return replies
@@ -195,11 +218,19 @@ class HFAgent(ModelAgent):
 
     # -- generation
 
-    @torch.inference_mode()
     def generate(
         self, prompts: list[list[int]], keys: list[tuple[str, str]] | None, seeds: list[int]
     ) -> list[list[int]]:
         """Sample one continuation per prompt; returns the generated token ids (stop token excluded)."""
+        return self.sample(prompts, keys, seeds)[0]
+
+    @torch.inference_mode()
+    def sample(
+        self, prompts: list[list[int]], keys: list[tuple[str, str]] | None, seeds: list[int]
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Sample one continuation per prompt (token ids, one list per prompt ``[n_i]``, stop token
+        excluded), with each token's log-probability under the model's own distribution
+        (temperature 1, no top-p; natural log), the figures ``protocol.Turn.logprobs`` records."""
         s = self.sampling
         batch = len(prompts)
         keys = keys or [None] * batch  # type: ignore[list-item]
@@ -218,6 +249,8 @@ class HFAgent(ModelAgent):
                 best.last_used = self._calls
             reuse.append(n)
             past.append([(k[:, :n], v[:, :n]) for k, v in best.kv] if best is not None and n else None)
+        if self.window is not None and any(reuse) and self._beyond_window(prompts, reuse):
+            reuse, past = [0] * batch, [None] * batch
         new = [ids[n:] for ids, n in zip(prompts, reuse, strict=True)]
         self.stats["reused_tokens"] += sum(reuse)
         self.stats["prefill_tokens"] += sum(len(x) for x in new)
@@ -242,6 +275,7 @@ class HFAgent(ModelAgent):
         )
         gens = [torch.Generator(device="cpu").manual_seed(int(seed) % (2**63)) for seed in seeds]
         out_tokens: list[list[int]] = [[] for _ in range(batch)]
+        out_logps: list[list[float]] = [[] for _ in range(batch)]
         rows: list[int | None] = list(range(batch))  # each batch row's prompt; None once its reply ended
         step_ids = input_ids
         for step in range(s.max_new_tokens):
@@ -255,9 +289,11 @@ class HFAgent(ModelAgent):
                 logits_to_keep=1,  # the next token's only: a prefill needs no logits for its other positions
             ).logits[:, -1, :]
             live = [j for j, r in enumerate(rows) if r is not None]
-            sampled = self._sample(logits[live], [gens[rows[j]] for j in live]).tolist()  # type: ignore[index]
+            sampled_t = self._sample(logits[live], [gens[rows[j]] for j in live])  # type: ignore[index]
+            logps = torch.log_softmax(logits[live].float(), -1).gather(-1, sampled_t[:, None])[:, 0].tolist()
+            sampled = sampled_t.tolist()
             fed = [pad_id] * len(rows)  # what each row reads next (ended rows: padding, ignored)
-            for j, tok in zip(live, sampled, strict=True):
+            for j, tok, logp in zip(live, sampled, logps, strict=True):
                 r = rows[j]
                 fed[j] = tok
                 stopped = tok in self.stop_ids
@@ -268,6 +304,7 @@ class HFAgent(ModelAgent):
                         self._store(keys[r], prompts[r] + out_tokens[r], cache, mask, j)
                 if not stopped:
                     out_tokens[r].append(tok)
+                    out_logps[r].append(logp)
             keep = [j for j, r in enumerate(rows) if r is not None]
             if not keep:
                 break
@@ -287,7 +324,23 @@ class HFAgent(ModelAgent):
         for key, ids, out in zip(keys, prompts, out_tokens, strict=True):
             if key is not None:
                 self.conversation_tokens[key] = max(self.conversation_tokens.get(key, 0), len(ids) + len(out))
-        return out_tokens
+        return out_tokens, out_logps
+
+    def _beyond_window(self, prompts: list[list[int]], reuse: list[int]) -> bool:
+        """Whether this batch, with the tokens ``reuse`` taken from caches, spans more columns than
+        the sliding window (cached part, padding, new part, reply: more columns than positions, so
+        the window, which transformers applies to columns, would cut at the wrong place). If so,
+        cache reuse is turned off for this agent for good, said once in the log; without reuse every
+        row's columns are its positions and the window is applied exactly."""
+        columns = max(reuse) + max(len(ids) - n for ids, n in zip(prompts, reuse, strict=True))
+        if columns + self.sampling.max_new_tokens <= self.window:  # type: ignore[operator]
+            return False
+        log.info("%s: a conversation outgrows the model's sliding window of %d tokens: cache reuse turned off",
+                 self.spec, self.window)  # fmt: skip
+        self.prefix_reuse = self.share_prefix = False
+        self._cache.clear()
+        self._shared.clear()
+        return True
 
     def _add_shared_prefix(self, fresh: list[list[int]]) -> None:
         """Prefill, once, the token prefix that the new conversations ``fresh`` share, unless a
@@ -305,7 +358,7 @@ class HFAgent(ModelAgent):
         ids = torch.tensor([fresh[0][:n]], device=self.device)
         self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
-        if kv[0][0].shape[1] != n:  # a sliding-window layer kept fewer positions
+        if any(k.shape[1] != n for k, _ in kv):  # a sliding-window layer kept fewer positions
             return
         self.stats["prefill_tokens"] += n
         self._shared = [
@@ -347,14 +400,14 @@ class HFAgent(ModelAgent):
         ref = next((p for p in past if p is not None), None) if p_len else None
         if not self._roomy:
             if ref is None:
-                return DynamicCache(config=self.model.config)
+                return DynamicCache()
             shape = [(len(past), k.shape[0], p_len, k.shape[2]) for k, _ in ref]
             dest = [
                 (k.new_zeros(n, device=self.device), k.new_zeros(n, device=self.device))
                 for (k, _), n in zip(ref, shape, strict=True)
             ]
             _right_align(past, p_len, dest)
-            return DynamicCache(ddp_cache_data=dest, config=self.model.config)
+            return DynamicCache(ddp_cache_data=dest)
         layers = [_roomy_layer_class()(room) for _ in range(self.model.config.get_text_config().num_hidden_layers)]
         if ref is not None:
             for layer, (k0, _) in zip(layers, ref, strict=True):
@@ -363,6 +416,9 @@ class HFAgent(ModelAgent):
         return Cache(layers=layers)
 
     def _store(self, key: tuple[str, str], tokens: list[int], cache, mask: torch.Tensor, row: int) -> None:
+        if any(layer.keys.shape[-2] != mask.shape[1] for layer in cache.layers):
+            log.debug("a cache layer kept fewer positions than the batch has; not stored")
+            return
         valid = mask[row].nonzero().squeeze(-1)
         kv = [(layer.keys[row][:, valid].clone(), layer.values[row][:, valid].clone()) for layer in cache.layers]
         if kv[0][0].shape[1] != len(tokens):
