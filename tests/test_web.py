@@ -671,11 +671,6 @@ def test_the_hub_refuses_a_forged_turn_with_the_protocols_code_and_feedback():
         asyncio.run(scenario(tmp))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parlay/web/app.py reply_text answers any non-Message parse as code 'tag' ('Messages cannot contain "
-    "tags in square brackets…'); it should let ErrorCode.SPECIAL_TOKEN through to the game's own refusal",
-)
 def test_a_forged_turn_is_answered_with_the_special_token_code_and_feedback(web):
     from parlay import prompts
 

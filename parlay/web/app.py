@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from parlay import prompts
 from parlay.agents.base import Agent
 from parlay.games.dond import MAX_COUNT
-from parlay.protocol import Message, message_reply, parse_reply, proposal_reply
+from parlay.protocol import ErrorCode, Message, ProtocolError, message_reply, parse_reply, proposal_reply
 from parlay.web import results
 from parlay.web.hub import Hub, LiveGame, Refused
 from parlay.web.store import ParticipantRow, Store, token_hash
@@ -312,6 +312,8 @@ def reply_text(body: MoveIn, max_chars: int) -> str:
         raise Refused(422, f"Your message is longer than {max_chars} characters: say it in fewer words.", "too_long")
     reply = message_reply(text)
     parsed = parse_reply(reply)
+    if isinstance(parsed, ProtocolError) and parsed.code is ErrorCode.SPECIAL_TOKEN:
+        return reply  # the game refuses it, with the protocol's own code and feedback (Hub.human_move)
     if not isinstance(parsed, Message) or parsed.text != text:
         raise Refused(422, "Messages cannot contain tags in square brackets such as [propose] or [end].", "tag")
     return reply
