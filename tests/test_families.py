@@ -139,9 +139,17 @@ def family_model(f: Family, vocab: int, dtype: torch.dtype | None = None):
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=lambda f: f.name)
-def family(request):
+def family(request, tmp_path_factory):
+    """(family, tokenizer, model): the tokenizer saved and loaded back, as a user's would be (the
+    architecture's own tokenizer class may then pre-tokenise differently, Qwen2's digits say)."""
+    from transformers import AutoTokenizer
+
     f = request.param
+    path = tmp_path_factory.mktemp(f.name)
     tok = family_tokenizer(f)
+    family_model(f, len(tok)).config.save_pretrained(path)  # the config names the tokenizer's class
+    tok.save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
     return f, tok, family_model(f, len(tok))
 
 
