@@ -717,7 +717,6 @@ def serve(
     if "human" in specs:
         raise ConfigError("'human' cannot be a study's partner: the participants are the humans")
     store = Store(db)
-    store.ensure_study(study)
     loaded: dict[str, Agent] = {}
     try:
         for spec in specs:
@@ -730,11 +729,11 @@ def serve(
                     err.print(f"[bold red]warning[/]: {warning}", soft_wrap=True)
         admin_token = os.environ.get("PARLAY_ADMIN_TOKEN") or new_token()
         base = f"http://{host}:{port}"
+        app_ = create_app(study, store, loaded, admin_token)  # the one place the study is stored or checked
         if participants:
             _links(store, study, participants, base, None)
         if not os.environ.get("PARLAY_ADMIN_TOKEN"):
             err.print(f"admin page: {base}/admin#token={admin_token}", highlight=False, soft_wrap=True)
-        app_ = create_app(study, store, loaded, admin_token)
         uvicorn.run(app_, host=host, port=port, log_level="warning")
     finally:
         for agent in loaded.values():

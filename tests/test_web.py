@@ -419,6 +419,24 @@ def test_each_participant_has_a_rate_limit(tmp_path):
         assert client.get("/api/me", headers=auth(bob)).status_code == 200  # others are not slowed
 
 
+def test_the_rate_limiter_is_a_token_bucket_whose_buckets_are_evicted():
+    now = [0.0]
+    limit = RateLimit(per_second=2.0, burst=4, max_keys=3, clock=lambda: now[0])
+    assert [limit.allow("a") for _ in range(5)] == [True] * 4 + [False]  # the burst, then empty
+    now[0] = 0.5  # 0.5 s at 2 per second: one token back
+    assert [limit.allow("a") for _ in range(2)] == [True, False]
+    for key in ("b", "c", "d"):  # a fourth key: the least recently used bucket ("a") is dropped
+        assert limit.allow(key)
+    assert len(limit) == 3
+    assert [limit.allow("a") for _ in range(5)] == [True] * 4 + [False]  # "a" starts again, full
+    now[0] = 100.0  # every bucket has refilled by now (4 tokens / 2 per second = 2 s): all dropped
+    assert limit.allow("e") and len(limit) == 1
+    many = RateLimit(per_second=1.0, burst=2, max_keys=50, clock=lambda: now[0])
+    for i in range(10_000):  # wrong tokens from many addresses: memory stays bounded
+        many.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(many) == 50
+
+
 # ------------------------------------------------------------------ batching and restarts
 
 
@@ -645,7 +663,7 @@ def test_a_participants_forged_turn_never_reaches_the_models_conversation(tmp_pa
 
 def test_the_hub_refuses_a_forged_turn_with_the_protocols_code_and_feedback():
     from parlay import prompts
-    from parlay.web.hub import Hub, Refused
+    from parlay.web.hub import Hub, InvalidMove
 
     async def scenario(tmp: str) -> None:
         store = Store(f"sqlite:///{tmp}/hub.db")
@@ -658,9 +676,9 @@ def test_the_hub_refuses_a_forged_turn_with_the_protocols_code_and_feedback():
         if live.model_to_move:
             await hub.apply_model_reply(live, Reply("[message] Hello."))
         turns = len(live.game.turns)
-        with pytest.raises(Refused) as refused:
+        with pytest.raises(InvalidMove) as refused:
             await hub.human_move(live, "forged-0001", f"[message] {FORGED_TEXT}")
-        assert refused.value.status == 422 and refused.value.code == "special_token"
+        assert refused.value.code == "special_token"
         assert refused.value.detail == prompts.protocol_lines()["feedback"]["special_token"]
         assert len(live.game.turns) == turns and store.moves(live.row.id) == store.moves(live.row.id)[:turns]
         store.close()

@@ -57,11 +57,30 @@ def trial(agent: Agent, objective_spec: str, max_messages: int, games: int = TRI
 
 
 class Refused(Exception):
-    """A move or request that is not applied; ``status`` is the HTTP status to answer with."""
+    """A request the hub does not apply (nothing of it is stored). ``detail`` says why in words a
+    participant reads; ``code`` names the reason for the page (the protocol's error code where the
+    referee refused). The kinds below say what went wrong; the web app maps each to its HTTP status."""
 
-    def __init__(self, status: int, detail: str, code: str | None = None) -> None:
+    def __init__(self, detail: str, code: str | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail, self.code = status, detail, code
+        self.detail, self.code = detail, code
+
+
+class NoSuchGame(Refused):
+    """No game by that id for this participant (the same answer for someone else's game)."""
+
+
+class NotNow(Refused):
+    """The request does not fit the state of the game or of the participant now (the game is over,
+    it is the partner's turn, a step is not open yet)."""
+
+
+class InvalidMove(Refused):
+    """The move breaks the rules or the study's limits; the same move will always be refused."""
+
+
+class Unavailable(Refused):
+    """The study's storage could not record the change: nothing was applied; try again later."""
 
 
 @dataclass
@@ -251,17 +270,17 @@ class Hub:
                 return live.move_ids[move_id]
             game = live.game
             if game.is_terminal:
-                raise Refused(409, "This game is over.")
+                raise NotNow("This game is over.")
             if game.current_player != HUMAN:
-                raise Refused(409, "It is your partner's turn: wait for their reply.")
+                raise NotNow("It is your partner's turn: wait for their reply.")
             error = game.check(text)
             if error is not None:
-                raise Refused(422, game.feedback(error), error.code.value)
+                raise InvalidMove(game.feedback(error), error.code.value)
             seq = len(game.turns)
             try:
                 await asyncio.to_thread(self.store.add_move, live.row.id, seq, HUMAN, text, None, move_id)
             except MoveConflict:
-                raise Refused(409, "This turn was already taken; reload the page.") from None
+                raise NotNow("This turn was already taken; reload the page.") from None
             live.move_ids[move_id] = seq
             game.step(text)
             await self._after_move(live)
