@@ -139,10 +139,10 @@ def bare_decode_step(model, batch: int, cached: int = 300) -> tuple[float, float
     ids = torch.randint(0, model.config.vocab_size, (batch, cached), device="cuda")
     new = torch.zeros((batch, 1), dtype=torch.long, device="cuda")
     with torch.inference_mode():
-        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
 
         def step() -> None:
-            model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=1)
 
         for _ in range(3):
             step()

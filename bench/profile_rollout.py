@@ -75,7 +75,7 @@ def step_figures(model, batch: int, cached: int, params: int, limits: dict[str, 
              for _ in range(cfg.num_hidden_layers)] for _ in range(batch)]  # fmt: skip
     from transformers.cache_utils import Cache
 
-    from parlay.agents.hf import _roomy_layer_class
+    from parlay.agents.hf_engine import _roomy_layer_class
 
     mask = torch.ones((batch, cached + 1), dtype=torch.long)
     mask[::2, : cached // 8] = 0  # left padding in every other row, as in a real batch: never a mask-free step
@@ -92,7 +92,7 @@ def step_figures(model, batch: int, cached: int, params: int, limits: dict[str, 
             input_ids=torch.zeros((batch, 1), dtype=torch.long),
             attention_mask=mask,
             position_ids=torch.full((batch, 1), cached),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

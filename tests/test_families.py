@@ -22,7 +22,8 @@ import torch
 
 from parlay import prompts
 from parlay.agents.base import AgentError, Sampling
-from parlay.agents.hf import HFAgent, sliding_window
+from parlay.agents.hf import HFAgent
+from parlay.agents.hf_engine import sliding_window
 from parlay.agents.hf_layer import TemplateError, assistant_mask, check_template, render, stop_ids
 from parlay.config import TrainConfig
 from parlay.games import all_contexts, objective

@@ -6,7 +6,7 @@ import torch
 from parlay.agents import AgentError, load_agent
 from parlay.agents.base import Sampling
 from parlay.agents.hf import HFAgent, load_model
-from parlay.agents.hf_layer import render
+from parlay.agents.hf_layer import render, stop_ids
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 from parlay.testing import check_agents
@@ -66,9 +66,9 @@ def test_the_in_place_cache_plays_what_transformers_own_cache_plays(model64):
     model, tokenizer = model64
     sampling = Sampling(temperature=1.0, max_new_tokens=10)
     roomy, dynamic = HFAgent(model, tokenizer, sampling), HFAgent(model, tokenizer, sampling)
-    dynamic._roomy = False
+    dynamic.engine.roomy = False
     a, b = _play(roomy), _play(dynamic)
-    assert roomy._roomy and [e.turns for e in a] == [e.turns for e in b]
+    assert roomy.engine.roomy and [e.turns for e in a] == [e.turns for e in b]
     assert dynamic.stats == roomy.stats and roomy.stats["reused_tokens"] > 0
 
 
@@ -92,7 +92,7 @@ def test_rows_that_end_early_ride_along_without_changing_the_others(model64):
     for out in free:
         for tok in set(out):
             firsts.setdefault(tok, set()).add(out.index(tok))
-    agent.stop_ids = {max(firsts, key=lambda t: len(firsts[t]))}
+    agent.engine.stop_ids = {max(firsts, key=lambda t: len(firsts[t]))}
     batched = agent.generate(prompts, None, list(range(12)))
     assert len({len(b) for b in batched}) > 2  # the rows really did end at different steps
     assert batched == [agent.generate([p], None, [i])[0] for i, p in enumerate(prompts)]
@@ -130,7 +130,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.fixture
 def sampler(tiny_lm):
-    """An agent's sampler at a temperature and top-p: ``sampler(1.0, 0.5)._sample(logits, generators)``."""
+    """An agent at a temperature and top-p: ``sampler(1.0, 0.5).engine.sample(logits, generators)``."""
     model, tokenizer, _ = tiny_lm
     return lambda temperature=1.0, top_p=1.0: HFAgent(model, tokenizer, Sampling(temperature=temperature, top_p=top_p))
 
@@ -139,13 +139,15 @@ def sampler(tiny_lm):
 def test_the_batched_sampler_draws_from_the_distribution_and_never_a_token_without_mass(sampler, device):
     logits = torch.tensor([[0.0, -float("inf"), 1.0, 2.0, -float("inf")]], device=device)
     n = 20000
-    drawn = sampler()._sample(logits.repeat(n, 1), [torch.Generator().manual_seed(i) for i in range(n)])
+    drawn = sampler().engine.sample(logits.repeat(n, 1), [torch.Generator().manual_seed(i) for i in range(n)])
     assert drawn.device.type == device
     share = torch.bincount(drawn.cpu(), minlength=5) / n
     assert share[1] == 0 and share[4] == 0
     assert torch.allclose(share, torch.softmax(logits[0].cpu(), -1), atol=0.015)  # 4+ standard errors
     # top-p keeps only the nucleus: here the single most likely token
-    nucleus = sampler(top_p=0.5)._sample(logits.repeat(50, 1), [torch.Generator().manual_seed(i) for i in range(50)])
+    nucleus = sampler(top_p=0.5).engine.sample(
+        logits.repeat(50, 1), [torch.Generator().manual_seed(i) for i in range(50)]
+    )
     assert set(nucleus.tolist()) == {3}
 
 
@@ -153,14 +155,16 @@ def test_the_batched_sampler_draws_from_the_distribution_and_never_a_token_witho
 def test_a_draw_at_the_top_of_the_unit_interval_is_the_last_token_with_mass(sampler, monkeypatch, device):
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([1.0 - 2**-53], dtype=torch.float64))
     logits = torch.tensor([[3.0, 0.0, -float("inf"), -float("inf")]], device=device)
-    assert sampler()._sample(logits, [torch.Generator()]).tolist() == [1]
+    assert sampler().engine.sample(logits, [torch.Generator()]).tolist() == [1]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_rows_draw_depends_on_its_seed_and_logits_not_on_the_batch(sampler, device):
     logits = (torch.randn(12, 300, generator=torch.Generator().manual_seed(0)) * 3).to(device)
-    alone = [sampler()._sample(logits[i : i + 1], [torch.Generator().manual_seed(100 + i)]).item() for i in range(12)]
-    together = sampler()._sample(logits, [torch.Generator().manual_seed(100 + i) for i in range(12)]).tolist()
+    alone = [
+        sampler().engine.sample(logits[i : i + 1], [torch.Generator().manual_seed(100 + i)]).item() for i in range(12)
+    ]
+    together = sampler().engine.sample(logits, [torch.Generator().manual_seed(100 + i) for i in range(12)]).tolist()
     assert alone == together and len(set(together)) > 3
 
 
@@ -232,3 +236,33 @@ def test_bf16_on_a_cpu_without_it_falls_back_to_float32_and_says_so(monkeypatch,
     assert hf_layer.pick_dtype("auto", "cpu") == torch.bfloat16
     with pytest.raises(AgentError, match="unknown dtype"):
         hf_layer.pick_dtype("int3", "cpu")
+
+
+def test_the_engine_decodes_what_transformers_generate_gives_with_and_without_its_cache(model64):
+    """The token-level engine alone: a batch of two prompts of different lengths, then each
+    conversation continued from the keys and values the engine returned, against ``generate``."""
+    from parlay.agents.hf_engine import DecodeEngine
+
+    model, tokenizer = model64
+    stops = stop_ids(tokenizer)
+    engine = DecodeEngine(model, tokenizer.pad_token_id, stops, Sampling(temperature=0.0, max_new_tokens=8))
+
+    def reference(ids):
+        t = torch.tensor([ids])
+        kwargs = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": sorted(stops), "pad_token_id": 0}
+        full = model.generate(t, attention_mask=torch.ones_like(t), **kwargs)[0, len(ids) :].tolist()
+        return full[: next((i for i, x in enumerate(full) if x in stops), len(full))]
+
+    first = [render(tokenizer, [{"role": "user", "content": "hi " * n}], True) for n in (2, 9)]
+    # Kept: the keys and values of every token fed, the prompt and the reply but its last (8 tokens
+    # long, it is cut, not stopped: its last token was drawn, never fed).
+    out = engine.decode(first, [None, None], [0, 1], [True, True])
+    assert out.tokens == [reference(ids) for ids in first]
+    assert all(
+        kv is not None and kv[0][0].shape[1] == len(p) + min(len(t), 7)
+        for kv, p, t in zip(out.kv, first, out.tokens, strict=True)
+    )
+    extra = tokenizer("<|im_end|>\n<|im_start|>user\nand then?", add_special_tokens=False)["input_ids"]
+    second = [p + t + extra for p, t in zip(first, out.tokens, strict=True)]
+    again = engine.decode(second, out.kv, [0, 1], [False, False])
+    assert again.tokens == [reference(ids) for ids in second] and again.kv == [None, None]

@@ -1,0 +1,287 @@
+"""The token-level decoding engine under the transformers agent (``hf.HFAgent``).
+
+``DecodeEngine.decode`` takes a batch of prompts as token ids, each with the keys and values of
+its first tokens when the caller has them (``past``), prefills the rest and samples one reply
+per row; it knows nothing of games or conversations (the agent's cache policy decides what to
+reuse). Rows of different lengths share one batch: cached keys/values are right-aligned in a
+common width (left padding), new tokens are left-padded too, and the attention mask and
+explicit position ids keep every row's positions right. Keys and values are written in place
+into room reserved for the reply (``RoomyLayer``). Rows whose reply has ended leave the batch in
+bulk, once they are a quarter of it (each removal copies the cache).
+
+Sliding-window models (Mistral, Gemma 2/3, Phi-3, Qwen2 with sliding layers): every layer keeps
+all its keys and values here and transformers' own mask applies the window, which it measures
+in cache columns. That is exact when each row's columns are its positions (no ``past``: left
+padding only) or when a batch's columns all fit in the window; ``fits_window`` says which.
+
+Tested against transformers' own ``generate`` (tests/test_hf.py, tests/test_families.py), with
+transformers 5.24 (the bounds in pyproject.toml: ``RoomyLayer`` builds on ``DynamicLayer``).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from parlay.agents.base import AgentError, Sampling
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer (keys, values), each [heads, tokens, head_dim] for one conversation."""
+
+ATTENTION_KINDS = {"full_attention", "sliding_attention"}
+
+
+def sliding_window(config, name: str = "model") -> int | None:
+    """The shortest sliding attention window among a model's layers, or None when every layer
+    attends to the whole sequence. Reads ``layer_types`` (transformers' per-layer attention kinds:
+    Gemma 2/3, Qwen2 with sliding layers, recent configs) or, without it, ``sliding_window``
+    (Mistral, Phi-3: every layer slides). Raises ``AgentError`` for an attention kind this decoder
+    does not know (chunked or linear attention, state-space layers), before any game is played."""
+    text_config = config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    kinds = getattr(text_config, "layer_types", None)
+    if kinds is not None:
+        unknown = sorted(set(kinds) - ATTENTION_KINDS)
+        if unknown:
+            raise AgentError(
+                f"{name}: layers of kind {', '.join(unknown)} are not supported by the transformers decoder "
+                "(it knows full and sliding attention); play this model through an openai: endpoint or vllm: instead"
+            )
+        return window if "sliding_attention" in kinds and window else None
+    return window or None
+
+
+@functools.cache
+def _roomy_layer_class():
+    """The class, built once: transformers is imported only when a model is."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """One layer's keys and values for a batch, with room for the whole reply: a new token is
+        written in place. (``DynamicLayer`` concatenates, copying the whole cache at every step of
+        every layer.)"""
+
+        def __init__(self, room: int) -> None:
+            super().__init__()
+            self.room, self.length = room, 0
+
+        def reserve(self, batch: int, heads: int, length: int, dim: int, dtype, device) -> None:
+            """Zeroed room for ``length`` cached positions plus the room; the caller fills the first."""
+            self._k = torch.zeros((batch, heads, length + self.room, dim), dtype=dtype, device=device)
+            self._v = torch.zeros_like(self._k)
+            self.dtype, self.device, self.is_initialized = dtype, device, True
+            self._set_length(length)
+
+        def _set_length(self, length: int) -> None:
+            self.length = length
+            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                batch, heads, _, dim = key_states.shape
+                self.reserve(batch, heads, 0, dim, key_states.dtype, key_states.device)
+            end = self.length + key_states.shape[-2]
+            if end > self._k.shape[-2]:  # more than planned: grow once more
+                extra = torch.zeros_like(self._k[:, :, : end - self._k.shape[-2]])
+                self._k, self._v = torch.cat([self._k, extra], -2), torch.cat([self._v, extra], -2)
+            self._k[:, :, self.length : end] = key_states
+            self._v[:, :, self.length : end] = value_states
+            self._set_length(end)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self._set_length(self.length)
+
+    return RoomyLayer
+
+
+def _right_align(past: list[KV | None], p_len: int, dest: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write each row's cached keys and values into ``dest`` (per layer, [batch, heads, ≥ p_len, dim]),
+    ending at position ``p_len``: the positions before a shorter row's cache stay padding."""
+    for i, kv in enumerate(past):
+        for (k_dest, v_dest), (k, v) in zip(dest, kv or [], strict=False):
+            n = k.shape[1]
+            k_dest[i, :, p_len - n : p_len], v_dest[i, :, p_len - n : p_len] = k, v
+
+
+@dataclass
+class Decoded:
+    """One batch's replies: per row the sampled token ids [n_i] (stop token excluded), their
+    log-probabilities under the model's own distribution [n_i] (temperature 1, no top-p; natural
+    log), and, where asked, the keys and values of the prompt and the reply before its stop token."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    kv: list[KV | None]
+
+
+class DecodeEngine:
+    """Batched prefill and sampling for one transformers causal LM; see the module docstring."""
+
+    def __init__(self, model, pad_id: int, stop_ids: set[int], sampling: Sampling, name: str = "model") -> None:
+        self.model = model
+        self.pad_id = pad_id
+        self.stop_ids = stop_ids
+        self.sampling = sampling
+        self.device = next(model.parameters()).device
+        self.window = sliding_window(model.config, name)
+        self.roomy = True
+        """Write new keys and values in place (False: transformers' own ``DynamicCache``, kept to
+        check the in-place cache against it)."""
+
+    def fits_window(self, prompts: list[list[int]], reuse: list[int]) -> bool:
+        """Whether a batch whose rows take ``reuse`` tokens from caches decodes exactly under the
+        model's sliding window: the batch spans cached part, padding, new part and reply in more
+        columns than a row has positions, so all of them must fit in the window."""
+        if self.window is None or not any(reuse):
+            return True
+        columns = max(reuse) + max(len(ids) - n for ids, n in zip(prompts, reuse, strict=True))
+        return columns + self.sampling.max_new_tokens <= self.window
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int]) -> KV | None:
+        """Keys and values of ``tokens`` for one conversation, or None when a sliding layer of
+        transformers' cache kept fewer positions than there are tokens."""
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([tokens], device=self.device), cache=cache, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys[0], layer.values[0]) for layer in cache.layers]
+        return None if any(k.shape[1] != len(tokens) for k, _ in kv) else kv
+
+    @torch.inference_mode()
+    def decode(self, prompts: list[list[int]], past: list[KV | None], seeds: list[int], keep: list[bool]) -> Decoded:
+        """Sample one reply per prompt. ``past[i]``: keys and values of the first tokens of
+        ``prompts[i]`` (at most all but its last), or None; ``seeds[i]`` seeds row i's draws alone,
+        so a reply does not depend on the batch; ``keep[i]``: return row i's keys and values."""
+        s = self.sampling
+        batch = len(prompts)
+        reuse = [kv[0][0].shape[1] if kv else 0 for kv in past]
+        new = [ids[n:] for ids, n in zip(prompts, reuse, strict=True)]
+        # 1. One left-padded batch: [cached | new], masks and positions per row; the mask has room
+        #    for the reply, so a step marks one more column instead of growing it.
+        p_len, n_len = max(reuse), max(len(x) for x in new)
+        width = p_len + n_len
+        input_ids = torch.full((batch, n_len), self.pad_id, dtype=torch.long)
+        full_mask = torch.zeros((batch, width + s.max_new_tokens), dtype=torch.long)
+        positions = torch.zeros((batch, n_len), dtype=torch.long)
+        for i, (ids, n) in enumerate(zip(new, reuse, strict=True)):
+            input_ids[i, n_len - len(ids) :] = torch.tensor(ids)
+            full_mask[i, p_len - n : p_len] = 1
+            full_mask[i, width - len(ids) : width] = 1
+            positions[i, n_len - len(ids) :] = torch.arange(n, n + len(ids))
+        cache = self._batch_cache(past, p_len, n_len + s.max_new_tokens)
+        input_ids, full_mask, positions = (x.to(self.device) for x in (input_ids, full_mask, positions))
+        gens = [torch.Generator(device="cpu").manual_seed(int(seed) % (2**63)) for seed in seeds]
+        out = Decoded([[] for _ in range(batch)], [[] for _ in range(batch)], [None] * batch)
+        rows: list[int | None] = list(range(batch))  # each batch row's prompt; None once its reply ended
+        step_ids = input_ids
+        # 2. Decode: one token per live row per step.
+        for step in range(s.max_new_tokens):
+            mask = full_mask[:, :width]
+            logits = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,  # the next token's only: a prefill needs no logits for its other positions
+            ).logits[:, -1, :]
+            live = [j for j, r in enumerate(rows) if r is not None]
+            drawn = self.sample(logits[live], [gens[rows[j]] for j in live])  # type: ignore[index]
+            logps = torch.log_softmax(logits[live].float(), -1).gather(-1, drawn[:, None])[:, 0].tolist()
+            fed = [self.pad_id] * len(rows)  # what each row reads next (ended rows: padding, ignored)
+            for j, tok, logp in zip(live, drawn.tolist(), logps, strict=True):
+                r = rows[j]
+                fed[j] = tok
+                stopped = tok in self.stop_ids
+                if stopped or step == s.max_new_tokens - 1:
+                    rows[j] = None
+                    if keep[r]:  # the cache holds every token fed so far: the prompt and the reply before `tok`
+                        out.kv[r] = self._row_kv(cache, mask, j, len(prompts[r]) + len(out.tokens[r]))
+                if not stopped:
+                    out.tokens[r].append(tok)
+                    out.logprobs[r].append(logp)
+            keep_rows = [j for j, r in enumerate(rows) if r is not None]
+            if not keep_rows:
+                break
+            nxt = torch.tensor(fed, dtype=torch.long)
+            # Ended rows ride along (their tokens are ignored) until they are a quarter of the batch:
+            # dropping a row copies the whole cache, so it is done in bulk, not at every ending.
+            if len(rows) - len(keep_rows) > len(rows) // 4:
+                idx = torch.tensor(keep_rows, device=self.device)
+                cache.batch_select_indices(idx)
+                full_mask, positions, nxt = full_mask[idx], positions[idx], nxt[idx]
+                rows = [rows[j] for j in keep_rows]
+            full_mask[:, width] = 1
+            width += 1
+            positions = positions[:, -1:] + 1
+            step_ids = nxt.unsqueeze(1).to(self.device)
+        return out
+
+    def sample(self, logits: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """One token per row of ``logits`` [B, V] → [B], drawn by inverse CDF: each row takes a
+        single uniform number from its own seeded generator, so a row's draw depends on its seed
+        and its logits alone, whatever the batch; the cumulative sums and the search run batched,
+        on the model's device (4× less time than one multinomial draw per row, bench/RESULTS.md).
+        Logits that differ in their last bits (another batch shape, a shared prefix computed
+        apart) can move a draw that falls right at a boundary of the cumulative sums: a rare
+        different token, never a different distribution. Temperature 0: the argmax."""
+        s = self.sampling
+        if s.temperature <= 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(dim=-1) - sorted_p > s.top_p
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:].contiguous()
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(cdf.device)
+        target = (u.unsqueeze(1) * total.double()).to(cdf.dtype)
+        # The first token whose cumulative mass exceeds u·total, never past the last token with any
+        # mass (u·total can round up to the total): a token of zero probability is never drawn.
+        drawn = torch.searchsorted(cdf, target, right=True)
+        return torch.minimum(drawn, torch.searchsorted(cdf, total)).squeeze(1)
+
+    def _batch_cache(self, past: list[KV | None], p_len: int, room: int):
+        """A cache for the batch: each row's cached keys and values right-aligned in ``p_len``
+        positions (left padding), with ``room`` more positions for the new tokens. Every layer
+        keeps every position (sliding layers included: the mask applies the window)."""
+        from transformers.cache_utils import Cache, DynamicCache
+
+        ref = next((p for p in past if p is not None), None) if p_len else None
+        if not self.roomy:
+            if ref is None:
+                return DynamicCache()
+            shape = [(len(past), k.shape[0], p_len, k.shape[2]) for k, _ in ref]
+            dest = [
+                (k.new_zeros(n, device=self.device), k.new_zeros(n, device=self.device))
+                for (k, _), n in zip(ref, shape, strict=True)
+            ]
+            _right_align(past, p_len, dest)
+            return DynamicCache(ddp_cache_data=dest)
+        layers = [_roomy_layer_class()(room) for _ in range(self.model.config.get_text_config().num_hidden_layers)]
+        if ref is not None:
+            for layer, (k0, _) in zip(layers, ref, strict=True):
+                layer.reserve(len(past), k0.shape[0], p_len, k0.shape[2], k0.dtype, self.device)
+            _right_align(past, p_len, [(layer._k, layer._v) for layer in layers])
+        return Cache(layers=layers)
+
+    @staticmethod
+    def _row_kv(cache, mask: torch.Tensor, row: int, n_tokens: int) -> KV | None:
+        """Batch row ``row``'s keys and values at its unmasked columns, or None when they are not
+        its ``n_tokens`` tokens (a layer kept fewer positions)."""
+        if any(layer.keys.shape[-2] != mask.shape[1] for layer in cache.layers):
+            return None
+        valid = mask[row].nonzero().squeeze(-1)
+        kv = [(layer.keys[row][:, valid].clone(), layer.values[row][:, valid].clone()) for layer in cache.layers]
+        return kv if kv[0][0].shape[1] == n_tokens else None
