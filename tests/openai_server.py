@@ -147,6 +147,7 @@ def start_fault_proxy(upstream: str, faults: list[str]) -> tuple[_Server, str, d
             if fault in ("429", "500"):
                 data = json.dumps({"error": {"message": f"injected {fault}"}}).encode()
                 self.send_response(int(fault))
+                self.send_header("Retry-After-Ms", "10")  # a short wait, as servers may ask (the SDK honours it)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -4,12 +4,9 @@ import pytest
 
 from parlay.agents import AgentError, load_agent
 from parlay.agents.openai_compat import OpenAIAgent
-from parlay.agents.retry import RetryPolicy
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 from tests.openai_server import start_chat_server, start_fault_proxy
-
-FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
 
 
 @pytest.fixture
@@ -32,7 +29,7 @@ def test_faults_are_retried_and_games_complete(server):
     faults = ["429", "500", "drop", "delay", "ok", "500", "429", "delay"] * 3
     proxy, url, seen = start_fault_proxy(server, faults)
     try:
-        agent = OpenAIAgent("tiny", url, retry=FAST_RETRY, timeout=5, concurrency=1)
+        agent = OpenAIAgent("tiny", url, max_retries=3, timeout=5, concurrency=1)
         eps = play_games(agent, agent, plan_games(5, 1), objective(0))
     finally:
         proxy.shutdown()
@@ -43,7 +40,7 @@ def test_faults_are_retried_and_games_complete(server):
 def test_a_request_that_keeps_failing_fails_its_game_not_the_run(server):
     proxy, url, _ = start_fault_proxy(server, ["500"] * 4)  # the first game's first turn exhausts its tries
     try:
-        agent = OpenAIAgent("tiny", url, retry=FAST_RETRY, concurrency=1)
+        agent = OpenAIAgent("tiny", url, max_retries=3, concurrency=1)
         eps = play_games(agent, agent, plan_games(3, 2), objective(0))
     finally:
         proxy.shutdown()
@@ -54,7 +51,7 @@ def test_a_request_that_keeps_failing_fails_its_game_not_the_run(server):
 
 
 def test_unreachable_endpoint_is_recorded_as_failed():
-    agent = OpenAIAgent("tiny", "http://127.0.0.1:9/v1", retry=FAST_RETRY, timeout=1)
+    agent = OpenAIAgent("tiny", "http://127.0.0.1:9/v1", max_retries=3, timeout=1)
     eps = play_games(agent, load_agent("bot:hard"), plan_games(2, 0), objective(0))
     failures = [e for e in eps if e.outcome.status == "failed"]
     assert failures and all("Connection" in e.outcome.reason for e in failures)

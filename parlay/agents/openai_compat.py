@@ -1,29 +1,20 @@
 """Any OpenAI-compatible chat endpoint: OpenAI, a vLLM server, ``transformers serve``,
 llama.cpp's server.
 
-Requests of a batch run concurrently (bounded by ``concurrency``), each with a timeout and
-retries with exponential backoff and jitter on 429, 5xx, timeouts and dropped connections.
-A request that still fails becomes a ``Reply`` with ``error`` set, and the rollout records that
-game as failed with the error: nothing is dropped.
+Requests of a batch run concurrently (bounded by ``concurrency``), each with a timeout; the
+openai SDK retries them itself (``max_retries``: exponential backoff with jitter on 408, 409,
+429, 5xx, timeouts and dropped connections, honouring a server's ``Retry-After``). A request
+that still fails becomes a ``Reply`` with ``error`` set, and the rollout records that game as
+failed with the error: nothing is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import random
 import threading
 
 from parlay.agents.base import AgentError, ModelAgent, Prompt, Reply, Sampling
-from parlay.agents.retry import RetryPolicy, with_retries
-
-
-def _retryable(exc: BaseException) -> bool:
-    import openai
-
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code == 429 or exc.status_code >= 500
-    return isinstance(exc, openai.APIConnectionError | openai.APITimeoutError)
 
 
 class OpenAIAgent(ModelAgent):
@@ -35,8 +26,10 @@ class OpenAIAgent(ModelAgent):
         api_key: str | None = None,
         concurrency: int = 16,
         timeout: float = 60.0,
-        retry: RetryPolicy | None = None,
+        max_retries: int = 5,
     ) -> None:
+        """``timeout``: seconds per request; ``max_retries``: retries after the first try, the
+        SDK's own."""
         try:
             import openai
         except ImportError:
@@ -48,8 +41,7 @@ class OpenAIAgent(ModelAgent):
         self.base_url = base_url
         self.sampling = sampling or Sampling()
         self.concurrency = concurrency
-        self.retry = retry or RetryPolicy()
-        self._client_args = {"api_key": key, "base_url": base_url, "timeout": timeout, "max_retries": 0}
+        self._client_args = {"api_key": key, "base_url": base_url, "timeout": timeout, "max_retries": max_retries}
         self._openai = openai
         self.spec = f"openai:{model}" + (f"@{base_url}" if base_url else "")
 
@@ -79,8 +71,7 @@ class OpenAIAgent(ModelAgent):
 
         async with gate:
             try:
-                where = f"{self.spec} {prompt.key[0] if prompt.key else 'prompt'}"
-                resp = await with_retries(call, _retryable, self.retry, random.Random(prompt.seed), where)
+                resp = await call()
             except Exception as exc:
                 return Reply("", error=f"{type(exc).__name__}: {exc}")
         if not resp.choices:
