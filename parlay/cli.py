@@ -719,6 +719,7 @@ def serve(
     store = Store(db)
     loaded: dict[str, Agent] = {}
     try:
+        store.check_writable(study.name)  # a database that cannot be written is refused before anything loads
         for spec in specs:
             err.print(f"loading {spec} …")
             loaded[spec] = load_agent(spec, Sampling(temperature=temperature, max_new_tokens=max_new_tokens))

@@ -165,14 +165,30 @@ def test_assignment_is_balanced_in_every_block_and_position():
     )
 
 
-def test_a_study_with_another_definition_under_the_same_name_is_refused(tmp_path):
+def test_a_study_may_be_corrected_until_a_participant_starts_and_the_change_is_recorded(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    store.add_participants(STUDY, 2)
-    other = study_from_flags(["bot:hard"], "competitive")
-    with pytest.raises(ConfigError, match="different study named 'study'"):
-        store.ensure_study(other)
+    (_, token), _ = store.add_participants(STUDY, 2)
+    corrected = study_from_flags(["bot:hard"], "competitive")
+    store.ensure_study(corrected)  # nobody has consented: the links stay valid for the corrected study
+    (event,) = store.events("study", "study_corrected")
+    assert event.detail["before"] == STUDY.model_dump() and event.detail["after"] == corrected.model_dump()
+    store.ensure_study(corrected)  # the same again: nothing to record
+    assert len(store.events("study", "study_corrected")) == 1
+    store.mark(store.participant(token).id, "consented_at")
+    with pytest.raises(ConfigError, match=r"different study named 'study', and 1 participant\(s\) have started"):
+        store.ensure_study(STUDY)
     with pytest.raises(ConfigError, match=r"cannot be opened|database"):
         Store("sqlite:////nonexistent-dir/x/y.db")
+
+
+def test_a_study_stored_before_the_later_settings_keeps_its_fingerprint():
+    import hashlib
+
+    from parlay.web.study import LATER_SETTINGS
+
+    older = hashlib.sha256(STUDY.model_dump_json(exclude=set(LATER_SETTINGS)).encode()).hexdigest()[:16]
+    assert STUDY.fingerprint() == older
+    assert STUDY.model_copy(update={"bonus_for": "partial"}).fingerprint() != older
 
 
 # ------------------------------------------------------------------ a participant's way through
@@ -486,6 +502,11 @@ def test_a_game_survives_a_server_killed_while_the_model_is_thinking(tmp_path):
     server = start_process(cmd, f"{base}/api/me")  # no delay now: the pending turn is answered
     try:
         with httpx.Client(base_url=base, timeout=10) as client:
+            # the open page polls with the version it holds; the version is the stored turns (+1 at
+            # the end), so the restarted server answers it with a newer view, never an "older" one
+            caught_up = client.get(f"/api/games/{game['id']}?after={game['version']}", headers=auth(token)).json()
+            assert caught_up["version"] > game["version"] and caught_up["chat"][: len(acknowledged)] == acknowledged
+            assert caught_up["version"] == len(store.moves(game["id"])) + caught_up["finished"]
             resumed = wait_for_turn(client, token, client.get(f"/api/games/{game['id']}", headers=auth(token)).json())
             assert resumed["chat"][: len(acknowledged)] == acknowledged  # nothing acknowledged is lost
             assert resumed["chat"][len(acknowledged)]["from"] == "partner"
@@ -699,3 +720,231 @@ def test_a_forged_turn_is_answered_with_the_special_token_code_and_feedback(web)
     refused = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token))
     assert refused.status_code == 422
     assert refused.json() == {"code": "special_token", "detail": prompts.protocol_lines()["feedback"]["special_token"]}
+
+
+# ------------------------------------------------------------------ durable state, storage faults
+
+
+def fail(tries: int, name: str = "add_move"):
+    """A store fault: the next ``tries`` tries of transaction ``name`` fail as a disk would."""
+    from sqlalchemy.exc import OperationalError
+
+    left = [tries]
+
+    def fault(what: str) -> None:
+        if what == name and left[0] > 0:
+            left[0] -= 1
+            raise OperationalError("INSERT", {}, Exception("disk I/O error (injected)"))
+
+    return fault
+
+
+def to_proposal(client, token: str, game: dict) -> dict:
+    """Message until the person may propose and it is their turn (or the partner's proposal is owed)."""
+    n = 0
+    while True:
+        game = wait_for_turn(client, token, game)
+        if game["finished"] or game["may_propose"]:
+            return game
+        body = {"move_id": f"talk-{n:05d}", "kind": "message", "text": "Books for me, please."}
+        game = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token)).json()["game"]
+        n += 1
+
+
+def test_a_finishing_move_whose_transaction_fails_is_refused_and_the_game_stays_as_it_was(web):
+    client, token = web.client, web.tokens[0]
+    get_ready(client, token)
+    game = to_proposal(client, token, client.post("/api/games/next", headers=auth(token)).json()["game"])
+    url = f"/api/games/{game['id']}/moves"
+    message = {"move_id": "one-fault-01", "kind": "message", "text": "Shall we split?"}
+    if not game["proposal_owed"]:  # one failed try is retried inside the transaction: acknowledged
+        web.store.fault = fail(1)
+        answered = client.post(url, json=message, headers=auth(token))
+        assert answered.status_code == 200 and answered.json()["game"]["chat"][-1]["text"] == "Shall we split?"
+        game = to_proposal(client, token, answered.json()["game"])
+    # a proposal: it ends the game when the partner's is owed, else the partner's reply does;
+    # either way the move fails all its tries: refused, nothing stored, nothing changed
+    before, moves_before = game, len(web.store.moves(game["id"]))
+    web.store.fault = fail(3)
+    proposal = {"move_id": "proposal-01", "kind": "proposal", "kept": [c // 2 for c in game["counts"]]}
+    refused = client.post(url, json=proposal, headers=auth(token))
+    assert refused.status_code == 503 and refused.json()["code"] == "storage"
+    assert "Nothing was recorded" in refused.json()["detail"]
+    assert client.get(f"/api/games/{game['id']}", headers=auth(token)).json() == before
+    assert len(web.store.moves(game["id"])) == moves_before and web.store.game(game["id"]).status == "live"
+    resent = client.post(url, json=proposal, headers=auth(token))  # the page resends the same move
+    assert resent.status_code == 200
+    final = wait_for_turn(client, token, resent.json()["game"])
+    assert final["finished"]
+    assert web.store.game(game["id"]).status == "done" and web.store.game(game["id"]).episode  # in the DB too
+    following = client.post("/api/games/next", headers=auth(token)).json()["game"]
+    assert following["id"] != game["id"] and following["number"] == 2  # no loop on the finished game
+
+
+def test_a_model_reply_whose_transaction_fails_is_asked_again_and_lands_once(web):
+    client, token = web.client, web.tokens[1]
+    get_ready(client, token)
+    game = wait_for_turn(client, token, client.post("/api/games/next", headers=auth(token)).json()["game"])
+    web.store.fault = fail(4)  # the model's reply fails all three tries once, then a fourth: asked again
+    body = {"move_id": "hello-0001", "kind": "message", "text": "Hello"}
+    game = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token))
+    assert game.status_code == 503  # the person's own move met the first failures: refused, not applied
+    game = client.post(f"/api/games/{game.request.url.path.split('/')[3]}/moves", json=body, headers=auth(token))
+    assert game.status_code == 200
+    answered = wait_for_turn(client, token, game.json()["game"])
+    moves = web.store.moves(answered["id"])
+    assert [m.seq for m in moves] == list(range(len(moves))) and [m.move_id for m in moves].count("hello-0001") == 1
+    assert answered["chat"][-1]["from"] == "partner" or answered["finished"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_sqlite_file_deleted_or_replaced_under_the_server_stops_acknowledging(web, tmp_path, how):
+    import shutil
+
+    client, token = web.client, web.tokens[2]
+    get_ready(client, token)
+    game = wait_for_turn(client, token, client.post("/api/games/next", headers=auth(token)).json()["game"])
+    if how == "deleted":
+        for path in web.db.parent.glob("study.db*"):
+            path.unlink()
+    else:
+        shutil.copy(web.db, tmp_path / "copy.db")
+        os.replace(tmp_path / "copy.db", web.db)
+    body = {"move_id": "lost-0001", "kind": "message", "text": "Is anyone there?"}
+    refused = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token))
+    assert refused.status_code == 503 and "deleted or replaced" in refused.json()["detail"]
+    assert str(web.db) in refused.json()["detail"]
+    me = client.get("/api/me", headers=auth(token))
+    assert me.status_code == 503 and "deleted or replaced" in me.json()["detail"]  # says why, every time
+
+
+def test_serve_refuses_a_database_it_cannot_write_with_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from parlay.cli import app
+
+    path = tmp_path / "ro.db"
+    Store(f"sqlite:///{path}").close()  # the tables exist; the file is then opened read-only
+    url = f"sqlite:///file:{path}?mode=ro&uri=true"
+    result = CliRunner().invoke(app, ["serve", "--agent", "bot:hard", "--db", url, "--no-check"])
+    assert result.exit_code == 2
+    said = "".join(result.output.splitlines())  # one message (the terminal may wrap it)
+    assert said.count("error:") == 1 and said.startswith("error: database") and url in said
+    assert said.endswith("cannot be written: attempt to write a readonly database")
+
+
+# ------------------------------------------------------------------ strict types, headers on every answer
+
+
+def test_counts_must_be_integers_not_booleans_strings_or_floats(web):
+    client, token = web.client, web.tokens[3]
+    get_ready(client, token)
+    game = to_proposal(client, token, client.post("/api/games/next", headers=auth(token)).json()["game"])
+    before = client.get(f"/api/games/{game['id']}", headers=auth(token)).json()
+    for n, kept in enumerate(([True, False, False], ["0", "0", "0"], [1.0, 0, 0], [0, 0, "1"])):
+        body = {"move_id": f"lax-{n:06d}", "kind": "proposal", "kept": kept}
+        response = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token))
+        assert response.status_code == 422 and "valid integer" in response.json()["detail"], (kept, response.text)
+    assert client.post("/api/consent", json={"agree": 1}, headers=auth(token)).status_code == 422
+    assert client.post("/api/check", json={"answers": {"mismatch": "1"}}, headers=auth(token)).status_code == 422
+    assert client.get(f"/api/games/{game['id']}", headers=auth(token)).json() == before
+    assert not any(m.move_id and m.move_id.startswith("lax-") for m in web.store.moves(game["id"]))
+
+
+def test_every_response_code_carries_the_security_headers(tmp_path):
+    from parlay.web.app import SECURITY_HEADERS
+
+    store = Store(f"sqlite:///{tmp_path / 'codes.db'}")
+    alice, bob = (t for _, t in store.add_participants(STUDY, 2))
+    app = make_app(store, rate=RateLimit(per_second=0.01, burst=3))
+    seen: dict[int, str] = {}
+    with TestClient(app, raise_server_exceptions=False) as client:
+
+        def record(response, path: str) -> None:
+            seen.setdefault(response.status_code, path)
+            for name, value in SECURITY_HEADERS.items():
+                assert response.headers.get(name) == value, (response.status_code, path, name)
+
+        record(client.get("/", follow_redirects=False), "/")
+        record(client.get("/play"), "/play")
+        record(client.get("/static/play.js"), "/static/play.js")
+        record(client.get("/api/me", headers=auth(alice)), "/api/me")
+        record(client.get("/api/me"), "no token")
+        record(client.get("/api/admin/summary", headers=auth("not-the-admin")), "wrong admin")
+        record(client.get("/api/games/nothing", headers=auth(alice)), "no game")
+        record(client.get("/api/consent", headers=auth(alice)), "wrong method")
+        record(client.post("/api/games/next", headers=auth(alice)), "no consent")
+        request = client.build_request("POST", "/api/consent", content=b'{"agree": true}', headers=auth(alice))
+        del request.headers["content-length"]
+        record(client.send(request), "no length")
+        record(client.post("/api/consent", json={"pad": "x" * 9000}, headers=auth(alice)), "too long")
+        record(client.post("/api/consent", json={"agree": False}, headers=auth(bob)), "invalid")
+        record(client.get("/api/me", headers=auth(alice)), "rate")
+        store.fault = fail(3, "mark")
+        record(client.post("/api/consent", json={"agree": True}, headers=auth(bob)), "storage down")
+        app.state.web.hub.stats = None  # a bug: the summary fails with a TypeError
+        record(client.get("/api/admin/summary", headers=auth(ADMIN)), "crash")
+    assert set(seen) == {200, 307, 401, 403, 404, 405, 409, 411, 413, 422, 429, 500, 503}, seen
+
+
+# ------------------------------------------------------------------ abandonment and dropout
+
+
+def test_a_game_left_past_the_studys_timeout_ends_as_abandoned_and_counts_as_dropout(tmp_path):
+    import datetime as dt
+
+    study = study_from_flags(
+        ["bot:hard"], "semi-competitive", games_per_participant=2, abandon_after_minutes=5, bonus_per_point=0.1
+    )
+    store = Store(f"sqlite:///{tmp_path / 'abandon.db'}")
+    leaver, stayer, ended = (t for _, t in store.add_participants(study, 3))
+    app = make_app(store, study)
+    hub = app.state.web.hub
+    with TestClient(app) as client:
+        for token in (leaver, ended):
+            get_ready(client, token)
+        left = wait_for_turn(client, leaver, client.post("/api/games/next", headers=auth(leaver)).json()["game"])
+        body = {"move_id": "only-move-1", "kind": "message", "text": "Hello, I want the books."}
+        left = client.post(f"/api/games/{left['id']}/moves", json=body, headers=auth(leaver)).json()["game"]
+        left = wait_for_turn(client, leaver, left)
+        assert not left["finished"]
+        summary = client.get("/api/admin/summary", headers=auth(ADMIN)).json()
+        (row,) = [g for g in summary["games"] if g["game"] == left["id"]]
+        assert row["turns"] == len(store.moves(left["id"])) >= 2  # a live game's turns are counted
+        assert client.portal.call(hub.sweep) == []  # not yet 5 minutes
+        hub.clock = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(minutes=6)
+        games = play_through(client, store, stayer)  # the stayer finishes both games meanwhile (fresh moves)
+        assert client.portal.call(hub.sweep) == [left["id"]]
+        view = client.get(f"/api/games/{left['id']}", headers=auth(leaver)).json()
+        assert view["finished"] and view["result"]["status"] == "abandoned" and view["version"] == left["version"] + 1
+        assert store.game(left["id"]).ended == {
+            "status": "abandoned", "reason": "abandoned: no move from the participant for 5 minutes"
+        }  # fmt: skip
+        assert [e.detail["game"] for e in store.events(study.name, "game_abandoned")] == [left["id"]]
+        # the leaver may come back: the next game is game 2
+        back = client.post("/api/games/next", headers=auth(leaver)).json()["game"]
+        assert back["number"] == 2
+        # the admin ends a participant: their live game is abandoned and they get no other
+        mine = client.post("/api/games/next", headers=auth(ended)).json()["game"]
+        out = client.post("/api/admin/participants/2/end", headers=auth(ADMIN)).json()
+        assert out == {"participant": 2, "games_ended": [mine["id"]]}
+        assert client.get("/api/me", headers=auth(ended)).json()["stage"] == "ended"
+        assert client.post("/api/games/next", headers=auth(ended)).json() == {"done": True}
+        # and can end a single game
+        assert client.post(f"/api/admin/games/{back['id']}/end", headers=auth(ADMIN)).json()["ended"]
+        assert not client.post(f"/api/admin/games/{back['id']}/end", headers=auth(ADMIN)).json()["ended"]
+        assert client.post("/api/admin/games/nothing/end", headers=auth(ADMIN)).status_code == 404
+        summary = client.get("/api/admin/summary", headers=auth(ADMIN)).json()
+        exported = client.get("/api/admin/export.jsonl", headers=auth(ADMIN)).text.splitlines()
+    (condition,) = summary["conditions"]
+    assert (condition["started"], condition["finished"], condition["abandoned"], condition["live"]) == (5, 2, 3, 0)
+    assert condition["metrics"]["games"] == 2 and "finished games only" in summary["metrics_use"]
+    people = {p["number"]: p for p in summary["participants"]}
+    stayer_points = sum(g["result"]["your_reward"] for g in games)
+    assert people[1]["stage"] == "done" and people[1]["bonus"] == round(max(0.0, stayer_points) * 0.1, 2)
+    assert people[0]["stage"] == "done" and people[0]["games_done"] == 0 and people[0]["bonus"] == 0.0
+    assert people[2]["stage"] == "ended" and people[2]["bonus"] == 0.0 and people[2]["games_abandoned"] == 1
+    assert [json.loads(line)["id"] for line in exported] == [g["id"] for g in games]  # abandoned ones left out
+    outcomes = {g["game"]: g["outcome"] for g in summary["games"]}
+    assert outcomes[left["id"]] == outcomes[back["id"]] == outcomes[mine["id"]] == "abandoned"
+    store.close()

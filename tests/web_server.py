@@ -3,13 +3,16 @@
     python -m tests.web_server --db URL --port P --agents bot:hard --delay 30
 
 It serves what ``parlay serve --agent …`` serves, except that every model turn may be held for
-``--delay`` seconds first, so a test can kill the server while a model turn is pending.
+``--delay`` seconds first, so a test can kill the server while a model turn is pending, and that
+the store may fail: ``--fail-every K --fail-tries T`` makes every K-th move transaction fail its
+first T tries (T of 3 or more: the move is refused with 503 and not acknowledged).
 """
 
 import argparse
 import time
 
 import uvicorn
+from sqlalchemy.exc import OperationalError
 
 from parlay.agents import Agent, load_agent
 from parlay.agents.base import Reply, TurnRequest
@@ -27,6 +30,23 @@ class Delayed(Agent):
         return self.agent.act(requests)
 
 
+class FailEvery:
+    """A store fault: the first ``tries`` tries of every ``every``-th move transaction fail."""
+
+    def __init__(self, every: int, tries: int) -> None:
+        self.every, self.tries, self.moves, self.failed = every, tries, 0, 0
+
+    def __call__(self, name: str) -> None:
+        if name != "add_move":
+            return
+        if self.failed == 0:
+            self.moves += 1
+        if self.moves % self.every == 0 and self.failed < self.tries:
+            self.failed += 1
+            raise OperationalError("INSERT", {}, Exception("disk I/O error (injected)"))
+        self.failed = 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--db", required=True)
@@ -36,11 +56,20 @@ def main() -> None:
     parser.add_argument("--games", type=int, default=2)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--admin-token", default="admin-token-for-tests")
+    parser.add_argument("--abandon-minutes", type=float, default=30.0)
+    parser.add_argument("--fail-every", type=int, default=0)
+    parser.add_argument("--fail-tries", type=int, default=1)
     args = parser.parse_args()
     specs = args.agents.split(",")
-    study = study_from_flags(specs, args.objective, games_per_participant=args.games)
+    study = study_from_flags(
+        specs, args.objective, games_per_participant=args.games, abandon_after_minutes=args.abandon_minutes
+    )
     agents: dict[str, Agent] = {s: Delayed(load_agent(s), args.delay) for s in specs}
-    app = create_app(study, Store(args.db), agents, args.admin_token, poll_seconds=2.0)
+    store = Store(args.db)
+    store.check_writable(study.name)
+    if args.fail_every:
+        store.fault = FailEvery(args.fail_every, args.fail_tries)
+    app = create_app(study, store, agents, args.admin_token, poll_seconds=2.0)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -19,13 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 
 from parlay.agents.base import Agent
 from parlay.web.hub import Hub, InvalidMove, NoSuchGame, NotNow, Refused, Unavailable
 from parlay.web.limits import MAX_BODY, RateLimit
 from parlay.web.routes import admin, pages, participant
 from parlay.web.state import HTTPRefusal, WebState
-from parlay.web.store import Store, token_hash
+from parlay.web.store import Store, StoreUnavailable, token_hash
 from parlay.web.study import Study
 
 __all__ = ["MAX_BODY", "RateLimit", "create_app"]
@@ -35,14 +36,18 @@ log = logging.getLogger(__name__)
 REFUSAL_STATUS: dict[type[Refused], int] = {NoSuchGame: 404, NotNow: 409, InvalidMove: 422, Unavailable: 503}
 """The HTTP status of each kind of hub refusal."""
 
-_SECURITY_HEADERS = {
+SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
 }
+"""Sent with every response, errors included (411, 413, 422, 500, 503)."""
 
 
 def create_app(
@@ -91,26 +96,44 @@ def create_app(
 def _add_guards(app: FastAPI) -> None:
     """Body limits and security headers around every route, and the answers to refusals."""
 
+    def answer(status: int, detail: str, code: str | None = None) -> JSONResponse:
+        return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=SECURITY_HEADERS)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
         if request.method in ("POST", "PUT", "PATCH"):
             length = request.headers.get("content-length")
             if length is None or not length.isdigit():
-                return JSONResponse({"detail": "a request body needs a Content-Length"}, status_code=411)
+                return answer(411, "a request body needs a Content-Length")
             if int(length) > MAX_BODY:
-                return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+                return answer(413, f"request body over {MAX_BODY} bytes")
         response = await call_next(request)
-        response.headers.update(_SECURITY_HEADERS)
+        response.headers.update(SECURITY_HEADERS)
         return response
 
     @app.exception_handler(Refused)
     async def refused(_request: Request, exc: Refused) -> JSONResponse:
         status = next(s for kind, s in REFUSAL_STATUS.items() if isinstance(exc, kind))
-        return JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=status)
+        return answer(status, exc.detail, exc.code)
 
     @app.exception_handler(HTTPRefusal)
     async def http_refused(_request: Request, exc: HTTPRefusal) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "code": exc.code}, status_code=exc.status)
+        return answer(exc.status, exc.detail, exc.code)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_down(_request: Request, exc: StoreUnavailable) -> JSONResponse:
+        return answer(503, f"The study's storage is unavailable: {exc}", "storage")
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_error(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.error("database error: %s", exc)
+        return answer(503, "The study's storage is unavailable; please try again in a moment.", "storage")
+
+    @app.exception_handler(Exception)
+    async def crashed(_request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers this outside every middleware, so the headers are set here
+        log.exception("unhandled error")
+        return answer(500, "internal error; please try again", "internal")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -118,4 +141,4 @@ def _add_guards(app: FastAPI) -> None:
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"] if p != "body")
             problems.append(f"{where}: {e['msg']}" if where else e["msg"])
-        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+        return answer(422, "; ".join(problems) or "invalid request")

@@ -17,8 +17,11 @@ self-play. After a restart every live game whose turn is the model's is queued a
 from __future__ import annotations
 
 import asyncio
+import copy
+import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +32,7 @@ from parlay.episode import Episode
 from parlay.games.dond import Context, objective
 from parlay.protocol import Game
 from parlay.rollout import act_safely, plan_games, play_games, turn_request
-from parlay.web.store import GameRow, MoveConflict, ParticipantRow, Store
+from parlay.web.store import GameRow, MoveConflict, ParticipantRow, Store, StoreUnavailable
 from parlay.web.study import HUMAN, MODEL, Study, public_context
 
 log = logging.getLogger(__name__)
@@ -91,18 +94,28 @@ class LiveGame:
     """The participant's number (for records; their database id is ``row.participant_id``)."""
     move_ids: dict[str, int] = field(default_factory=dict)
     """The browser's move ids already applied → their turn index (a resend is answered, not applied)."""
-    version: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def version(self) -> int:
+        """What a page orders views by: the stored turns, plus one once the game is over. It is
+        derived from the stored moves, so it is the same after a restart and never goes back."""
+        return len(self.game.turns) + int(self.game.is_terminal)
+
     def bump(self) -> None:
-        self.version += 1
+        """Wake everyone waiting for a change of this game."""
         self.changed.set()
         self.changed = asyncio.Event()
 
     @property
     def model_to_move(self) -> bool:
         return self.game.current_player == MODEL
+
+
+OUTSIDE_ENDS = {"failed": "failed", "abandoned": "no_deal"}
+"""An outside end as the web app records it → as the game core ends the game (a person who left
+walked away: no deal)."""
 
 
 def replay(row: GameRow, moves: list[Any]) -> Game:
@@ -115,8 +128,13 @@ def replay(row: GameRow, moves: list[Any]) -> Game:
             raise RuntimeError(f"game {row.id}: stored move {move.seq} where turn {len(game.turns)} was expected")
         game.step(move.text, move.tokens)
     if row.ended and not game.is_terminal:
-        game.end(row.ended["status"], row.ended["reason"])
+        game.end(OUTSIDE_ENDS[row.ended["status"]], row.ended["reason"])  # type: ignore[arg-type]
     return game
+
+
+def abandoned(row: GameRow) -> bool:
+    """Whether the game ended because its person left (timeout or the admin)."""
+    return bool(row.ended) and row.ended.get("status") == "abandoned"  # type: ignore[union-attr]
 
 
 @dataclass
@@ -161,8 +179,8 @@ class ModelWorker:
             for live, reply in zip(due, replies, strict=True):
                 try:
                     await self.hub.apply_model_reply(live, reply)
-                except Exception:  # a database outage must not stop the worker; the turn is asked again
-                    log.exception("game %s: the model's reply could not be stored; asking again", live.row.id)
+                except Exception as exc:  # a database outage must not stop the worker; the turn is asked again
+                    log.warning("game %s: the model's reply could not be stored (%s); asking again", live.row.id, exc)
                     await asyncio.sleep(1.0)
                     self.submit(live)
 
@@ -177,9 +195,13 @@ class Hub:
         self._tasks: list[asyncio.Task] = []
         self._loading: dict[str, asyncio.Lock] = {}
         self._participant_locks: dict[int, asyncio.Lock] = {}
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        """The time abandonment is judged by (the store's naive UTC); tests move it."""
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(w.run(), name=f"worker {spec}") for spec, w in self.workers.items()]
+        if self.study.abandon_after_minutes is not None:
+            self._tasks.append(asyncio.create_task(self._sweep_forever(), name="abandonment"))
         rows = await asyncio.to_thread(self.store.games, self.study.name, "live")
         for row in rows:
             live = await self.get(row.id)
@@ -221,14 +243,27 @@ class Hub:
         owner = self.store.participant_by_id(row.participant_id)
         assert owner is not None
         live = LiveGame(row, replay(row, moves), owner.number, {m.move_id: m.seq for m in moves if m.move_id})
-        if live.game.is_terminal and row.status != "done":  # stopped between the last move and the record
-            self.store.end_game(row.id, self._episode(live))
+        if live.game.is_terminal and row.status != "done":  # a database written by an earlier parlay
+            self.store.end_game(row.id, self._episode(live, live.game))
         return live
+
+    async def _write(self, change: Callable[..., Any], *args: Any) -> Any:
+        """A store transaction from a worker thread; a store that could not take it is an
+        ``Unavailable`` refusal (nothing applied, nothing acknowledged)."""
+        try:
+            return await asyncio.to_thread(change, *args)
+        except StoreUnavailable as exc:
+            raise Unavailable(
+                f"Your move could not be saved ({exc}). Nothing was recorded; please try again in a moment.",
+                "storage",
+            ) from None
 
     # -- a participant's games
 
     async def next_game(self, participant: ParticipantRow) -> LiveGame | None:
         """The participant's live game, or a new one; None when all their games are played."""
+        if participant.ended_at is not None:  # the admin ended their part
+            return None
         lock = self._participant_locks.setdefault(participant.id, asyncio.Lock())
         async with lock:
             rows = await asyncio.to_thread(self.store.games_of, participant.id)
@@ -253,7 +288,7 @@ class Hub:
                 seed=spec.seed,
                 max_messages=self.study.max_messages,
             )
-            await asyncio.to_thread(self.store.create_game, row)
+            await self._write(self.store.create_game, row)
             live = await self.get(row.id)
             assert live is not None
             if live.model_to_move:
@@ -264,7 +299,9 @@ class Hub:
 
     async def human_move(self, live: LiveGame, move_id: str, text: str) -> int:
         """Apply a person's reply; returns its turn index. A resent ``move_id`` is answered with
-        the turn it already made and changes nothing."""
+        the turn it already made and changes nothing. The move (and the game's end, when it ends
+        it) is stored in one transaction before it is applied in memory: a move whose transaction
+        fails is refused (``Unavailable``) and the game stays as it was."""
         async with live.lock:
             if move_id in live.move_ids:
                 return live.move_ids[move_id]
@@ -277,39 +314,92 @@ class Hub:
             if error is not None:
                 raise InvalidMove(game.feedback(error), error.code.value)
             seq = len(game.turns)
+            after = copy.deepcopy(game)
+            after.step(text)
+            episode = self._episode(live, after) if after.is_terminal else None
             try:
-                await asyncio.to_thread(self.store.add_move, live.row.id, seq, HUMAN, text, None, move_id)
+                await self._write(self.store.add_move, live.row.id, seq, HUMAN, text, None, move_id, episode)
             except MoveConflict:
                 raise NotNow("This turn was already taken; reload the page.") from None
             live.move_ids[move_id] = seq
-            game.step(text)
-            await self._after_move(live)
+            self._applied(live, after)
             return seq
 
     async def apply_model_reply(self, live: LiveGame, reply: Reply) -> None:
+        """Store, then apply, the model's reply (one transaction with the game's end when it ends
+        it); a failed transaction leaves the game as it was (the worker asks again)."""
         async with live.lock:
             game = live.game
             if game.is_terminal or game.current_player != MODEL:
                 return
+            after = copy.deepcopy(game)
             if reply.error is not None:
+                after.end("failed", reply.error)
                 ended = {"status": "failed", "reason": reply.error}
-                await asyncio.to_thread(self.store.end_game, live.row.id, None, ended)
-                game.end("failed", reply.error)
+                await self._write(self.store.end_game, live.row.id, self._episode(live, after), ended)
             else:
-                await asyncio.to_thread(
-                    self.store.add_move, live.row.id, len(game.turns), MODEL, reply.text, reply.tokens, None
-                )
-                game.step(reply.text, reply.tokens)
-            await self._after_move(live)
+                after.step(reply.text, reply.tokens)
+                episode = self._episode(live, after) if after.is_terminal else None
+                seq = len(game.turns)
+                await self._write(self.store.add_move, live.row.id, seq, MODEL, reply.text, reply.tokens, None, episode)
+            self._applied(live, after)
 
-    async def _after_move(self, live: LiveGame) -> None:
-        if live.game.is_terminal:
-            await asyncio.to_thread(self.store.end_game, live.row.id, self._episode(live))
+    async def abandon(self, live: LiveGame, reason: str) -> bool:
+        """End a live game whose person left (the study's timeout, or the admin): recorded as
+        ``abandoned`` (the game core's no-deal walk-away) with ``reason``; False if it was over."""
+        async with live.lock:
+            if live.game.is_terminal:
+                return False
+            after = copy.deepcopy(live.game)
+            after.end("no_deal", reason)
+            ended = {"status": "abandoned", "reason": reason}
+            await self._write(self.store.end_game, live.row.id, self._episode(live, after), ended)
+            live.row.ended = ended
+            self._applied(live, after)
+            return True
+
+    def _applied(self, live: LiveGame, game: Game) -> None:
+        """The stored change, now in memory: the next turn queued, the waiting pages woken."""
+        live.game = game
+        if game.is_terminal:
+            live.row.status = "done"
         elif live.model_to_move:
             self._worker(live).submit(live)
         live.bump()
 
-    def _episode(self, live: LiveGame) -> dict[str, Any]:
+    # -- abandonment
+
+    async def sweep(self) -> list[str]:
+        """Abandon every live game of the study that has waited for its person longer than the
+        study's ``abandon_after_minutes`` (never one waiting for the model); their ids."""
+        limit = self.study.abandon_after_minutes
+        if limit is None:
+            return []
+        cutoff = self.clock() - dt.timedelta(minutes=limit)
+        ended = []
+        for row in await asyncio.to_thread(self.store.games, self.study.name, "live"):
+            if row.updated_at > cutoff:
+                continue
+            live = await self.get(row.id)
+            if live is None or live.model_to_move:
+                continue
+            reason = f"abandoned: no move from the participant for {limit:g} minutes"
+            if await self.abandon(live, reason):
+                log.info("game %s %s", row.id, reason)
+                ended.append(row.id)
+        return ended
+
+    async def _sweep_forever(self) -> None:
+        assert self.study.abandon_after_minutes is not None
+        period = min(60.0, self.study.abandon_after_minutes * 60 / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.sweep()
+            except Exception as exc:  # a database outage: try again at the next sweep
+                log.warning("the abandonment sweep failed: %s", exc)
+
+    def _episode(self, live: LiveGame, game: Game) -> dict[str, Any]:
         row, condition = live.row, self.study.conditions[live.row.condition]
         meta = {
             "agents": {HUMAN: "human", MODEL: row.agent},
@@ -321,7 +411,7 @@ class Hub:
             "game_number": row.number,
             "seed": row.seed,
         }
-        return Episode.from_game(live.game, row.id, meta).model_dump(mode="json")
+        return Episode.from_game(game, row.id, meta).model_dump(mode="json")
 
     # -- what a participant sees
 
@@ -361,7 +451,7 @@ class Hub:
             assert game.outcome is not None
             scores, rewards = game.raw_scores, game.rewards
             view["result"] = {
-                "status": game.outcome.status,
+                "status": "abandoned" if abandoned(row) else game.outcome.status,
                 "reason": game.outcome.reason,
                 "your_proposal": game.outcome.proposals.get(HUMAN),
                 "partner_proposal": game.outcome.proposals.get(MODEL),

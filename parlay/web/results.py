@@ -1,7 +1,12 @@
 """What a study has gathered: per-participant totals and bonuses, per-condition results with the
 same bootstrap intervals as ``parlay eval``, and the games exported as Episodes JSONL (the
 self-play schema, so ``parlay eval``/``report`` read them and ``warm_start.episodes`` trains on
-them) or as one CSV row per game."""
+them) or as one CSV row per game.
+
+The results use *finished* games only: games the referee ended (a deal, no deal, an abort or a
+backend failure). A game whose person left (``abandoned``) is counted per condition, kept in the
+CSV, and left out of the metrics, the points and the JSONL export; a game still being played is
+counted as live."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 
 from parlay.episode import Episode
 from parlay.evaluate.metrics import summarize
+from parlay.web.hub import abandoned
 from parlay.web.store import GameRow, ParticipantRow, Store
 from parlay.web.study import HUMAN, Study
 
@@ -28,8 +34,13 @@ CONDITION_METRICS = (
 
 
 def finished(rows: list[GameRow]) -> list[GameRow]:
-    """A participant's games that are over and recorded."""
-    return [g for g in rows if g.status == "done" and g.episode]
+    """A participant's games that are over, recorded, and not abandoned (the games results use)."""
+    return [g for g in rows if g.status == "done" and g.episode and not abandoned(g)]
+
+
+def over(rows: list[GameRow]) -> list[GameRow]:
+    """Games that are over, finished or abandoned."""
+    return [g for g in rows if g.status == "done"]
 
 
 def points(done: list[GameRow]) -> float:
@@ -37,12 +48,24 @@ def points(done: list[GameRow]) -> float:
     return sum(g.episode["rewards"][0] for g in done)  # type: ignore[index]
 
 
-def stage(p: ParticipantRow, games_done: int, study: Study) -> str:
+def stage(p: ParticipantRow, games_over: int, study: Study) -> str:
+    """consent, check, play, done (every game over) or ended (the admin ended their part)."""
+    if p.ended_at is not None:
+        return "ended"
     if p.consented_at is None:
         return "consent"
     if p.checked_at is None:
         return "check"
-    return "done" if games_done >= study.games_per_participant else "play"
+    return "done" if games_over >= study.games_per_participant else "play"
+
+
+def bonus(p: ParticipantRow, games: list[GameRow], study: Study) -> float:
+    """What the participant is paid: for their finished games' points, if the study pays them
+    (``bonus_for``: finished — only when they reached the end; partial — also when they left)."""
+    reached_end = stage(p, len(over(games)), study) == "done"
+    if study.bonus_for == "finished" and not reached_end:
+        return 0.0
+    return study.bonus(points(finished(games)))
 
 
 def episodes(store: Store, study: Study) -> list[Episode]:
@@ -59,46 +82,56 @@ def study_results(store: Store, study: Study) -> dict[str, Any]:
     people = store.participants(study.name)
     participants = []
     for p in people:
-        done = finished(by_participant.get(p.id, []))
-        total = points(done)
+        mine = by_participant.get(p.id, [])
+        done = finished(mine)
         participants.append(
             {
                 "number": p.number,
-                "stage": stage(p, len(done), study),
+                "stage": stage(p, len(over(mine)), study),
                 "conditions": [study.conditions[c].name for c in sorted(set(study.conditions_of(p.number)))],
                 "games_done": len(done),
-                "points": total,
-                "bonus": study.bonus(total),
+                "games_abandoned": sum(abandoned(g) for g in mine),
+                "points": points(done),
+                "bonus": bonus(p, mine, study),
                 "check_attempts": p.check_attempts,
             }
         )
     played = [Episode.model_validate(r.episode) for r in finished(rows)]
     conditions = []
-    for c in study.conditions:
+    for index, c in enumerate(study.conditions):
         eps = [e for e in played if e.meta.get("condition") == c.name]
         summary = summarize(eps) if eps else {"metrics": {"games": 0}, "ci95": {}}
+        mine = [r for r in rows if r.condition == index]
         conditions.append(
             {
                 "name": c.name,
                 "agent": c.agent,
                 "objective": c.objective,
+                "started": len(mine),
+                "finished": len(finished(mine)),
+                "abandoned": sum(abandoned(r) for r in mine),
+                "live": sum(r.status == "live" for r in mine),
                 "metrics": {k: summary["metrics"].get(k) for k in CONDITION_METRICS},
                 "ci95": {k: summary["ci95"][k] for k in CONDITION_METRICS if k in summary["ci95"]},
             }
         )
     numbers = {p.id: p.number for p in people}
-    games = [game_row(r, study, numbers) for r in rows]
+    moves = store.move_counts(study.name)
+    games = [game_row(r, study, numbers, moves.get(r.id, 0)) for r in rows]
     return {
         "study": study.name,
         "currency": study.currency,
+        "bonus_for": study.bonus_for,
+        "metrics_use": "finished games only (abandoned and live games are counted, not scored)",
         "participants": participants,
         "conditions": conditions,
         "games": games,
     }
 
 
-def game_row(row: GameRow, study: Study, numbers: dict[int, int]) -> dict[str, Any]:
-    """One game as a flat record (the admin table and the CSV export)."""
+def game_row(row: GameRow, study: Study, numbers: dict[int, int], moves: int) -> dict[str, Any]:
+    """One game as a flat record (the admin table and the CSV export); ``moves``: its stored moves
+    (its turns, live games included)."""
     ep = row.episode or {}
     outcome = ep.get("outcome", {})
     proposals = outcome.get("proposals", {})
@@ -112,7 +145,7 @@ def game_row(row: GameRow, study: Study, numbers: dict[int, int]) -> dict[str, A
         "agent": row.agent,
         "lambda": row.lam,
         "status": row.status,
-        "outcome": outcome.get("status", ""),
+        "outcome": "abandoned" if abandoned(row) else outcome.get("status", ""),
         "first_speaker": "human" if row.first_speaker == HUMAN else "model",
         "counts": " ".join(map(str, ctx["counts"])),
         "human_values": " ".join(map(str, ctx["values_a"])),
@@ -123,7 +156,7 @@ def game_row(row: GameRow, study: Study, numbers: dict[int, int]) -> dict[str, A
         "model_score": scores[1],
         "human_reward": rewards[0],
         "model_reward": rewards[1],
-        "turns": len(ep.get("turns", [])),
+        "turns": moves,
         "updated": row.updated_at.isoformat(timespec="seconds") + "Z",
     }
 
@@ -134,7 +167,8 @@ def export_jsonl(store: Store, study: Study) -> str:
 
 def export_csv(store: Store, study: Study) -> str:
     numbers = {p.id: p.number for p in store.participants(study.name)}
-    rows = [game_row(r, study, numbers) for r in store.games(study.name)]
+    moves = store.move_counts(study.name)
+    rows = [game_row(r, study, numbers, moves.get(r.id, 0)) for r in store.games(study.name)]
     out = io.StringIO()
     if rows:
         writer = csv.DictWriter(out, fieldnames=list(rows[0]))

@@ -39,6 +39,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+LATER_SETTINGS = ("abandon_after_minutes", "bonus_for")
+"""Study settings added after the first studies were stored (see ``Study.fingerprint``)."""
+
+
 class Condition(_Strict):
     name: str = Field(..., min_length=1, max_length=64, description="Shown to the admin, never to participants.")
     agent: str = Field(..., min_length=1, description="Agent spec of the partner (bot:, hf:, run:DIR@K, openai:…).")
@@ -72,6 +76,17 @@ class Study(_Strict):
         None, max_length=64, description="Shown when all games are done (e.g. a Prolific completion code)."
     )
     seed: int = Field(0, description="Seeds the assignment, the contexts and the first speakers.")
+    abandon_after_minutes: float | None = Field(
+        30.0,
+        gt=0,
+        description="A live game whose person has not moved for this long (while it is their turn) ends as "
+        "abandoned; null: never.",
+    )
+    bonus_for: Literal["finished", "partial"] = Field(
+        "finished",
+        description="Who is paid a bonus: finished, only participants who reached the end of the study; "
+        "partial, also those who left, for the games they finished.",
+    )
     consent: str = Field(
         "This is a research study of negotiation between people and computer programs. You will play a few "
         "short games by chat with a computer partner. We record your messages and moves, never your name; "
@@ -121,8 +136,11 @@ class Study(_Strict):
         return round(max(0.0, points) * self.bonus_per_point, 2)
 
     def fingerprint(self) -> str:
-        """Identifies the study's content: tokens made for one study are refused by another."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Identifies the study's content: tokens made for one study are refused by another. Settings
+        added after studies were first stored count only when they differ from their default, so a
+        study stored before them keeps its fingerprint."""
+        later = {k for k in LATER_SETTINGS if getattr(self, k) == type(self).model_fields[k].default}
+        return hashlib.sha256(self.model_dump_json(exclude=later).encode()).hexdigest()[:16]
 
 
 def load_study(path: str | Path) -> Study:

@@ -11,7 +11,7 @@ from contextlib import suppress
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from parlay import prompts
 from parlay.games.dond import MAX_COUNT
@@ -26,11 +26,21 @@ router = APIRouter(prefix="/api")
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown keys refused, and strict types (``true``, ``"1"`` or ``1.0`` is no count)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ConsentIn(_Body):
-    agree: Literal[True]
+    agree: bool
+    """Only ``true`` (strictly: not 1, not "true"); declining is the page's, no request."""
+
+    @field_validator("agree")
+    @classmethod
+    def _agreed(cls, value: bool) -> bool:
+        if value is not True:
+            raise ValueError("Input should be true: consent is given by agreeing")
+        return value
 
 
 class CheckIn(_Body):
@@ -53,8 +63,8 @@ async def owned(state: WebState, game_id: str, p: ParticipantRow) -> LiveGame:
 
 
 async def require_stage(state: WebState, p: ParticipantRow, wanted: str) -> str:
-    done = results.finished(await asyncio.to_thread(state.store.games_of, p.id))
-    now = results.stage(p, len(done), state.study)
+    games = await asyncio.to_thread(state.store.games_of, p.id)
+    now = results.stage(p, len(results.over(games)), state.study)
     if now != wanted:
         raise NotNow(f"this step is not open now (you are at: {now})")
     return now
@@ -65,12 +75,13 @@ async def me(p: Participant, state: State) -> dict[str, Any]:
     study, store = state.study, state.store
     games = await asyncio.to_thread(store.games_of, p.id)
     done = results.finished(games)
-    now = results.stage(p, len(done), study)
+    now = results.stage(p, len(results.over(games)), study)
     obj = study.objective_for(p.number)
     out: dict[str, Any] = {
         "stage": now,
         "games_total": study.games_per_participant,
         "games_done": len(done),
+        "games_over": len(results.over(games)),
         "consent": study.consent,
         "instructions": instructions(obj, study.max_messages),
         "objective": prompts.objective_text(obj),
@@ -81,10 +92,11 @@ async def me(p: Participant, state: State) -> dict[str, Any]:
     if now == "done":
         if p.finished_at is None:
             await asyncio.to_thread(store.mark, p.id, "finished_at")
-        total = results.points(done)
         out |= {
-            "points": total,
-            "bonus": study.bonus(total),
+            "points": results.points(done),
+            "points_per_game": [g.episode["rewards"][0] for g in done],  # type: ignore[index]
+            "bonus": results.bonus(p, games, study),
+            "bonus_per_point": study.bonus_per_point,
             "currency": study.currency,
             "completion_code": study.completion_code,
         }
