@@ -709,6 +709,7 @@ def serve(
 
     from parlay.agents.base import ModelAgent
     from parlay.web.app import create_app
+    from parlay.web.checks import check_agents
     from parlay.web.hub import trial
     from parlay.web.store import Store, new_token
 
@@ -716,6 +717,8 @@ def serve(
     specs = sorted({c.agent for c in study.conditions})
     if "human" in specs:
         raise ConfigError("'human' cannot be a study's partner: the participants are the humans")
+    for note in check_agents(study):  # before anything of the study is stored
+        err.print(f"checked {note}", highlight=False, soft_wrap=True)
     store = Store(db)
     loaded: dict[str, Agent] = {}
     try:
@@ -757,9 +760,12 @@ def study_tokens(
     ),
 ) -> None:
     """Add participants to a study and give their personal links (each shown once: only hashes are stored)."""
+    from parlay.web.checks import check_agents
     from parlay.web.store import Store
 
     study = _study(study_file, agents, objective_spec, games)
+    for note in check_agents(study):  # before anything of the study is stored
+        err.print(f"checked {note}", highlight=False, soft_wrap=True)
     store = Store(db)
     try:
         _links(store, study, n, base_url, out)

@@ -257,7 +257,39 @@ def test_the_cli_makes_tokens_and_exports(tmp_path):
     bad = runner.invoke(app, ["study", "tokens", "--db", db])
     assert bad.exit_code == 2 and "give a study file" in bad.output
     unknown = runner.invoke(app, ["serve", "--agent", "bot:nobody", "--db", db.replace("cli.db", "x.db")])
-    assert unknown.exit_code == 2 and "unknown agent 'bot:nobody'" in unknown.output
+    assert unknown.exit_code == 2 and "agent 'bot:nobody': no bot named 'nobody'" in unknown.output
+
+
+def test_study_tokens_checks_every_agent_before_storing_and_a_study_is_corrected_before_anyone_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from parlay.cli import app
+
+    path, db = tmp_path / "study.db", f"sqlite:///{tmp_path / 'study.db'}"
+    study = tmp_path / "study.yaml"
+    missing = f"hf:{tmp_path}/none"
+    study.write_text(f"name: pilot\nconditions: [{{name: a, agent: bot:hard}}, {{name: b, agent: '{missing}'}}]\n")
+    tokens = ["study", "tokens", "--study", str(study), "--db", db, "-n", "2", "--out", str(tmp_path / "t.csv")]
+    bad = CliRunner().invoke(app, tokens)
+    said = "".join(bad.output.splitlines())
+    assert bad.exit_code == 2 and "condition b: agent" in said and "no such folder" in said
+    assert not path.exists()  # nothing stored
+    study.write_text("name: pilot\nconditions: [{name: a, agent: bot:hard}, {name: b, agent: bot:random}]\n")
+    assert CliRunner().invoke(app, tokens).exit_code == 0
+    token = (tmp_path / "t.csv").read_text().splitlines()[1].split(",")[1]
+    # a mistake found after the links went out: corrected while nobody has started, the links stay valid
+    study.write_text("name: pilot\nconditions: [{name: a, agent: bot:hard}, {name: b, agent: bot:cooperative}]\n")
+    store = Store(db)
+    with TestClient(make_app(store, load_study(study))) as client:
+        get_ready(client, token)
+        assert client.post("/api/games/next", headers=auth(token)).status_code == 200
+    (event,) = store.events("pilot", "study_corrected")
+    assert event.detail["before"]["conditions"][1]["agent"] == "bot:random"
+    assert event.detail["after"]["conditions"][1]["agent"] == "bot:cooperative"
+    study.write_text("name: pilot\nconditions: [{name: a, agent: bot:hard}]\n")  # now someone has started
+    refused = CliRunner().invoke(app, tokens)
+    assert refused.exit_code == 2 and "1 participant(s) have started" in "".join(refused.output.splitlines())
+    store.close()
 
 
 def test_refused_moves_get_the_protocols_feedback_and_change_nothing(web):
