@@ -19,9 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from parlay import __version__
 from parlay.agents import Agent, AgentError, Sampling, load_agent, load_judge
 from parlay.agents.base import TemplateError
-from parlay.config import ConfigError, RolloutConfig, load_config
-from parlay.distributed import DistributedError, RayPool, RemoteAgent
+from parlay.agents.resolve import expand_rounds
+from parlay.config import RolloutConfig, load_config
+from parlay.distributed import DistributedError
 from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, read_episodes, write_episodes
+from parlay.errors import ConfigError, UserError
 from parlay.evaluate import compute_metrics
 from parlay.evaluate.metrics import format_change
 from parlay.evaluate.tables import metrics_table, partners_table, rounds_table, sweep_table, tournament_tables
@@ -29,9 +31,10 @@ from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
 from parlay.lewis import LewisFormatError, import_file
-from parlay.locking import FolderLock, LockError
-from parlay.rollout import plan_games, play_games, play_matches
-from parlay.run import RoundRecord, RunDir, RunDirError, expand_rounds, prepare_run, round_agent_spec
+from parlay.locking import LockError
+from parlay.rollout import plan_games, play_games
+from parlay.run import RoundRecord, RunDir, RunDirError
+from parlay.specs import AgentSpec, parse_spec
 from parlay.tracking import TrackingError, track_eval
 
 app = typer.Typer(
@@ -44,12 +47,12 @@ console = Console()
 err = Console(stderr=True)
 
 USER_ERRORS = (
+    UserError,
     RuleError,
     ContextFileError,
     EpisodeFileError,
     AgentError,
     LewisFormatError,
-    ConfigError,
     TrainDataError,
     TournamentError,
     TrackingError,
@@ -277,6 +280,25 @@ def selfplay(
 # ---------------------------------------------------------------------- evaluation
 
 
+def _sweep(specs, lambdas, n, seed, out, max_messages, sampling, as_json, steal_lock) -> None:
+    """``parlay eval --agents A[,B] --lambdas …``: the same games at each λ, a table and a plot."""
+    from parlay.evaluate.sweep import play_sweep
+
+    out = out or Path("eval") / f"sweep-n{n}-seed{seed}"
+    hooks = RichHooks()
+    try:
+        result = play_sweep(
+            specs, lambdas, n, seed, out, max_messages, sampling, steal_lock, hooks.stage, hooks.game_done
+        )
+    finally:
+        hooks.end_stage()
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    console.print(sweep_table(result))
+    err.print(f"sweep written to {out}/sweep.json and sweep.png")
+
+
 def _read_all(files: list[Path]) -> list[Episode]:
     episodes = []
     for path in files:
@@ -287,58 +309,23 @@ def _read_all(files: list[Path]) -> list[Episode]:
     return episodes
 
 
-def _sweep(specs, lambdas, n, seed, out, max_messages, sampling, as_json, steal_lock) -> None:
-    """``parlay eval --agents A[,B] --lambdas …``: the same games at each λ, a table and a plot."""
-    from parlay.evaluate.sweep import run_sweep, save_plot
-
-    if len(specs) > 2:
-        raise ConfigError("--lambdas sweeps one pairing: give --agents A (itself) or A,B")
+def _lambdas(text: str) -> list[float]:
+    """``--lambdas 1,0.5,0``: the values of λ, each in [-1, 1]."""
     try:
-        values = [objective(float(x)).lam for x in lambdas.split(",") if x.strip()]
+        values = [objective(float(x)).lam for x in text.split(",") if x.strip()]
     except (ValueError, RuleError) as exc:
         raise ConfigError(f"--lambdas: expected numbers in [-1, 1] separated by commas ({exc})") from None
     if not values:
         raise ConfigError("--lambdas: no value given")
-    loaded = _load_agents(list(dict.fromkeys(specs)), sampling)
-    a, b = loaded[0], loaded[-1]
-    out = out or Path("eval") / f"sweep-n{n}-seed{seed}"
-    hooks = RichHooks()
-    try:
-        with FolderLock(out, steal=steal_lock):
-            hooks.stage(f"{a.spec} vs {b.spec} at {len(values)} values of λ", n * len(values))
-            result = run_sweep(a, b, values, n, seed, out, max_messages, hooks.game_done)
-            save_plot(result, out / "sweep.png")
-    finally:
-        hooks.end_stage()
-        for agent in loaded:
-            agent.close()
-    if as_json:
-        console.print_json(json.dumps(result))
-        return
-    console.print(sweep_table(result))
-    err.print(f"sweep written to {out}/sweep.json and sweep.png")
+    return values
 
 
-def _load_agents(specs: list[str], sampling: Sampling) -> list[Agent]:
-    """Each agent of a tournament, with an error that names the one that cannot be loaded."""
-    agents: list[Agent] = []
-    try:
-        for spec in specs:
-            name, resolved = round_agent_spec(spec)
-            try:
-                agent = load_agent(resolved, sampling)
-            except AgentError as exc:
-                raise AgentError(f"agent {spec!r}: {exc}") from None
-            except Exception as exc:
-                why = f"{type(exc).__name__}: {exc}"
-                raise AgentError(f"agent {spec!r} ({resolved}) could not be loaded: {why}") from None
-            agent.spec = name  # run:DIR@K, so that a resumed tournament plays the same models
-            agents.append(agent)
-    except (AgentError, ConfigError, RunDirError):
-        for agent in agents:
-            agent.close()
-        raise
-    return agents
+def _specs(text: str | None) -> list[AgentSpec]:
+    """``--agents A,B,…``: the agent specs, parsed here, where they enter."""
+    specs = [parse_spec(s.strip()) for s in (text or "").split(",") if s.strip()]
+    if not specs:
+        raise ConfigError("--agents: no agent spec given")
+    return specs
 
 
 @app.command("eval")
@@ -397,48 +384,34 @@ def eval_(
         raise ConfigError("give either episodes FILES or --agents SPEC,SPEC,… (not both)")
     obj = objective(objective_spec)
     judge_agent = load_judge(judge, seed) if judge else None  # a bad judge spec fails before any game
+    sampling = Sampling(temperature, top_p, max_new_tokens, seed)
     if files:
         episodes = _read_all(files)
         summary = summarize(episodes, seed=seed)
         result = summary["metrics"] | {"ci95": summary["ci95"]}
+    elif lambdas is not None:
+        _sweep(_specs(agents), _lambdas(lambdas), n, seed, out, max_messages, sampling, as_json, steal_lock)
+        return
     else:
-        from parlay.evaluate.tournament import run_tournament
+        from parlay.evaluate.tournament import play_tournament, tournament_episodes
 
-        specs = [x for s in (agents or "").split(",") if s.strip() for x in expand_rounds(s.strip())]
-        if not specs:
-            raise ConfigError("--agents: no agent spec given")
-        if lambdas is not None:
-            _sweep(specs, lambdas, n, seed, out, max_messages, Sampling(temperature, top_p, max_new_tokens, seed),
-                   as_json, steal_lock)  # fmt: skip
-            return
-        sampling = Sampling(temperature, top_p, max_new_tokens, seed)
-        pool = RayPool(workers, ray_address) if workers else None
-        if pool is not None:  # the workers load the agents
-            loaded: list[Agent] = [RemoteAgent(round_agent_spec(spec)[0], sampling) for spec in specs]
-        else:
-            loaded = _load_agents(specs, sampling)
+        specs = [one for spec in _specs(agents) for one in expand_rounds(spec)]
         out = out or Path("eval") / f"{obj.name}-n{n}-seed{seed}"
         hooks = RichHooks()
         try:
-            with FolderLock(out, steal=steal_lock):
-                result = run_tournament(
-                    loaded, obj, n, seed, out, max_messages, sampling,
-                    on_start=lambda total, done: (hooks.stage(f"tournament of {len(specs)} agents", total),
-                                                  hooks.advance(done)),
-                    on_episode=hooks.game_done,
-                    play=pool.play_matches if pool else play_matches,
-                )  # fmt: skip
+            result = play_tournament(
+                specs, obj, n, seed, out, max_messages, sampling, workers, ray_address, steal_lock,
+                on_start=lambda total, done: (hooks.stage(f"tournament of {len(specs)} agents", total),
+                                              hooks.advance(done)),
+                on_episode=hooks.game_done,
+            )  # fmt: skip
         finally:
             hooks.end_stage()
-            for agent in loaded:
-                agent.close()
-            if pool is not None:
-                pool.close()
         episodes = None
     if judge_agent is not None:
         try:
             if episodes is None:  # the tournament's games, read back from its folder
-                episodes = [ep for p in result["pairs"] for ep in read_episodes(out / p["episodes"])]
+                episodes = tournament_episodes(out, result)
             result["judge_consistency"] = judge_summary(judge_agent, episodes, seed=seed, limit=judge_limit)
         finally:
             judge_agent.close()
@@ -505,7 +478,7 @@ def train_cmd(
     """Self-play rounds: play, keep the good games, fine-tune, play again. One writer per run: a
     second `parlay train` on a live run is refused."""
     from parlay.evaluate.report import write_report
-    from parlay.loop import Loop
+    from parlay.loop import train
 
     cfg = load_config(config, overrides)
     if init_data is not None:
@@ -513,19 +486,13 @@ def train_cmd(
             raise FileNotFoundError(f"{init_data}: no such episodes file")
         cfg.warm_start.episodes, cfg.warm_start.bots = str(init_data), None
     run_dir = RunDir(cfg.run_dir)
-    if resume:
-        run_dir.load_config()  # no run to resume: said before the folder is locked (and so created)
-    elif run_dir.config_file.exists():
-        prepare_run(cfg, resume=False)  # refuses, saying why
     started = time.perf_counter()
     hooks = RichHooks()
-    with FolderLock(run_dir.path, steal=steal_lock):
-        cfg = prepare_run(cfg, resume)
-        err.print(f"run directory: {run_dir.path}")
-        try:
-            records = Loop(cfg, hooks).run()
-        finally:
-            hooks.end_stage()
+    err.print(f"run directory: {run_dir.path}")
+    try:
+        records = train(cfg, resume, hooks, steal_lock)
+    finally:
+        hooks.end_stage()
     if records and records[-1].vs_round0:
         last, vs = records[-1], records[-1].vs_round0
         console.print(

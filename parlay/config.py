@@ -2,22 +2,67 @@
 
 Every field carries its help text. Unknown keys and wrong types are errors that name the key
 (``rollout.gamez: unknown key``). ``load_config`` reads a YAML file and applies ``key=value``
-overrides (``--set rollout.games=32``); the resolved config is saved with every run.
+overrides (``--set rollout.games=32``); the resolved config is saved with every run. Agent
+specs are typed here, where they enter (``AgentSpecField``, ``PartnerField``: parsed from text,
+saved as text; ``parlay/specs.py``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from parlay.errors import ConfigError  # its home; `from parlay.config import ConfigError` still works
 from parlay.games.dond import DEFAULT_MAX_MESSAGES, MAX_REPLY_CHARS, RuleError, objective
+from parlay.specs import (
+    DEFAULT_BATCH,
+    DEFAULT_DTYPE,
+    AgentSpec,
+    Partner,
+    SelfPartner,
+    parse_partner,
+    parse_spec,
+)
 
 
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and the key."""
+def _typed(parse):
+    def validate(value: Any) -> Any:
+        if isinstance(value, str):
+            return parse(value)  # a SpecError is a ValueError: pydantic names the key
+        if value is None or isinstance(value, str | int | float | list | dict):
+            raise ValueError(f"expected an agent spec (text), got {type(value).__name__}")
+        return parse(str(value))  # a typed spec: checked as its text is
+
+    return validate
+
+
+AgentSpecField = Annotated[
+    AgentSpec,
+    PlainValidator(_typed(parse_spec)),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string"}),
+]
+"""A config key that holds an agent spec: text in YAML, a typed spec in code."""
+PartnerField = Annotated[
+    Partner,
+    PlainValidator(_typed(parse_partner)),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string"}),
+]
+"""A config key that holds a round's partner: ``self``, ``checkpoint:PICK`` or an agent spec."""
 
 
 class _Section(BaseModel):
@@ -44,14 +89,15 @@ class RolloutConfig(_Section):
         description="Games played on each context (with their own first speakers and sampling seeds): a group "
         "whose mean is the baseline of weights.rl.baseline: group.",
     )
-    batch: int = Field(64, ge=1, description="Most conversations decoded together (transformers backend).")
+    batch: int = Field(DEFAULT_BATCH, ge=1, description="Most conversations decoded together (transformers backend).")
     backend: Literal["hf", "vllm"] = Field(
         "hf",
         description="Who plays the model's turns: hf (transformers, CPU or GPU) or vllm (GPU, pip install "
         "'parlay[vllm]'; plays full weights, so it needs train.lora: false).",
     )
     dtype: str = Field(
-        "auto", description="Rollout dtype: auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bf16."
+        DEFAULT_DTYPE,
+        description="Rollout dtype: auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bf16.",
     )
     workers: int = Field(
         0,
@@ -87,7 +133,7 @@ class FilterConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    agent: str | None = Field(None, description="Agent spec of the judge that rates player-episodes 0-10.")
+    agent: AgentSpecField | None = Field(None, description="Agent spec of the judge that rates player-episodes 0-10.")
     mode: Literal["filter", "weight"] = Field(
         "weight", description="Use the rating to filter (rating >= min_rating) or as the weight."
     )
@@ -162,7 +208,7 @@ class TrainConfig(_Section):
 
 class WarmStartConfig(_Section):
     episodes: str | None = Field(None, description="Episodes JSONL to fine-tune on before round 0.")
-    bots: list[str] | None = Field(
+    bots: list[AgentSpecField] | None = Field(
         None, description="Or: two bot specs whose games are played first and used (the demonstrators)."
     )
     games: int = Field(128, ge=1, description="Bot games to play when bots are given.")
@@ -181,7 +227,7 @@ class WarmStartConfig(_Section):
 
     @field_validator("bots")
     @classmethod
-    def _two_bots(cls, bots: list[str] | None) -> list[str] | None:
+    def _two_bots(cls, bots: list[AgentSpec] | None) -> list[AgentSpec] | None:
         if bots is not None and len(bots) != 2:
             raise ValueError("give exactly two agent specs, for players A and B")
         return bots
@@ -191,11 +237,8 @@ class WarmStartConfig(_Section):
         return bool(self.episodes or self.bots)
 
 
-CHECKPOINT_PICKS = ("latest", "uniform", "prioritised")
-
-
 class PartnerConfig(_Section):
-    agent: str = Field(
+    agent: PartnerField = Field(
         description="Who the trained model plays: 'self' (itself, both sides trained on); "
         "'checkpoint:latest', 'checkpoint:uniform' or 'checkpoint:prioritised' (an earlier round's model of "
         "this run: the last one, one drawn uniformly per game, or drawn by how poorly the current model "
@@ -203,17 +246,9 @@ class PartnerConfig(_Section):
     )
     share: float = Field(gt=0.0, le=1.0, description="Share of the round's games played with this partner.")
 
-    @field_validator("agent")
-    @classmethod
-    def _known_pick(cls, agent: str) -> str:
-        kind, _, pick = agent.partition(":")
-        if kind == "checkpoint" and pick not in CHECKPOINT_PICKS:
-            raise ValueError(f"{agent!r}: expected checkpoint:{'|'.join(CHECKPOINT_PICKS)}")
-        return agent
-
 
 class HeldoutConfig(_Section):
-    partners: list[str] = Field(
+    partners: list[PartnerField] = Field(
         default_factory=list,
         description="Evaluation partners (agent specs) that are not training partners: every round's model "
         "plays the same seeded games with each; records and reports show reward and agreement against each.",
@@ -243,7 +278,7 @@ class RunConfig(_Section):
     rounds: int = Field(3, ge=0, description="Training rounds after round 0.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     partners: list[PartnerConfig] = Field(
-        default_factory=lambda: [PartnerConfig(agent="self", share=1.0)],
+        default_factory=lambda: [PartnerConfig(agent=SelfPartner(), share=1.0)],
         description="The round's partners and their shares of its games (default: self-play only).",
     )
     heldout: HeldoutConfig = Field(default_factory=HeldoutConfig)
@@ -295,10 +330,10 @@ class RunConfig(_Section):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"partners: the shares add up to {total:g}, not 1")
         if len(set(names)) != len(names):
-            raise ValueError(f"partners: a partner is listed twice ({', '.join(names)})")
+            raise ValueError(f"partners: a partner is listed twice ({', '.join(map(str, names))})")
         trained_with = set(names) | set(self.warm_start.bots or [])
         for spec in self.heldout.partners:
-            if spec in trained_with or spec in {"self"} or spec.startswith("checkpoint:"):
+            if spec in trained_with or not isinstance(spec, AgentSpec):  # self, checkpoint:…
                 raise ValueError(
                     f"heldout.partners: {spec} is also a training partner (partners or warm_start.bots); "
                     "a held-out partner must be one the model never trained with or on"

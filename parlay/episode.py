@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from parlay.files import write_lines_atomic  # its home; `from parlay.episode import` it still works
 from parlay.games.dond import Context, Objective, objective
 from parlay.protocol import ChatMessage, Game, Outcome, Turn
 
@@ -195,23 +195,6 @@ def iter_episodes(path: str | Path, report: ReadReport | None = None) -> Iterato
 
 def read_episodes(path: str | Path, report: ReadReport | None = None) -> list[Episode]:
     return list(iter_episodes(path, report))
-
-
-def write_lines_atomic(path: str | Path, lines: Iterable[str]) -> None:
-    """Replace ``path`` with these lines atomically: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_episodes(path: str | Path, episodes: Iterable[Episode]) -> None:

@@ -22,26 +22,40 @@ training games (``rounds/<k>/heldout/``) and never trained on.
 
 Every fixed partner is loaded before anything runs, so a spec that cannot be loaded is an error
 that names its key; a partner that fails during a round fails its games (recorded as failed).
+
+A round is planned once, as a value (``League.plan`` → ``RoundPlan``): every game of the round,
+training and held-out, with its partner, the learner's seats and the table (file) it is written
+to. The loop plays the plan's unfinished games and reads the results back by the plan
+(``RoundPlan.collect``), never by the episodes' metadata; held-out evaluation is the plan's
+held-out tables, made in ``League.plan`` and nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from parlay.agents import AgentError, load_agent
 from parlay.agents.base import Agent, Sampling
-from parlay.config import ConfigError, RunConfig
-from parlay.episode import Episode, EpisodeWriter, read_episodes
+from parlay.agents.resolve import model_agent, resolve_run
+from parlay.config import RunConfig
+from parlay.episode import Episode, read_episodes
+from parlay.errors import ConfigError
 from parlay.evaluate.metrics import partner_summary
-from parlay.rollout import GameSpec, Match, derive_seed, plan_games
-from parlay.run import ModelRef, RoundRecord, RunDir, round_agent_spec
+from parlay.rollout import GameSpec, derive_seed, plan_games, split_finished
+from parlay.run import ModelRef, RoundRecord, RunDir
+from parlay.specs import AgentSpec, CheckpointPartner, RunSpec, SelfPartner
 
 SELF = "self"
 MIN_PRIORITY = 0.05
 HELDOUT_SEED = 50221
+TRAINING = 0
+"""The plan's table of training games; held-out partner i's table is i + 1."""
 
 
 def round_games(cfg: RunConfig, k: int) -> list[GameSpec]:
@@ -51,14 +65,14 @@ def round_games(cfg: RunConfig, k: int) -> list[GameSpec]:
 
 
 def assign_partners(games: Sequence[GameSpec], cfg: RunConfig) -> list[str]:
-    """Each game's partner (a ``partners[].agent`` string): counts by largest remainder of the
-    shares, spread over the games by a permutation seeded by the run's seed."""
+    """Each game's partner (the text of a ``partners[].agent``): counts by largest remainder of
+    the shares, spread over the games by a permutation seeded by the run's seed."""
     n, shares = len(games), [p.share for p in cfg.partners]
     counts = [int(s * n) for s in shares]
     by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] * n - counts[i]), i))
     for i in by_remainder[: n - sum(counts)]:
         counts[i] += 1
-    labels = [p.agent for p, c in zip(cfg.partners, counts, strict=True) for _ in range(c)]
+    labels = [str(p.agent) for p, c in zip(cfg.partners, counts, strict=True) for _ in range(c)]
     order = np.random.default_rng(derive_seed(cfg.seed, 104729)).permutation(n)
     return [labels[i] for i in order]
 
@@ -70,43 +84,134 @@ def heldout_games(cfg: RunConfig, index: int) -> list[GameSpec]:
     return [dataclasses.replace(g, id=f"h{index}-{g.id}") for g in plan]
 
 
+@dataclass(frozen=True)
+class Table:
+    """A file of a round's games: its training games (``heldout`` None), or one held-out partner's."""
+
+    path: Path
+    heldout: AgentSpec | None = None
+
+
+@dataclass(frozen=True)
+class PlannedGame:
+    """One game of a round's plan: the learner sits as A against ``partner`` (both seats in
+    self-play); its episode goes to the plan's table ``table``."""
+
+    game: GameSpec
+    partner: SelfPartner | ModelRef | AgentSpec
+    """Itself, an earlier round's model (a checkpoint), or a fixed or held-out agent."""
+    name: str
+    """The partner as the records name it: ``self``, ``checkpoint@J`` or the spec's text."""
+    table: int
+    round: int
+
+    @property
+    def self_play(self) -> bool:
+        return isinstance(self.partner, SelfPartner)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What the episode records of its plan (``rollout`` adds the agents and the seed)."""
+        meta: dict[str, Any] = {"round": self.round, "partner": self.name, "learner": "AB" if self.self_play else "A"}
+        return meta | {"heldout": True} if self.table != TRAINING else meta
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """Every game of round ``round``: the training games (table 0) in the order of
+    ``round_games``, then each held-out partner's (table i + 1) in the order of ``heldout_games``."""
+
+    round: int
+    tables: list[Table]
+    games: list[PlannedGame]
+
+    def finished(self) -> list[dict[str, Episode]]:
+        """Per table, the planned games already in its file, by id (a torn last line is not one)."""
+        out = []
+        for t, table in enumerate(self.tables):
+            out.append(split_finished(table.path, [g.game for g in self.games if g.table == t])[0])
+        return out
+
+    def collect(self, played: list[dict[str, Episode]]) -> RoundGames:
+        """Every planned game's episode, by table, in plan order (``played``: per table, by id)."""
+        by_table: list[list[tuple[PlannedGame, Episode]]] = [[] for _ in self.tables]
+        for g in self.games:
+            by_table[g.table].append((g, played[g.table][g.game.id]))
+        return RoundGames(by_table[TRAINING], by_table[1:])
+
+
+@dataclass(frozen=True)
+class RoundGames:
+    """A played round, keyed by its plan: each game with the plan entry it was played for."""
+
+    training: list[tuple[PlannedGame, Episode]]
+    heldout: list[list[tuple[PlannedGame, Episode]]]
+    """Per held-out partner, in the order of ``heldout.partners``."""
+
+    @property
+    def episodes(self) -> list[Episode]:
+        return [ep for _, ep in self.training]
+
+    def by_partner(self) -> dict[str, list[Episode]]:
+        """The training games per partner name, partners in order of their first game."""
+        out: dict[str, list[Episode]] = {}
+        for g, ep in self.training:
+            out.setdefault(g.name, []).append(ep)
+        return out
+
+
 class League:
-    """The partners of a run, loaded once; ``matches`` gives each round's games."""
+    """The partners of a run, loaded once: ``plan`` gives each round's games, ``agent`` the agent
+    that plays a planned game's partner."""
 
     def __init__(
-        self, cfg: RunConfig, run: RunDir, sampling: Sampling, load: Callable[[str, Sampling], Agent] = load_agent
+        self, cfg: RunConfig, run: RunDir, sampling: Sampling, load: Callable[[AgentSpec, Sampling], Agent] = load_agent
     ) -> None:
         self.cfg, self.run, self.sampling, self.load = cfg, run, sampling, load
-        self.fixed: dict[str, Agent] = {}
+        self.fixed: dict[AgentSpec, Agent] = {}
         for i, p in enumerate(cfg.partners):
-            if p.agent != SELF and not p.agent.startswith("checkpoint:"):
+            if not isinstance(p.agent, SelfPartner | CheckpointPartner):
                 self.fixed[p.agent] = self._load(f"partners.{i}.agent", p.agent)
-        self.heldout = {spec: self._load(f"heldout.partners.{i}", spec) for i, spec in enumerate(cfg.heldout.partners)}
-        self._checkpoints: dict[str, Agent] = {}
+        for i, spec in enumerate(cfg.heldout.partners):
+            self.fixed[spec] = self._load(f"heldout.partners.{i}", spec)
+        self._checkpoints: dict[AgentSpec, Agent] = {}
 
-    def _load(self, key: str, spec: str) -> Agent:
+    def _load(self, key: str, spec: AgentSpec) -> Agent:
+        """A fixed partner; one named ``run:DIR@K`` plays as round K's model's own spec."""
         try:
-            return self.load(round_agent_spec(spec)[1], self.sampling)
+            return self.load(resolve_run(spec)[1] if isinstance(spec, RunSpec) else spec, self.sampling)
         except (AgentError, ConfigError) as exc:
             raise ConfigError(f"{key}: {spec}: {exc}") from None
 
-    # -- a round's games
+    # -- a round's plan
 
-    def matches(
-        self, k: int, games: Sequence[GameSpec], learner: Agent, records: list[RoundRecord], writer: EpisodeWriter
-    ) -> list[Match]:
-        """Round k's games: each with its partner, the learner as A (both seats in self-play)."""
+    def plan(self, k: int, records: list[RoundRecord]) -> RoundPlan:
+        """Round k's games, training and held-out (``records``: the complete rounds before it)."""
+        stage = self.run.round(k)
+        tables = [Table(stage.episodes)]
+        tables += [Table(stage.heldout_episodes(i), spec) for i, spec in enumerate(self.cfg.heldout.partners)]
+        games = self._training(k, records)
+        for i, spec in enumerate(self.cfg.heldout.partners):
+            games += [PlannedGame(g, spec, str(spec), i + 1, k) for g in heldout_games(self.cfg, i)]
+        return RoundPlan(k, tables, games)
+
+    def _training(self, k: int, records: list[RoundRecord]) -> list[PlannedGame]:
+        """Round k's training games, each with its partner: a checkpoint is drawn per game."""
         pool = self._pool(records[:k])
         planned = round_games(self.cfg, k)
-        label_of = dict(zip((g.id for g in planned), assign_partners(planned, self.cfg), strict=True))
-        index = {g.id: i for i, g in enumerate(planned)}
-        wanted = {label_of[g.id] for g in games}
-        priorities = self._priorities(k, pool) if "checkpoint:prioritised" in wanted else {}
+        labels = assign_partners(planned, self.cfg)
+        priorities = self._priorities(k, pool) if "checkpoint:prioritised" in labels else {}
+        partners = {str(p.agent): p.agent for p in self.cfg.partners}
         out = []
-        for game in games:
-            partner, name = self._partner(k, label_of[game.id], index[game.id], pool, priorities, learner)
-            meta = {"round": k, "partner": name, "learner": "AB" if partner is learner else "A"}
-            out.append(Match(game, learner, partner, meta, writer))
+        for i, (game, label) in enumerate(zip(planned, labels, strict=True)):
+            partner = partners[label]
+            if isinstance(partner, CheckpointPartner) and pool:
+                j = self._draw(k, i, partner, pool, priorities)
+                out.append(PlannedGame(game, pool[j], f"checkpoint@{j}", TRAINING, k))
+            elif isinstance(partner, SelfPartner | CheckpointPartner):  # round 0 has no earlier model
+                out.append(PlannedGame(game, SelfPartner(), SELF, TRAINING, k))
+            else:
+                out.append(PlannedGame(game, partner, label, TRAINING, k))
         return out
 
     def _pool(self, earlier: list[RoundRecord]) -> dict[int, ModelRef]:
@@ -116,30 +221,18 @@ class League:
             last[r.model] = r.round
         return {j: m for m, j in sorted(last.items(), key=lambda t: t[1])}
 
-    def _partner(
-        self, k: int, label: str, i: int, pool: dict[int, ModelRef], priorities: dict[int, float], learner: Agent
-    ) -> tuple[Agent, str]:
-        if label == SELF or (label.startswith("checkpoint:") and not pool):
-            return learner, SELF
-        if not label.startswith("checkpoint:"):
-            return self.fixed[label], label
+    def _draw(
+        self, k: int, i: int, pick: CheckpointPartner, pool: dict[int, ModelRef], priorities: dict[int, float]
+    ) -> int:
+        """The round of the checkpoint that game ``i`` of round ``k`` plays (seeded per game)."""
         rounds = list(pool)
         rng = np.random.default_rng(derive_seed(self.cfg.seed, k, i, 613))
-        if label == "checkpoint:latest":
-            j = rounds[-1]
-        elif label == "checkpoint:uniform":
-            j = rounds[int(rng.integers(len(rounds)))]
-        else:
-            w = np.array([priorities[j] for j in rounds])
-            j = rounds[int(rng.choice(len(rounds), p=w / w.sum()))]
-        return self._checkpoint(pool[j]), f"checkpoint@{j}"
-
-    def _checkpoint(self, model: ModelRef) -> Agent:
-        r = self.cfg.rollout
-        spec = model.agent_spec(r.dtype, r.batch, r.backend)
-        if spec not in self._checkpoints:
-            self._checkpoints[spec] = self.load(spec, self.sampling)
-        return self._checkpoints[spec]
+        if pick.pick == "latest":
+            return rounds[-1]
+        if pick.pick == "uniform":
+            return rounds[int(rng.integers(len(rounds)))]
+        w = np.array([priorities[j] for j in rounds])
+        return rounds[int(rng.choice(len(rounds), p=w / w.sum()))]
 
     def _priorities(self, k: int, pool: dict[int, ModelRef]) -> dict[int, float]:
         """Per checkpoint round: 1 − the ceiling share the model reached with it last round."""
@@ -155,24 +248,22 @@ class League:
             out[j] = max(MIN_PRIORITY, 1.0 - share)
         return out
 
-    # -- held-out evaluation
+    # -- the agents
 
-    def heldout_matches(self, k: int, learner: Agent, done: dict[str, set[str]]) -> tuple[list[Match], list]:
-        """The held-out games round k still has to play (``done``: ids already played, per
-        partner), and the writers to close after."""
-        matches, writers = [], []
-        for i, (spec, partner) in enumerate(self.heldout.items()):
-            todo = [g for g in heldout_games(self.cfg, i) if g.id not in done.get(spec, set())]
-            if not todo:
-                continue
-            writer = EpisodeWriter(self.run.round(k).heldout_episodes(i), append=True)
-            writers.append(writer)
-            meta = {"round": k, "partner": spec, "learner": "A", "heldout": True}
-            matches += [Match(g, learner, partner, meta, writer) for g in todo]
-        return matches, writers
+    def agent(self, planned: PlannedGame, learner: Agent) -> Agent:
+        """The agent that plays ``planned``'s partner: the learner itself, a checkpoint (loaded
+        once a round, on first use) or a fixed or held-out partner (loaded once a run)."""
+        if isinstance(planned.partner, SelfPartner):
+            return learner
+        if isinstance(planned.partner, ModelRef):
+            spec = model_agent(planned.partner, self.cfg.rollout)
+            if spec not in self._checkpoints:
+                self._checkpoints[spec] = self.load(spec, self.sampling)
+            return self._checkpoints[spec]
+        return self.fixed[planned.partner]
 
     def close(self) -> None:
-        for agent in [*self.fixed.values(), *self.heldout.values(), *self._checkpoints.values()]:
+        for agent in [*self.fixed.values(), *self._checkpoints.values()]:
             agent.close()
         self._checkpoints.clear()
 

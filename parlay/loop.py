@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from parlay.agents import load_agent, load_judge
 from parlay.agents.base import Sampling
-from parlay.config import ConfigError, RunConfig, WeightConfig
+from parlay.agents.resolve import model_agent
+from parlay.config import RunConfig, WeightConfig
 from parlay.distributed import RayPool, RemoteAgent
 from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes, write_episodes
+from parlay.errors import ConfigError
 from parlay.evaluate import METRICS, compute_metrics, paired_difference
 from parlay.evaluate.metrics import partner_summary
 from parlay.games.dond import objective
@@ -35,9 +38,10 @@ from parlay.improve import TrainingDiverged
 from parlay.improve import judge as judging
 from parlay.improve.examples import Selected, learner_sides, select_examples, write_examples
 from parlay.improve.trainers import FitRequest, make_trainer
-from parlay.league import League, heldout_games, round_games
-from parlay.rollout import derive_seed, plan_games, play_games, play_matches, split_finished
-from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo
+from parlay.league import League, RoundGames
+from parlay.locking import FolderLock
+from parlay.rollout import Match, derive_seed, plan_games, play_games, play_matches
+from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo, prepare_run
 from parlay.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -73,14 +77,16 @@ class Loop:
         self.train_step = 0
         self.pool: RayPool | None = None
         self.load = load_agent
+        r = cfg.rollout
+        self.sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, cfg.seed)
+        """How every model of the run samples its turns (the learner, checkpoints, partners)."""
 
     def run(self) -> list[RoundRecord]:
         """Play and train every round not yet complete; return the record of every round."""
         r = self.cfg.rollout
         self.pool = RayPool(r.workers, r.ray_address) if r.workers else None
         self.load = RemoteAgent if self.pool else load_agent  # with Ray, the workers load the agents
-        sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed)
-        self.league = League(self.cfg, self.run_dir, sampling, self.load)
+        self.league = League(self.cfg, self.run_dir, self.sampling, self.load)
         self.tracker = Tracker(self.cfg.tracking, self.run_dir.path, self.cfg.name, self.cfg.model_dump(mode="json"))
         try:
             return self._rounds()
@@ -106,8 +112,8 @@ class Loop:
             started = time.perf_counter()
             info = self.improve(k, model) if k > 0 else None
             model = info.model if info else model
-            episodes, heldout = self.play(k, model, records)
-            record = self.record(k, model, episodes, heldout, info, (time.perf_counter() - started) / 60)
+            games = self.play(k, model, records)
+            record = self.record(k, model, games, info, (time.perf_counter() - started) / 60)
             records = run.write_record(record)
             self.track(record)
             self.hooks.round_done(record, records)
@@ -203,66 +209,55 @@ class Loop:
         stage.write_train_info(info)
         return info
 
-    def play(self, k: int, model: ModelRef, records: list[RoundRecord]) -> tuple[list[Episode], list[list[Episode]]]:
-        """Round k's games with its partners, and its games with each held-out partner, all played
-        at once; those already written are kept and not replayed."""
-        r, stage = self.cfg.rollout, self.run_dir.round(k)
-        games = round_games(self.cfg, k)
-        have, todo = split_finished(stage.episodes, games)
-        held = [heldout_games(self.cfg, i) for i in range(len(self.cfg.heldout.partners))]
-        held_have = [split_finished(stage.heldout_episodes(i), plan)[0] for i, plan in enumerate(held)]
-        held_todo = sum(len(plan) - len(h) for plan, h in zip(held, held_have, strict=True))
-        if todo or held_todo:
-            sampling = Sampling(r.temperature, r.top_p, r.max_new_tokens, self.cfg.seed)
-            learner = self.load(model.agent_spec(r.dtype, r.batch, r.backend), sampling)
-            self.hooks.stage(f"round {k}: play", len(games) + sum(len(p) for p in held))
-            self.hooks.advance(len(have) + sum(len(h) for h in held_have), deals=sum(ep.agreed for ep in have.values()))
-            writers: list[EpisodeWriter] = []
-            try:
-                writers.append(EpisodeWriter(stage.episodes, append=True))
-                matches = self.league.matches(k, todo, learner, records, writers[0])
-                done = {spec: set(h) for spec, h in zip(self.cfg.heldout.partners, held_have, strict=True)}
-                extra, held_writers = self.league.heldout_matches(k, learner, done)
-                writers += held_writers
+    def play(self, k: int, model: ModelRef, records: list[RoundRecord]) -> RoundGames:
+        """Round k's plan (its games with its partners and with each held-out partner), its
+        unfinished games played all at once, and every game read back by the plan."""
+        plan = self.league.plan(k, records)
+        have = plan.finished()
+        todo = [g for g in plan.games if g.game.id not in have[g.table]]
+        if not todo:
+            return plan.collect(have)
+        learner = self.load(model_agent(model, self.cfg.rollout), self.sampling)
+        self.hooks.stage(f"round {k}: play", len(plan.games))
+        self.hooks.advance(sum(map(len, have)), deals=sum(ep.agreed for ep in have[0].values()))
+        try:
+            with ExitStack() as files:
+                writers = {t: EpisodeWriter(plan.tables[t].path, append=True) for t in sorted({g.table for g in todo})}
+                for writer in writers.values():
+                    files.enter_context(writer)
+                partners = [self.league.agent(g, learner) for g in todo]
+                matches = [
+                    Match(g.game, learner, b, g.meta, writers[g.table]) for g, b in zip(todo, partners, strict=True)
+                ]
                 play = self.pool.play_matches if self.pool else play_matches
-                played = play(matches + extra, self.obj, r.max_messages, self._advance_game, r.max_reply_chars)
-            finally:
-                for w in writers:
-                    w.close()
-                self.hooks.end_stage()
-                learner.close()
-                self.league.end_round()
-            for ep in played:
-                if ep.meta.get("heldout"):
-                    held_have[self.cfg.heldout.partners.index(ep.meta["partner"])][ep.id] = ep
-                else:
-                    have[ep.id] = ep
-        return [have[g.id] for g in games], [[h[g.id] for g in plan] for h, plan in zip(held_have, held, strict=True)]
+                r = self.cfg.rollout
+                played = play(matches, self.obj, r.max_messages, self._advance_game, r.max_reply_chars)
+        finally:
+            self.hooks.end_stage()
+            learner.close()
+            self.league.end_round()
+        for g, ep in zip(todo, played, strict=True):
+            have[g.table][ep.id] = ep
+        return plan.collect(have)
 
     # ------------------------------------------------------------------ records and progress
 
-    def record(
-        self,
-        k: int,
-        model: ModelRef,
-        episodes: list[Episode],
-        heldout: list[list[Episode]],
-        info: TrainInfo | None,
-        minutes: float,
-    ) -> RoundRecord:
+    def record(self, k: int, model: ModelRef, games: RoundGames, info: TrainInfo | None, minutes: float) -> RoundRecord:
+        """Round k's record: its metrics, per partner and per held-out partner, each with the
+        paired change from round 0 where round 0 played the same games with the same partner."""
+        episodes = games.episodes
         paired = k > 0 and self.cfg.rollout.contexts == "same"
         round0 = _read(self.run_dir.round(0).episodes) if paired else []
         vs = paired_difference(episodes, round0) if paired else None
         partners = {}
-        for name in dict.fromkeys(ep.meta.get("partner", "self") for ep in episodes):
-            mine = [ep for ep in episodes if ep.meta.get("partner", "self") == name]
-            ids = {ep.id for ep in mine}
+        for name, mine in games.by_partner().items():
+            ids = {ep.id for ep in mine}  # round 0's games are records: read by their partner's name
             before = [ep for ep in round0 if ep.id in ids and ep.meta.get("partner", "self") == name]
             partners[name] = partner_summary(mine, before if before else None)
         held = {}
-        for i, (spec, games) in enumerate(zip(self.cfg.heldout.partners, heldout, strict=True)):
+        for i, (spec, played) in enumerate(zip(self.cfg.heldout.partners, games.heldout, strict=True)):
             before = _read(self.run_dir.round(0).heldout_episodes(i)) if k > 0 else None
-            held[spec] = partner_summary(games, before)
+            held[str(spec)] = partner_summary([ep for _, ep in played], before)
         return RoundRecord(
             round=k,
             model=model,
@@ -306,3 +301,18 @@ def _read(path: Path) -> list[Episode]:
     if not episodes:
         raise ConfigError(f"{path}: no episodes")
     return episodes
+
+
+def train(cfg: RunConfig, resume: bool, hooks: Hooks | None = None, steal_lock: bool = False) -> list[RoundRecord]:
+    """``parlay train``: create the run of ``cfg`` (or, with ``resume``, check ``cfg`` against
+    it), then play and train every round not yet complete, holding the run folder's lock (one
+    writer per run). ``ConfigError``: a run already there without ``resume``, or none to resume
+    (both said before the folder is locked, and so created); ``LockError``: a live writer."""
+    run = RunDir(cfg.run_dir)
+    if resume:
+        run.load_config()
+    elif run.config_file.exists():
+        run.create(cfg)  # refuses, saying why
+    with FolderLock(run.path, steal=steal_lock):
+        cfg = prepare_run(cfg, resume)
+        return Loop(cfg, hooks).run()

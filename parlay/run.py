@@ -20,6 +20,8 @@ A run is a folder; this module is the only code that spells its paths:
 Round 0 is the starting model's play; round k trains the round k−1 model on round k−1's games,
 then plays. ``run:DIR[@K]`` names round K's model (default: the last complete round) wherever an
 agent spec is taken; ``run:DIR@all`` in a tournament's agents stands for every complete round.
+This module says which model a round played (``RunDir.round_model``); the agent that plays it
+is the agents' business (``agents/resolve.py``).
 Records carry ``schema_version``; files written before it existed (version 1: a flat
 ``metrics.json``, an untyped ``train_stats.json``) are read and converted; version 2 lacks only
 the optional per-partner and held-out figures of version 3.
@@ -35,8 +37,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from parlay.config import ConfigError, RunConfig, parse_config
-from parlay.episode import first_problem, write_lines_atomic
+from parlay.config import RunConfig, parse_config
+from parlay.episode import first_problem
+from parlay.errors import ConfigError
+from parlay.files import write_lines_atomic
+from parlay.specs import RunSpec, model_spec, parse_spec
 
 RUN_SCHEMA_VERSION = 3
 
@@ -57,20 +62,6 @@ class ModelRef(_Record):
 
     base: str
     adapter: str | None = None
-
-    def agent_spec(self, dtype: str = "auto", batch: int = 64, backend: str = "hf") -> str:
-        """The agent spec that plays this model: ``openai:…`` as it is; otherwise the
-        transformers backend, or vLLM (full weights only: it does not load adapters here)."""
-        if self.base.startswith("openai:"):
-            return self.base
-        if backend == "vllm":
-            if self.adapter:
-                raise ConfigError(f"rollout.backend vllm plays full weights, not the adapter {self.adapter}")
-            return f"vllm:{self.base}" + (f"+dtype={dtype}" if dtype != "auto" else "")
-        spec = f"hf:{self.base}"
-        if self.adapter:
-            spec += f"+adapter={self.adapter}"
-        return spec + (f"+dtype={dtype}" if dtype != "auto" else "") + (f"+batch={batch}" if batch != 64 else "")
 
 
 class SelectionInfo(_Record):
@@ -316,6 +307,23 @@ class RunDir:
             rounds.append(len(rounds))
         return rounds
 
+    def complete_rounds_of(self, asked: object) -> list[int]:
+        """``complete_rounds``, or ``ConfigError`` naming ``asked`` (the spec that named this run)
+        when there is none."""
+        rounds = self.complete_rounds()
+        if not rounds:
+            raise ConfigError(f"{asked}: {self.path} has no complete round (no rounds/0/metrics.json)")
+        return rounds
+
+    def round_model(self, asked: object, k: int | None = None) -> tuple[int, ModelRef]:
+        """(K, the model round K played), K defaulting to the last complete round; ``ConfigError``
+        naming ``asked`` when the run has no complete round or round K is not complete."""
+        rounds = self.complete_rounds_of(asked)
+        chosen = rounds[-1] if k is None else k
+        if chosen not in rounds:
+            raise ConfigError(f"{asked}: round {chosen} is not complete in {self.path} (complete: 0..{rounds[-1]})")
+        return chosen, self.round(chosen).record().model
+
     def records(self) -> list[RoundRecord]:
         """The record of every complete round, in order."""
         return [self.round(k).record() for k in self.complete_rounds()]
@@ -378,32 +386,28 @@ def prepare_run(cfg: RunConfig, resume: bool) -> RunConfig:
     return cfg
 
 
+# Kept for callers of old (tests/test_report.py); the agents' own are ``parlay.agents.resolve``.
+
+
 def expand_rounds(spec: str) -> list[str]:
     """``run:DIR@all`` → ``run:DIR@0``, ``run:DIR@1``, … (every complete round); any other spec alone."""
-    if not (spec.startswith("run:") and spec.endswith("@all")):
+    parsed = parse_spec(spec)
+    if not isinstance(parsed, RunSpec) or parsed.round != "all":
         return [spec]
-    where = spec.removeprefix("run:").removesuffix("@all")
-    rounds = RunDir(where).complete_rounds()
-    if not rounds:
-        raise ConfigError(f"{spec}: {where} has no complete round (no rounds/0/metrics.json)")
-    return [f"run:{where}@{k}" for k in rounds]
+    return [str(RunSpec(parsed.path, k)) for k in RunDir(parsed.path).complete_rounds_of(spec)]
 
 
 def round_agent_spec(spec: str) -> tuple[str, str]:
     """``run:DIR[@K]`` → (``run:DIR@K``, the agent spec of round K's model of the run in DIR);
     K defaults to the last complete round. Any other spec is returned as (spec, spec)."""
-    if not spec.startswith("run:"):
+    parsed = parse_spec(spec)
+    if not isinstance(parsed, RunSpec):
         return spec, spec
-    where, _, k = spec.removeprefix("run:").partition("@")
-    run = RunDir(where)
-    rounds = run.complete_rounds()
-    if not rounds:
-        raise ConfigError(f"{spec}: {run.path} has no complete round (no rounds/0/metrics.json)")
-    if k and not k.isdigit():
+    if parsed.round == "all":
         raise ConfigError(f"{spec}: the round after @ must be a whole number")
-    chosen = int(k) if k else rounds[-1]
-    if chosen not in rounds:
-        raise ConfigError(f"{spec}: round {chosen} is not complete in {run.path} (complete: 0..{rounds[-1]})")
-    model = run.round(chosen).record().model
+    run = RunDir(parsed.path)
+    k, model = run.round_model(spec, parsed.round)
     rollout = run.load_config().rollout
-    return f"run:{where}@{chosen}", model.agent_spec(rollout.dtype, rollout.batch, rollout.backend)
+    return str(RunSpec(parsed.path, k)), str(
+        model_spec(model.base, model.adapter, rollout.dtype, rollout.batch, rollout.backend)
+    )

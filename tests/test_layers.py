@@ -8,8 +8,9 @@ import pytest
 import parlay
 
 LAYERS = [
+    ("base", ["parlay.errors", "parlay.files"]),
     ("rules", ["parlay.games"]),
-    ("settings", ["parlay.config"]),
+    ("settings", ["parlay.config", "parlay.specs"]),
     ("protocol", ["parlay.protocol", "parlay.prompts"]),
     ("records", ["parlay.episode", "parlay.lewis", "parlay.run", "parlay.locking"]),
     ("agents", ["parlay.agents"]),

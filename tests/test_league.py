@@ -5,16 +5,18 @@ from collections import Counter
 
 import pytest
 
-from parlay.agents import load_agent
+from parlay.agents import Sampling, load_agent
 from parlay.config import ConfigError, parse_config
 from parlay.episode import all_player_episodes, read_episodes
 from parlay.evaluate.report import write_report
 from parlay.evaluate.tables import partners_table
+from parlay.games import objective
 from parlay.improve.examples import has_own_turns, learner_sides, read_examples
-from parlay.league import assign_partners, heldout_games
+from parlay.league import TRAINING, League, assign_partners, heldout_games, round_games
 from parlay.loop import Loop
-from parlay.rollout import plan_games
-from parlay.run import RunDir, prepare_run
+from parlay.rollout import Match, plan_games, play_matches
+from parlay.run import ModelRef, RoundRecord, RunDir, prepare_run
+from parlay.specs import BotSpec, SelfPartner
 from tests.test_loop import config
 from tests.test_tracking import scalars
 
@@ -59,6 +61,41 @@ def test_partner_shares_are_exact_and_fixed_by_the_seed():
     first, second = heldout_games(held, 0), heldout_games(held, 1)  # the same contexts, ids of their own
     assert [g.context for g in first] == [g.context for g in second]
     assert [g.id for g in first] == [g.id.replace("h1-", "h0-") for g in second] and first[0].id.startswith("h0-")
+
+
+def test_a_rounds_plan_holds_every_game_once_and_results_come_back_by_the_plan(tmp_path):
+    """One value per round: the training games (each with its partner and the learner's seats)
+    and every held-out partner's games, each with its file; what was played is read back by the
+    plan, whatever order the files hold it in and whatever the episodes' metadata say."""
+    cfg = config(tmp_path, "m", rollout={"games": 8}, partners=MIX, heldout={"partners": ["bot:hard"], "games": 3})
+    run = RunDir(cfg.run_dir)
+    league = League(cfg, run, Sampling())
+    r0 = RoundRecord(round=0, model=ModelRef(base="m0"), metrics={}, minutes=0.0)
+    plan = league.plan(1, [r0])
+    assert [t.path for t in plan.tables] == [run.round(1).episodes, run.round(1).heldout_episodes(0)]
+    assert [t.heldout for t in plan.tables] == [None, BotSpec("hard")]
+    training = [g for g in plan.games if g.table == TRAINING]
+    assert [g.game for g in training] == round_games(cfg, 1) and len(plan.games) == 8 + 3
+    labels = assign_partners(round_games(cfg, 1), cfg)  # checkpoint:latest is round 0's model in round 1
+    assert [g.name for g in training] == [{"checkpoint:latest": "checkpoint@0"}.get(x, x) for x in labels]
+    assert {g.partner for g in training if g.name == "checkpoint@0"} == {ModelRef(base="m0")}
+    assert [g.meta["learner"] for g in training] == ["AB" if x == "self" else "A" for x in labels]
+    held = [g for g in plan.games if g.table == 1]
+    assert [g.game for g in held] == heldout_games(cfg, 0)
+    assert held[0].meta == {"round": 1, "partner": "bot:hard", "learner": "A", "heldout": True}
+    # Round 0 has no earlier model: its checkpoint games are self-play.
+    assert {g.name for g in league.plan(0, []).games if g.table == TRAINING} == {"self", "bot:conceder"}
+    # Play the held-out table backwards, with metadata that names nobody: collect goes by the plan.
+    learner = load_agent("bot:cooperative")
+    matches = [Match(g.game, learner, league.agent(g, learner), {"partner": "?"}) for g in reversed(held)]
+    played = play_matches(matches, objective(cfg.objective), cfg.rollout.max_messages)
+    have = [{}, {ep.id: ep for ep in played}]
+    have[0] = {g.game.id: played[0] for g in training}  # stand-ins: only the order is checked here
+    games = plan.collect(have)
+    assert [ep.id for _, ep in games.heldout[0]] == [g.game.id for g in held]
+    assert [g for g, _ in games.training] == training and len(games.episodes) == 8
+    assert isinstance(league.plan(0, []).games[0].partner, SelfPartner | BotSpec)
+    league.close()
 
 
 def test_a_partner_that_cannot_be_loaded_stops_the_run_before_anything_runs(tmp_path):

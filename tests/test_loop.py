@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from parlay.agents.resolve import model_agent
 from parlay.config import ConfigError, load_config, parse_config
 from parlay.episode import read_episodes
 from parlay.loop import Hooks, Loop
 from parlay.run import ModelRef, RunDir, prepare_run
+from parlay.specs import HFSpec, VLLMSpec, parse_spec
 from tests.openai_server import start_chat_server
 from tests.test_cli import run
 from tests.test_tracking import scalars
@@ -83,9 +85,9 @@ def test_overrides_and_files(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
-    model = ModelRef(base=cfg.model, adapter=cfg.adapter)
-    spec = model.agent_spec(cfg.rollout.dtype, cfg.rollout.batch, cfg.rollout.backend)
-    assert spec.startswith({"hf": "hf:", "vllm": "vllm:"}[cfg.rollout.backend])
+    spec = model_agent(ModelRef(base=cfg.model, adapter=cfg.adapter), cfg.rollout)
+    assert isinstance(spec, {"hf": HFSpec, "vllm": VLLMSpec}[cfg.rollout.backend]) and spec.model == cfg.model
+    assert parse_spec(str(spec)) == spec  # what a record says is what plays
 
 
 def test_cli_reports_a_bad_config_in_one_line(tmp_path):

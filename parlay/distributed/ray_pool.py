@@ -31,10 +31,11 @@ from typing import Any
 
 from parlay.agents import Agent, load_agent
 from parlay.agents.base import Reply, Sampling, TurnRequest
-from parlay.config import ConfigError
 from parlay.episode import Episode
+from parlay.errors import ConfigError
 from parlay.games.dond import DEFAULT_MAX_MESSAGES, MAX_REPLY_CHARS, Objective
 from parlay.rollout import GameSpec, Match, play_matches
+from parlay.specs import AgentSpec, as_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ class RemoteAgent(Agent):
     """Stands for an agent that Ray workers load and play: a spec and its sampling. It cannot act
     in this process."""
 
-    def __init__(self, spec: str, sampling: Sampling) -> None:
-        self.spec, self.sampling = spec, sampling
+    def __init__(self, spec: AgentSpec | str, sampling: Sampling) -> None:
+        self.agent_spec = as_spec(spec)
+        """What the workers load (typed; ``spec`` is its text, as every agent's)."""
+        self.spec, self.sampling = str(spec), sampling
 
     def act(self, requests: list[TurnRequest]) -> list[Reply]:
         raise RuntimeError(f"{self.spec} is played by Ray workers, not in this process")
@@ -84,13 +87,14 @@ def _worker_class(ray: Any) -> Any:
 
         def __init__(self) -> None:
             self.agents: dict[tuple[str, Sampling], Agent] = {}
+            """Loaded agents, by their spec's text and sampling."""
 
         def pid(self) -> int:
             return os.getpid()
 
         def play(
             self,
-            chunk: list[tuple[int, GameSpec, str, str, dict]],
+            chunk: list[tuple[int, GameSpec, AgentSpec, AgentSpec, dict]],
             samplings: dict[str, Sampling],
             objective: Objective,
             max_messages: int | None,
@@ -98,7 +102,7 @@ def _worker_class(ray: Any) -> Any:
         ) -> Iterator[tuple[int, dict]]:
             finished: queue.Queue = queue.Queue()
             matches = [
-                Match(game, self._agent(a, samplings[a]), self._agent(b, samplings[b]), meta, _Tagged(i, finished))
+                Match(game, self._agent(a, samplings), self._agent(b, samplings), meta, _Tagged(i, finished))
                 for i, game, a, b, meta in chunk
             ]
 
@@ -115,10 +119,11 @@ def _worker_class(ray: Any) -> Any:
                     raise item
                 yield item
 
-        def _agent(self, spec: str, sampling: Sampling) -> Agent:
-            if (spec, sampling) not in self.agents:
-                self.agents[(spec, sampling)] = load_agent(spec, sampling)
-            return self.agents[(spec, sampling)]
+        def _agent(self, spec: AgentSpec, samplings: dict[str, Sampling]) -> Agent:
+            key = (str(spec), samplings[str(spec)])
+            if key not in self.agents:
+                self.agents[key] = load_agent(spec, key[1])
+            return self.agents[key]
 
     return RolloutWorker
 
@@ -134,6 +139,11 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
         raise ConfigError(f"rollout.ray_address {address!r}: cannot reach a Ray cluster there ({exc})") from None
+
+
+def _sent(i: int, m: Match) -> tuple[int, GameSpec, AgentSpec, AgentSpec, dict]:
+    """What a worker is sent of match ``i``: the game, the two agents' specs, the metadata."""
+    return i, m.game, m.a.agent_spec, m.b.agent_spec, m.meta  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -216,7 +226,7 @@ class RayPool:
         while emitted < len(matches):
             while todo and idle:
                 indices, actor = todo.popleft(), idle.popleft()
-                payload = [(i, matches[i].game, matches[i].a.spec, matches[i].b.spec, matches[i].meta) for i in indices]
+                payload = [_sent(i, matches[i]) for i in indices]
                 refs = actor.play.options(num_returns="streaming").remote(
                     payload, samplings, objective, max_messages, max_reply_chars
                 )

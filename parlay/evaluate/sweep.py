@@ -5,6 +5,8 @@ cooperative–competitive range: at each λ the same planned games (contexts, fi
 sampling seeds) are played, so the values of λ differ only in the objective the prompts state
 and the scores count. Each λ's games go to ``OUT/lambda=<λ>.jsonl`` (resumable: finished games
 are kept), and ``OUT/sweep.json`` holds every metric with its bootstrap interval per λ.
+``play_sweep`` is ``parlay eval --agents A[,B] --lambdas …``: it loads the agents, holds the
+folder's lock, plays and plots (``OUT/sweep.png``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from parlay.agents.base import Agent
-from parlay.episode import Episode, EpisodeWriter, write_lines_atomic
+from parlay.agents import load_agents
+from parlay.agents.base import Agent, Sampling
+from parlay.episode import Episode, EpisodeWriter
+from parlay.errors import ConfigError
 from parlay.evaluate.metrics import summarize
+from parlay.files import write_lines_atomic
 from parlay.games.dond import objective
+from parlay.locking import FolderLock
 from parlay.rollout import plan_games, play_games, split_finished
+from parlay.specs import AgentSpec
 
 PANELS = [
     ("mean_reward_a", "A's reward"),
@@ -62,6 +69,37 @@ def run_sweep(
         points.append({"lambda": obj.lam, "episodes": path.name} | summarize(episodes, seed=seed, resamples=resamples))
     result = {"a": agent_a.spec, "b": agent_b.spec, "games": games, "seed": seed, "points": points}
     write_lines_atomic(out / "sweep.json", [json.dumps(result, indent=1)])
+    return result
+
+
+def play_sweep(
+    specs: Sequence[AgentSpec],
+    lambdas: Sequence[float],
+    games: int,
+    seed: int,
+    out: Path,
+    max_messages: int | None,
+    sampling: Sampling,
+    steal_lock: bool = False,
+    on_start: Callable[[str, int], None] | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
+) -> dict[str, Any]:
+    """``run_sweep`` of one pairing — ``specs`` is [A] (itself) or [A, B] — holding ``out``'s
+    lock, then ``sweep.png``. ``on_start(description, games)`` is called before play. Returns
+    what ``sweep.json`` holds; ``ConfigError`` for more than two agents."""
+    if len(specs) > 2:
+        raise ConfigError("--lambdas sweeps one pairing: give --agents A (itself) or A,B")
+    loaded = load_agents(list(dict.fromkeys(specs)), sampling)
+    a, b = loaded[0], loaded[-1]
+    try:
+        with FolderLock(out, steal=steal_lock):
+            if on_start is not None:
+                on_start(f"{a.spec} vs {b.spec} at {len(lambdas)} values of λ", games * len(lambdas))
+            result = run_sweep(a, b, lambdas, games, seed, out, max_messages, on_episode)
+            save_plot(result, out / "sweep.png")
+    finally:
+        for agent in loaded:
+            agent.close()
     return result
 
 

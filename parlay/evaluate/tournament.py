@@ -12,6 +12,9 @@ The output folder is the whole state, and an interrupted tournament continues wh
                              paired change from the first agent against every partner; ratings
                              with intervals (``ratings.py``)
     OUT/tournament.csv       one row per pair: each metric with its interval
+
+``play_tournament`` is ``parlay eval --agents``: it expands ``run:DIR@all``, loads the agents
+(here, or on Ray workers), holds the folder's lock and runs ``run_tournament``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,18 @@ from typing import Any
 
 import numpy as np
 
+from parlay.agents import load_agents
 from parlay.agents.base import Agent, Sampling
-from parlay.episode import Episode, EpisodeWriter, write_lines_atomic
+from parlay.agents.resolve import expand_rounds, resolve_run
+from parlay.distributed import RayPool, RemoteAgent
+from parlay.episode import Episode, EpisodeWriter, read_episodes
 from parlay.evaluate.metrics import METRICS, paired_bootstrap, summarize
 from parlay.evaluate.ratings import ratings
+from parlay.files import write_lines_atomic
 from parlay.games.dond import Objective
+from parlay.locking import FolderLock
 from parlay.rollout import Match, PlayMatches, plan_games, play_matches, split_finished
+from parlay.specs import AgentSpec, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +140,53 @@ def run_tournament(
     write_lines_atomic(out / "tournament.json", [json.dumps(result, indent=1)])
     write_csv(out / "tournament.csv", summaries)
     return result
+
+
+def play_tournament(
+    specs: Sequence[AgentSpec],
+    obj: Objective,
+    games: int,
+    seed: int,
+    out: Path,
+    max_messages: int | None,
+    sampling: Sampling,
+    workers: int = 0,
+    ray_address: str | None = None,
+    steal_lock: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
+) -> dict[str, Any]:
+    """``run_tournament`` of the agents ``specs`` name (``run:DIR@all``: every complete round of
+    the run, each ``run:DIR@K``), holding ``out``'s lock. The agents are loaded here, or with
+    ``workers`` > 0 by that many Ray actors (``ray_address``: a running cluster). Returns what
+    ``tournament.json`` holds. Raises ``AgentError``/``ConfigError`` for an agent that cannot be
+    loaded, ``TournamentError``, ``LockError`` (another writer), ``DistributedError``."""
+    specs = [one for spec in specs for one in expand_rounds(spec)]
+    pool = RayPool(workers, ray_address) if workers else None
+    try:
+        if pool is not None:  # the workers load the agents; run:DIR@K keeps its round
+            agents: list[Agent] = [
+                RemoteAgent(resolve_run(s)[0] if isinstance(s, RunSpec) else s, sampling) for s in specs
+            ]
+        else:
+            agents = load_agents(specs, sampling)
+        try:
+            with FolderLock(out, steal=steal_lock):
+                play = pool.play_matches if pool else play_matches
+                return run_tournament(
+                    agents, obj, games, seed, out, max_messages, sampling, on_start, on_episode, play=play
+                )
+        finally:
+            for agent in agents:
+                agent.close()
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def tournament_episodes(out: Path, result: dict[str, Any]) -> list[Episode]:
+    """Every game of the tournament in ``out`` (``result``: its ``tournament.json``), pair by pair."""
+    return [ep for p in result["pairs"] for ep in read_episodes(out / p["episodes"])]
 
 
 def cross_play_matrix(specs: list[str], pairs: list[dict[str, Any]]) -> dict[str, Any]:

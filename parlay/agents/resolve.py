@@ -1,0 +1,37 @@
+"""Which agent a spec that names a run's model stands for: ``run:DIR@K``, a round's ``ModelRef``.
+
+A run's records (``parlay/run.py``) say which model each round played and with which rollout
+settings; this module turns that into the agent spec that plays it (``specs.model_spec``), so
+the records never build agents and the agents never spell a run's paths.
+"""
+
+from __future__ import annotations
+
+from parlay.config import RolloutConfig
+from parlay.run import ModelRef, RunDir
+from parlay.specs import AgentSpec, RunSpec, SpecError, model_spec
+
+
+def model_agent(model: ModelRef, rollout: RolloutConfig) -> AgentSpec:
+    """The agent that plays ``model`` with ``rollout``'s dtype, batch and backend (a setting at
+    its default is left out of the spec). ``SpecError``: vLLM asked to play an adapter."""
+    return model_spec(model.base, model.adapter, rollout.dtype, rollout.batch, rollout.backend)
+
+
+def resolve_run(spec: RunSpec) -> tuple[RunSpec, AgentSpec]:
+    """``run:DIR[@K]`` → (``run:DIR@K`` with K resolved, the agent of round K's model, played
+    with that run's rollout settings). K defaults to the last complete round. ``ConfigError``
+    (a ``UserError``): no complete round, K not complete, or ``@all`` (``expand_rounds`` first)."""
+    if spec.round == "all":
+        raise SpecError(f"{spec}: @all stands for several agents; only a tournament takes it")
+    run = RunDir(spec.path)
+    k, model = run.round_model(spec, spec.round)
+    return RunSpec(spec.path, k), model_agent(model, run.load_config().rollout)
+
+
+def expand_rounds(spec: AgentSpec) -> list[AgentSpec]:
+    """``run:DIR@all`` → ``run:DIR@0``, ``run:DIR@1``, … (every complete round); any other spec alone.
+    ``ConfigError`` when the run has no complete round."""
+    if not isinstance(spec, RunSpec) or spec.round != "all":
+        return [spec]
+    return [RunSpec(spec.path, k) for k in RunDir(spec.path).complete_rounds_of(spec)]
