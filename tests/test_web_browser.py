@@ -14,6 +14,7 @@ from tests.web_support import free_port, start_process
 
 CHROMIUM = Path("/usr/bin/chromium")
 ADMIN = "admin-token-for-the-browser-tests-0123456789"
+ITEMS = ("book", "hat", "ball")
 SHOTS = os.environ.get("PARLAY_SCREENSHOTS")
 """Where screenshots are also copied (default: only the test's temporary folder)."""
 
@@ -70,6 +71,10 @@ def test_a_person_plays_a_whole_game_by_keyboard_alone_on_a_desktop(tmp_path):
                 page.goto(f"{base}/play#token={token}")
                 page.wait_for_selector("#consent:not([hidden])")
                 shot(page, tmp_path, "desktop-1-consent")
+                page.click("#decline")  # declining sends nothing; the link still works afterwards
+                assert "chose not to take part" in page.locator("#declined").inner_text()
+                page.reload()
+                page.wait_for_selector("#consent:not([hidden])")
                 page.keyboard.press("Enter")  # the consent button has the focus
 
                 page.wait_for_selector("#check:not([hidden])")
@@ -111,6 +116,9 @@ def test_a_person_plays_a_whole_game_by_keyboard_alone_on_a_desktop(tmp_path):
                 page.keyboard.press("Enter")
                 page.wait_for_selector("#done:not([hidden])")
                 assert "finished all 1 games" in page.locator("#done-text").inner_text()
+                explained = page.locator("#points-explained").inner_text()
+                assert "Score under this game's rule" in explained and "game 1:" in explained
+                shot(page, tmp_path, "desktop-4b-done")
 
                 admin = browser.new_page(viewport={"width": 1280, "height": 900})
                 admin.goto(f"{base}/admin#token={ADMIN}")
@@ -151,6 +159,13 @@ def test_a_person_plays_a_tiny_transformers_model_on_a_phone(tmp_path, parrot_lm
                 page.goto(f"{base}/play#token={token}")
                 page.tap("#agree")
                 page.wait_for_selector("#check:not([hidden])")
+                for question, option in (("mismatch", 0), ("objective", 0), ("values", 1)):  # one wrong
+                    page.tap(f"#q-{question} label >> nth={option}")
+                page.tap("#check-form button")
+                page.wait_for_selector("#q-mismatch .wrong-mark")  # marked in words, not only by colour
+                assert page.locator(".wrong-mark").all_inner_texts() == ["Not right yet"]
+                assert page.get_attribute("#q-mismatch", "aria-invalid") == "true"
+                shot(page, tmp_path, "phone-0-check-wrong")
                 for question, option in (("mismatch", 1), ("objective", 0), ("values", 1)):
                     page.tap(f"#q-{question} label >> nth={option}")
                 page.tap("#check-form button")
@@ -164,6 +179,8 @@ def test_a_person_plays_a_tiny_transformers_model_on_a_phone(tmp_path, parrot_lm
                 shot(page, tmp_path, "phone-1-typing")
                 page.wait_for_function("() => document.querySelectorAll('#chat li.partner').length > 0")
                 wait_my_turn_or_end(page)
+                tops = [page.locator(f"#proposal-inputs input[name={i}]").bounding_box()["y"] for i in ITEMS]
+                assert max(tops) - min(tops) < 1, f"the proposal inputs must sit in one row at 390 px: {tops}"
                 for item, n in zip(("book", "hat", "ball"), (1, 0, 1), strict=True):
                     page.fill(f"#proposal-inputs input[name={item}]", str(n))
                 page.tap("#propose")

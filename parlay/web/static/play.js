@@ -14,6 +14,7 @@ function el(tag, text, cls) {
   if (cls) node.className = cls;
   return node;
 }
+function fmt(x) { return Number.isInteger(x) ? String(x) : x.toFixed(1); }
 function plural(n, item) { return `${n} ${item}${n === 1 ? "" : "s"}`; }
 function describe(kept) { return kept.map((n, i) => plural(n, ITEMS[i])).join(", "); }
 function newMoveId() {
@@ -23,7 +24,7 @@ function newMoveId() {
 }
 function setStatus(text) { $("status").textContent = text || ""; }
 function show(section) {
-  for (const id of ["consent", "check", "game", "done"]) $(id).hidden = id !== section;
+  for (const id of ["consent", "declined", "check", "game", "done"]) $(id).hidden = id !== section;
 }
 
 class ApiError extends Error {
@@ -56,17 +57,42 @@ async function refresh() {
     renderCheck(me);
   } else if (me.stage === "play") {
     await startGame();
+  } else if (me.stage === "ended") {
+    show("done");
+    $("done-text").textContent = "Your part in this study has been ended by the researchers. Thank you for your time.";
   } else {
     show("done");
+    const abandoned = me.games_over - me.games_done;
     $("done-text").textContent =
-      `You finished all ${me.games_total} games and earned ${me.points.toFixed(1)} points` +
+      `You finished all ${me.games_total} games and earned ${fmt(me.points)} points` +
       (me.bonus > 0 ? `: a bonus of ${me.bonus.toFixed(2)} ${me.currency}.` : ".");
+    $("points-explained").textContent =
+      "Your points are your \"Score under this game's rule\" from each game's result, added up: " +
+      me.points_per_game.map((p, i) => `game ${i + 1}: ${fmt(p)}`).join(", ") + ` (total ${fmt(me.points)}).` +
+      (abandoned > 0 ? ` ${abandoned} game(s) ended because no move came in time and count 0.` : "") +
+      (me.bonus_per_point > 0 ? ` Each point is worth ${me.bonus_per_point} ${me.currency}.` : "");
     if (me.completion_code) {
       $("completion-code").textContent = me.completion_code;
       $("code-line").hidden = false;
     }
   }
 }
+
+$("decline").addEventListener("click", () => { show("declined"); });
+$("copy-code").addEventListener("click", async () => {
+  const code = $("completion-code").textContent;
+  try {
+    await navigator.clipboard.writeText(code);
+    $("copy-result").textContent = "Copied.";
+  } catch (e) {  // no clipboard permission: select the code so the person can copy it
+    const range = document.createRange();
+    range.selectNodeContents($("completion-code"));
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    $("copy-result").textContent = "Selected: press Ctrl+C (or ⌘C) to copy.";
+  }
+});
 
 $("agree").addEventListener("click", async () => {
   try { await api("POST", "/api/consent", { agree: true }); await refresh(); } catch (e) { setStatus(e.message); }
@@ -107,10 +133,15 @@ $("check-form").addEventListener("submit", async (event) => {
     const result = await api("POST", "/api/check", { answers });
     if (result.passed) { await refresh(); return; }
     for (const fs of $("questions").querySelectorAll("fieldset")) {
-      fs.classList.toggle("wrong", result.wrong.includes(fs.id.slice(2)));
+      const wrong = result.wrong.includes(fs.id.slice(2));
+      fs.classList.toggle("wrong", wrong);
+      fs.setAttribute("aria-invalid", wrong ? "true" : "false");
+      const old = fs.querySelector(".wrong-mark");
+      if (old) old.remove();
+      if (wrong) fs.querySelector("legend").append(el("span", "Not right yet", "wrong-mark"));
     }
     $("check-result").textContent =
-      `${result.wrong.length} answer(s) are not right yet (marked in red). Read the rules above and try again.`;
+      `${result.wrong.length} answer(s) are not right yet (marked "Not right yet"). Read the rules above and try again.`;
   } catch (e) { $("check-result").textContent = e.message; }
 });
 
@@ -119,9 +150,18 @@ async function startGame() {
   try { data = await api("POST", "/api/games/next"); } catch (e) { setStatus(e.message); return; }
   if (data.done) { await refresh(); return; }
   current = null;
+  $("message").value = "";          // nothing typed in one game carries into the next
+  $("feedback").textContent = "";
   show("game");
   render(data.game);
   poll(data.game.id);
+}
+
+let lost = false;  // the connection to the server was lost while waiting
+function setLost(text) {
+  lost = Boolean(text);
+  $("status").classList.toggle("lost", lost);
+  setStatus(text);
 }
 
 async function poll(id) {
@@ -129,9 +169,12 @@ async function poll(id) {
     try {
       const game = await api("GET", `/api/games/${encodeURIComponent(id)}?after=${current.version}`);
       if (current && current.id === id) render(game);
-      setStatus("");
+      if (lost) {
+        setLost("");
+        setStatus("Connection restored: the game is up to date.");
+      }
     } catch (e) {
-      setStatus(`Connection problem (${e.message}); retrying…`);
+      setLost(`Connection to the study server lost (${e.message}). Reconnecting… you do not need to reload.`);
       await new Promise((resolve) => setTimeout(resolve, 2000));
     }
   }
@@ -219,6 +262,7 @@ function renderResult(game) {
     no_deal: "No deal: the game ended without proposals, so both of you score 0.",
     aborted: "The game was stopped because your partner kept sending invalid replies; both score 0.",
     failed: "The game could not go on because of a technical problem; both score 0.",
+    abandoned: "The game ended because no move came in time; both score 0.",
   }[r.status] || r.status;
   $("result-text").textContent = text;
   const rows = [["", "You", "Partner"]];
@@ -242,6 +286,7 @@ async function sendMove(body) {
     try {
       const data = await api("POST", `/api/games/${encodeURIComponent(current.id)}/moves`, body);
       pending = null;
+      $("feedback").textContent = "";  // an earlier error no longer applies
       render(data.game);
       return true;
     } catch (e) {
@@ -259,6 +304,8 @@ async function sendMove(body) {
   render(current);
   return false;
 }
+
+$("message").addEventListener("input", () => { $("feedback").textContent = ""; });
 
 $("message-form").addEventListener("submit", async (event) => {
   event.preventDefault();
