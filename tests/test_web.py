@@ -860,7 +860,8 @@ def test_serve_refuses_a_database_it_cannot_write_with_one_line(tmp_path):
     url = f"sqlite:///file:{path}?mode=ro&uri=true"
     result = CliRunner().invoke(app, ["serve", "--agent", "bot:hard", "--db", url, "--no-check"])
     assert result.exit_code == 2
-    said = "".join(result.output.splitlines())  # one message (the terminal may wrap it)
+    said = "".join(result.output.splitlines())  # one message (the terminal may wrap it), after the agent check
+    said = said[said.index("error:") :]
     assert said.count("error:") == 1 and said.startswith("error: database") and url in said
     assert said.endswith("cannot be written: attempt to write a readonly database")
 
