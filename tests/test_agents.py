@@ -132,3 +132,32 @@ def test_a_bot_does_not_hold_its_yes_to_a_worse_offer(bot):
             assert kept != (0, 0, 0), f"bot:{bot} gave everything away after agreeing to keep {agreed}"
         else:
             assert kept == agreed
+
+
+def test_agent_specs_parse_once_and_render_for_records():
+    """A spec's text parses to a typed value and renders back as written; two spellings of one
+    agent are equal; a spec built in code renders with only the options set, defaults left out."""
+    from parlay.specs import DEFAULT_BATCH, HFSpec, OpenAISpec, RunSpec, SpecError, model_spec, parse_spec
+
+    written = "hf:m+batch=8+dtype=bf16"
+    spec = parse_spec(written)
+    assert spec == HFSpec("m", dtype="bf16", batch=8) == parse_spec("hf:m+dtype=bf16+batch=8")
+    assert str(spec) == written and spec.render() == "hf:m+dtype=bf16+batch=8"
+    assert parse_spec("openai:gpt-4o-mini@http://h:1/v1") == OpenAISpec("gpt-4o-mini", "http://h:1/v1")
+    assert parse_spec("run:runs/x@2") == RunSpec("runs/x", 2) and parse_spec("run:runs/x@all").round == "all"
+    assert str(model_spec("m", "a/model", "auto", DEFAULT_BATCH, "hf")) == "hf:m+adapter=a/model"
+    assert str(model_spec("m", None, "bf16", 8, "hf")) == "hf:m+dtype=bf16+batch=8"
+    assert str(model_spec("m", None, "bf16", 8, "vllm")) == "vllm:m+dtype=bf16"
+    assert str(model_spec("openai:gpt@http://h", None, "auto", 64, "hf")) == "openai:gpt@http://h"
+    for text, message in [
+        ("hf:m+batch=0", "bad batch size"),
+        ("hf:m+reuse=yes", "expected 0 or 1"),
+        ("hf:m+colour=red", "unknown option"),
+        ("run:x@last", "whole number"),
+        ("robot:x", "unknown agent 'robot:x'"),
+    ]:
+        with pytest.raises(SpecError, match=message):
+            parse_spec(text)
+    with pytest.raises(SpecError, match="full weights"):
+        model_spec("m", "a/model", "auto", 64, "vllm")
+    assert load_agent(parse_spec("bot:hard")).spec == "bot:hard"
