@@ -80,6 +80,18 @@ class SelectionInfo(_Record):
     """With a judge: how many it rated, and the correlation of its ratings with the rewards."""
 
 
+SAMPLER_KL_TOLERANCE = 1e-3
+"""Nats per token of sampler–trainer KL (``TrainStats.sampler_kl``) above which a round is called
+out (log warning, report note). The sampler and the trainer hold the same weights, so in fp32 they
+differ only by the order of float additions (batched, KV-cached decoding against one full forward):
+per-token log-prob differences of 1e-6..1e-5, a KL of about d²/2 ≈ 1e-10. A KL of 1e-3 needs
+differences of about 0.045 nats per token (KL ≈ mean d²/2): another chat rendering or tokenisation,
+a temperature or top-p applied to the reported log-probs, another adapter or stale weights. bf16 on
+either side brings rounding alone towards this level (issue 11 measured a KL of 0.001 between a
+bf16 merged adapter and fp32), so in a bf16 run a note near the tolerance asks for a look; in fp32,
+anything above it is a bug."""
+
+
 class TrainStats(_Record):
     """What one training pass did (the hf trainer, in process or under ``accelerate launch``)."""
 
@@ -89,19 +101,34 @@ class TrainStats(_Record):
     truncated_examples: int
     steps: int
     tokens: int
-    """Tokens processed (all positions), over all passes."""
+    """Tokens processed (all positions), over all passes and processes."""
     own_tokens: int
-    """Tokens in the loss, over all passes."""
+    """Tokens in the loss, over all passes and processes."""
     loss_first: float
     loss_last: float
     nll_first: float
     nll_last: float
-    """Unweighted NLL of own tokens in the first and last optimiser steps."""
+    """Unweighted NLL per own token of the first and last optimiser steps (all their micro-batches)."""
     seconds: float
     tokens_per_second: float
     mean_iw: float | None = None
     """iw-SFT: mean importance factor over the run."""
     losses: list[float] = Field(default_factory=list)
+    """The loss of each optimiser step: over all its micro-batches and processes, the weighted sum
+    over own tokens divided by their number (as one big batch would have it)."""
+    sampler_kl: float | None = None
+    """Sampler–trainer parity, before the first step: the mean per-token KL(sampler ‖ trainer) at
+    the sampled tokens (k3 estimator, exp(d) − d − 1 with d = log p_trainer − log p_sampler), the
+    trainer being the round-start model as loaded for training; None when no example carried the
+    sampler's log-probs (``improve/sft.sampler_parity``, ``SAMPLER_KL_TOLERANCE``)."""
+    sampler_logp_abs_diff: float | None = None
+    """Parity: the mean |d| per token."""
+    sampler_tokens: int = 0
+    """Parity: sampled tokens compared."""
+    sampler_turns: int = 0
+    """Parity: assistant turns compared."""
+    sampler_turns_not_comparable: int = 0
+    """Parity: turns with the sampler's log-probs whose tokens do not line up with the trainer's."""
 
 
 class FineTuneJob(_Record):

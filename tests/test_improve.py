@@ -200,3 +200,36 @@ def test_fine_tune_job_against_a_loopback_server(tmp_path):
             fine_tune(tmp_path / "ft.jsonl", "fail-model", client=client, poll_seconds=0.01)
     finally:
         server.shutdown()
+
+
+def test_examples_carry_the_samplers_logprobs_of_the_turns_they_learn_from():
+    """Each assistant message gets the log-probs of the accepted turn it came from, in order; a
+    turn the game rewrote (canonical form), one that followed a rejected attempt (its prompt held
+    that attempt) and one without log-probs get None; games with none carry None."""
+    from parlay.agents import load_agent
+    from parlay.episode import Episode
+    from parlay.games import all_contexts, objective
+    from parlay.protocol import Game, proposal_reply
+    from parlay.rollout import plan_games, play_games
+
+    game = Game(all_contexts()[0], objective(1), first_speaker="A")  # counts (1, 1, 3)
+    game.step("[message] I want the books.", logprobs=[-0.1, -0.2, -0.3])  # A: as sampled
+    game.step("no tag", logprobs=[-1.0])  # B: rejected
+    game.step("[message] you take the hats", logprobs=[-0.5, -0.6])  # B: after a rejected attempt
+    game.step("[message]  fine,  deal?", logprobs=[-0.7])  # A: rewritten to "[message] fine, deal?"
+    game.step("[message] ok")  # B: no log-probs reported
+    game.step(proposal_reply((1, 0, 0)), logprobs=[-0.01])  # A
+    game.step(" " + proposal_reply((0, 1, 3)) + "\n", logprobs=[-0.02, -0.03])  # B: the same once stripped
+    assert game.outcome.status == "deal"
+    selected = select_examples([Episode.from_game(game, "g")], FilterConfig(rule="all"), WeightConfig())
+    a, b = selected.examples
+    assert (a.player, b.player) == ("A", "B")
+    assert a.sampled_logprobs == [[-0.1, -0.2, -0.3], None, [-0.01]]
+    assert b.sampled_logprobs == [None, None, [-0.02, -0.03]]
+    for ex in (a, b):  # aligned with the assistant messages, in order
+        assert len(ex.sampled_logprobs) == sum(m["role"] == "assistant" for m in ex.messages)
+    bot = load_agent("bot:cooperative")
+    bots = select_examples(
+        play_games(bot, bot, plan_games(2, 0), objective(1), 6), FilterConfig(rule="all"), WeightConfig()
+    )
+    assert bots.examples and all(ex.sampled_logprobs is None for ex in bots.examples)

@@ -217,3 +217,27 @@ def test_a_lambda_sweep_plays_the_same_games_at_each_objective_and_reaches_the_r
     (out / "sweep.json").write_text("{}")
     view = load_run(run_dir, resamples=50)
     assert view.sweep is None and any("not a sweep file" in m for m in view.missing)
+
+
+def test_the_training_section_shows_the_sampler_trainer_kl_per_round_and_calls_out_a_divergence(run_dir):
+    """Round 1's player and trainer agree (KL 3e-9: a line, no note); round 2's do not (KL 0.02:
+    the row is called out). The figures travel in each round's metrics.json."""
+    run = RunDir(run_dir)
+    parity = {
+        1: {"sampler_kl": 3e-9, "sampler_logp_abs_diff": 2.5e-6},
+        2: {"sampler_kl": 0.02, "sampler_logp_abs_diff": 0.15},
+    }
+    for k, figures in parity.items():
+        record = run.round(k).record()
+        stats = STATS.model_copy(
+            update=figures | {"sampler_tokens": 400, "sampler_turns": 30, "sampler_turns_not_comparable": 2}
+        )
+        run.write_record(record.model_copy(update={"train": record.train.model_copy(update={"stats": stats})}))
+    assert json.loads((run_dir / "rounds" / "2" / "metrics.json").read_text())["train"]["stats"]["sampler_kl"] == 0.02
+    page = write_report(run_dir)[0].read_text()
+    assert 'id="training"' in page and "sampler–trainer KL (per token)" in page
+    table = page[page.index('<table id="training">') : page.index("</table>", page.index('<table id="training">'))]
+    rows = table.split("<tr")[2:]  # round 1, round 2
+    assert len(rows) == 2
+    assert "3.00e-09" in rows[0] and "above" not in rows[0] and 'class="warn"' not in rows[0]
+    assert "2.00e-02" in rows[1] and "above 0.001" in rows[1] and 'class="warn"' in rows[1]

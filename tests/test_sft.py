@@ -1,10 +1,12 @@
 """The trainer: the assistant-only mask, the weighted loss, and a tiny model that really learns."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from parlay.agents import load_agent
 from parlay.agents.hf_layer import TemplateError, assistant_mask, stop_ids
@@ -246,3 +248,293 @@ def test_two_processes_under_accelerate_launch_train_as_one_process_does(tiny_lm
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     a, b = (_tensors(tmp_path / n / "adapter_model.safetensors") for n in ("one", "two"))
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
+
+
+# --------------------------------------------------------------------------- exact step gradients
+
+SHORT_REPLY = "hi"  # 3 own tokens with its end-of-turn token
+LONG_REPLY = "[message] " + "I want the books and you take the hats. " * 4  # 60 own tokens
+
+
+def mixed_examples(scheme: str) -> list[TrainExample]:
+    """Four examples of very different lengths (short, long, short, long) and weights (signed
+    advantages under rl): a step over them weighs every own token alike only if its loss is
+    divided by the step's own tokens, not averaged over micro-batches."""
+    weights = [1.5, -1.0, 0.5, 2.0] if scheme == "rl" else [1.5, 0.5, 1.0, 2.0]
+    return [
+        TrainExample(
+            messages=[
+                {"role": "system", "content": "You negotiate books, hats and balls."},
+                {"role": "user", "content": "The negotiation starts now."},
+                {"role": "assistant", "content": reply},
+            ],
+            weight=w,
+        )
+        for reply, w in zip([SHORT_REPLY, LONG_REPLY] * 2, weights, strict=True)
+    ]
+
+
+class StepRecorder:
+    """Every optimiser step's trainable parameters and gradients as the optimiser sees them just
+    before it steps, and the parameters after the last step (global optimiser hooks: nothing of the
+    trainer is touched)."""
+
+    def __init__(self):
+        self.steps: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        self.after: list[torch.Tensor] = []
+
+    @staticmethod
+    def _params(optimizer):
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    def _before(self, optimizer, args, kwargs):
+        params = self._params(optimizer)
+        self.steps.append(([p.detach().clone() for p in params], [p.grad.detach().clone() for p in params]))
+
+    def _after(self, optimizer, args, kwargs):
+        self.after = [p.detach().clone() for p in self._params(optimizer)]
+
+    def __enter__(self):
+        self.handles = [register_optimizer_step_pre_hook(self._before), register_optimizer_step_post_hook(self._after)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def reference_model(path, cfg: TrainConfig, params: list[torch.Tensor]):
+    """The model as plain transformers (and peft) build it, its trainable weights set to ``params``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if cfg.lora:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules)
+        model = get_peft_model(model, lora)
+    else:
+        model.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [p.shape for p in trainable] == [p.shape for p in params]
+    with torch.no_grad():
+        for p, value in zip(trainable, params, strict=True):
+            p.copy_(value)
+    return model.eval(), trainable
+
+
+def own_logps(model, tokenizer, examples):
+    """log π of each own target token of each example: one plain forward pass per example."""
+    out = []
+    for ex in examples:
+        ids, mask = assistant_mask(tokenizer, ex.messages)
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        out.append(logp[torch.tensor(mask[1:], dtype=torch.bool)])
+    return out
+
+
+def by_hand_loss(logps, start_logps, examples, weights: WeightConfig):
+    """One step's loss over all examples as one batch, from the formulas: the sum over every own
+    token of its weighted loss, divided by the number of own tokens; and the unweighted NLL per own token."""
+    total = sum(len(lp) for lp in logps)
+    terms = []
+    for lp, old, ex in zip(logps, start_logps, examples, strict=True):
+        if weights.scheme == "rl":  # PPO's clipped surrogate on the ratio to the round-start model + the k3 anchor
+            ratio, eps = torch.exp(lp - old), weights.rl.clip
+            surrogate = -torch.minimum(ratio * ex.weight, ratio.clamp(1 - eps, 1 + eps) * ex.weight)
+            terms.append((surrogate + weights.rl.kl * (torch.exp(old - lp) + (lp - old) - 1)).sum())
+        else:
+            factor = 1.0
+            if weights.scheme == "iw_sft":  # exp(T · mean log-ratio), clipped, not differentiated
+                factor = torch.exp(weights.iw_temperature * (lp.mean().detach() - old.mean())).clamp(0, weights.w_max)
+            terms.append(-(ex.weight * factor * lp).sum())
+    nll = -sum(lp.sum() for lp in logps).item() / total
+    return sum(terms) / total, nll
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def assert_one_big_batch(path, tokenizer, examples, weights: WeightConfig, cfg: TrainConfig, rec: StepRecorder, stats):
+    """The optimiser steps ``rec`` saw against the same steps computed here with plain torch on all
+    the examples as one batch (every step takes them all): the loss from its formula, its gradient
+    by autograd, a plain AdamW. The same gradients and logged losses within 1e-5 relative, and the
+    same weights within 1e-4 of the update (AdamW divides each gradient element by its own size,
+    which magnifies float rounding where a gradient is near zero; the gradients agree to ~1e-7)."""
+    assert stats.steps == len(rec.steps) >= 2
+    model, trainable = reference_model(path, cfg, rec.steps[0][0])
+    with torch.no_grad():
+        start_logps = own_logps(model, tokenizer, examples)
+    adamw = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    for s, (_, grads) in enumerate(rec.steps):
+        loss, nll = by_hand_loss(own_logps(model, tokenizer, examples), start_logps, examples, weights)
+        adamw.zero_grad()
+        loss.backward()
+        want, got = flat(p.grad for p in trainable), flat(grads)
+        assert (got - want).norm() <= 1e-5 * want.norm(), f"step {s + 1}: {((got - want).norm() / want.norm()):.1e}"
+        assert stats.losses[s] == pytest.approx(loss.item(), rel=1e-5)
+        if s in (0, len(rec.steps) - 1):
+            assert (stats.nll_first if s == 0 else stats.nll_last) == pytest.approx(nll, rel=1e-5)
+        adamw.step()
+    start, want, got = flat(rec.steps[0][0]), flat(p.detach() for p in trainable), flat(rec.after)
+    assert (got - want).norm() <= 1e-4 * (want - start).norm()
+
+
+def step_config(lora: bool, batch_size: int, grad_accum: int) -> TrainConfig:
+    """Two optimiser steps of four examples each (batch × accumulation × processes = 4)."""
+    lr = 2e-2 if lora else 2e-3  # enough for the second step's model to differ from the first's
+    return TrainConfig(
+        lora=lora, lr=lr, epochs=2, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=0, dtype="float32"
+    )
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("scheme", ["uniform", "awr", "judge", "iw_sft", "rl"])
+def test_accumulated_steps_have_the_gradient_of_one_big_batch(tiny_lm, tmp_path, scheme, lora):
+    """Batch 1 × accumulation 4 over examples of 3 and 60 own tokens, two optimiser steps, as one
+    batch of four would have them (``assert_one_big_batch``). The code this replaced, which
+    averaged per-micro-batch token means, is 120-260 % off in the gradient here."""
+    _, tokenizer, path = tiny_lm
+    examples, weights, cfg = mixed_examples(scheme), WeightConfig(scheme=scheme, w_max=3.0), step_config(lora, 1, 4)
+    with StepRecorder() as rec:
+        stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
+    assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
+
+
+DRIVER = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+from accelerate import PartialState
+from parlay.config import WeightConfig
+from parlay.improve.sft import train
+from tests.test_sft import StepRecorder, mixed_examples, step_config
+
+out = {{}}
+for scheme, lora in {cases!r}:
+    with StepRecorder() as rec:
+        stats = train(mixed_examples(scheme), {path!r}, {tmp!r} + f"/{{scheme}}-{{lora}}", step_config(lora, 1, 2),
+                      weights=WeightConfig(scheme=scheme, w_max=3.0), seed=1)
+    out[(scheme, lora)] = (rec.steps, rec.after, stats.model_dump())
+if PartialState().is_main_process:
+    torch.save(out, {tmp!r} + "/recorded.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_accumulation_have_the_gradient_of_one_big_batch(tiny_lm, tmp_path):
+    """Two CPU processes (DDP over gloo, through ``accelerate launch``) with batch 1 × accumulation
+    2, over examples of 3 and 60 own tokens: each optimiser step's gradient (after DDP's average),
+    logged loss and updated weights are those of one batch of four computed by hand
+    (``assert_one_big_batch``), for every weight scheme, LoRA and full fine-tuning."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from parlay.run import TrainStats
+
+    _, tokenizer, path = tiny_lm
+    cases = [(scheme, lora) for scheme in ("uniform", "awr", "judge", "iw_sft", "rl") for lora in (True, False)]
+    root = str(Path(__file__).resolve().parents[1])
+    (tmp_path / "driver.py").write_text(DRIVER.format(root=root, cases=cases, path=str(path), tmp=str(tmp_path)))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+              "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}  # processes on the CPU, even on a GPU machine
+    r = subprocess.run([*launch, str(tmp_path / "driver.py")], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = torch.load(tmp_path / "recorded.pt", weights_only=False)
+    for (scheme, lora), (steps, after, stats) in recorded.items():
+        rec = StepRecorder()
+        rec.steps, rec.after = steps, after
+        weights = WeightConfig(scheme=scheme, w_max=3.0)
+        cfg = step_config(lora, 1, 2)
+        assert_one_big_batch(path, tokenizer, mixed_examples(scheme), weights, cfg, rec, TrainStats(**stats))
+
+
+# --------------------------------------------------------------------------- sampler–trainer parity
+
+
+def with_sampled_logprobs(model, tokenizer, examples, shift: float = 0.0) -> list[TrainExample]:
+    """The examples with each assistant turn's log-probs as a sampler on ``model`` would report
+    them (its content tokens, the end-of-turn token left out), from one plain forward pass over the
+    rendered conversation, plus ``shift``."""
+    out = []
+    for ex in examples:
+        ids, mask = assistant_mask(tokenizer, ex.messages)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        runs, start = [], None  # each assistant turn: a run of mask 1 (content + end of turn)
+        for t, m in enumerate([*mask, 0]):
+            if m and start is None:
+                start = t
+            elif not m and start is not None:
+                runs.append((start, t))
+                start = None
+        sampled = [[logp[t - 1].item() + shift for t in range(a, b - 1)] for a, b in runs]
+        out.append(ex.model_copy(update={"sampled_logprobs": sampled}))
+    return out
+
+
+def test_sampler_trainer_parity_is_zero_on_the_same_model_and_measures_a_known_gap(tiny_lm, tmp_path, caplog):
+    """Log-probs a plain forward pass of the same model gives: the trainer's KL is ~0 on every
+    turn that lines up; shifted by 0.05 nats, its mean |Δ log p| is 0.05 and its KL the k3 value
+    exp(−0.05) + 0.05 − 1, above the tolerance (a warning). A turn without log-probs is left out,
+    one whose length does not match the trainer's tokens is counted as not comparable."""
+    model, tokenizer, path = tiny_lm
+    examples = bot_examples(1)
+    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, dtype="float32")
+    for shift in (0.0, 0.05):
+        exact = with_sampled_logprobs(model, tokenizer, examples, shift)
+        first, second = exact[0].sampled_logprobs, exact[1].sampled_logprobs
+        exact[0] = exact[0].model_copy(update={"sampled_logprobs": [None, *first[1:]]})
+        exact[1] = exact[1].model_copy(update={"sampled_logprobs": [second[0][:-1], *second[1:]]})
+        compared = [lp for ex in exact for lp in ex.sampled_logprobs[1:]]
+        stats = train(exact, str(path), tmp_path / f"shift{shift}", cfg)
+        assert stats.sampler_tokens == sum(len(lp) for lp in compared) > 0
+        assert stats.sampler_turns == len(compared) and stats.sampler_turns_not_comparable == 1
+        if shift == 0:
+            assert 0 <= stats.sampler_kl < 1e-6 and stats.sampler_logp_abs_diff < 1e-5
+            assert "above the tolerance" not in caplog.text
+        else:
+            assert stats.sampler_logp_abs_diff == pytest.approx(shift, abs=1e-5)
+            assert stats.sampler_kl == pytest.approx(math.exp(-shift) + shift - 1, rel=1e-3)
+            assert "above the tolerance" in caplog.text
+
+
+def test_parity_costs_no_forward_pass_of_its_own_and_none_without_logprobs(tiny_lm, tmp_path, monkeypatch):
+    """iw-SFT's round-start pass serves the parity too; without the sampler's log-probs (and with
+    no scheme that needs the round-start model) there is no pass and no parity figure."""
+    from parlay.improve import sft
+
+    model, tokenizer, path = tiny_lm
+    calls = []
+    real = sft._token_logps
+    monkeypatch.setattr(sft, "_token_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=2, grad_accum=1, dtype="float32")
+    carried = with_sampled_logprobs(model, tokenizer, bot_examples(1))
+    stats = train(carried, str(path), tmp_path / "iw", cfg, weights=WeightConfig(scheme="iw_sft"))
+    assert len(calls) == 1 and stats.sampler_kl < 1e-6 and stats.mean_iw is not None
+    calls.clear()
+    plain = train(bot_examples(1), str(path), tmp_path / "plain", cfg)
+    assert calls == [] and plain.sampler_kl is None and plain.sampler_tokens == 0
+
+
+def test_games_played_by_the_hf_agent_line_up_with_the_trainer(parrot_lm, tmp_path):
+    """End to end: games the transformers agent plays (fp32, batched, KV-cached) carry its
+    log-probs into the examples, and the trainer, loading the same model for training, agrees
+    with them to float rounding (the agent reports them to 5 decimals)."""
+    from parlay.config import FilterConfig
+    from parlay.improve.examples import select_examples
+
+    agent = load_agent(f"hf:{parrot_lm}+dtype=float32")
+    episodes = play_games(agent, agent, plan_games(2, 0), objective("cooperative"), 4)
+    examples = select_examples(episodes, FilterConfig(rule="all"), WeightConfig()).examples
+    assert examples and any(ex.sampled_logprobs for ex in examples)
+    cfg = TrainConfig(lora=False, lr=1e-4, epochs=1, batch_size=4, grad_accum=1, dtype="float32")
+    stats = train(examples, str(parrot_lm), tmp_path / "out", cfg)
+    assert stats.sampler_turns_not_comparable == 0 and stats.sampler_tokens > 0
+    # Measured: KL 4e-12, mean |Δ log p| 2.4e-6 (rounding to 5 decimals alone: 2.5e-6).
+    assert stats.sampler_kl < 1e-9 and stats.sampler_logp_abs_diff < 1e-5

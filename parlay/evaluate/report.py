@@ -6,8 +6,10 @@ reward distribution; dialogue length and vocabulary; the round-score correlation
 non-agreements; with partners or held-out partners, the model's reward with each of them per round
 beside its self-play curve; a cross-play heat map and ratings when the run holds a tournament
 (``RUN_DIR/eval``), and a λ sweep's curves when it holds one; and the best and worst dialogue of
-each round. A partial run gets a report of what exists, headed by
-what is missing.
+each round; and per trained round, what training did and the sampler–trainer parity (the KL
+between the log-probs of the model that played and the trainer's, with a note above
+``run.SAMPLER_KL_TOLERANCE``, so a silent divergence shows the round it happens). A partial run
+gets a report of what exists, headed by what is missing.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from parlay.evaluate.metrics import LABELS, format_change, game_rewards
 from parlay.evaluate.sweep import plot_sweep
 from parlay.games.dond import ITEMS
 from parlay.locking import REPORT_LOCK, REPORT_WAIT, FolderLock
-from parlay.run import RunDir, RunDirError
+from parlay.run import SAMPLER_KL_TOLERANCE, RunDir, RunDirError, TrainStats
 
 CURVES = [
     ("mean_reward", "mean reward"),
@@ -251,6 +253,35 @@ def _partner_cells(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def training_rows(view: RunView) -> list[dict[str, Any]]:
+    """Per round that trained with the hf trainer: its steps and losses, and the sampler–trainer
+    parity (``TrainStats.sampler_kl``), with a note when the KL is above the tolerance."""
+    rows = []
+    for r in view.rounds:
+        stats: TrainStats | None = r.train.stats if r.train else None
+        if stats is None:
+            continue
+        kl = stats.sampler_kl
+        note = ""
+        if kl is not None and kl > SAMPLER_KL_TOLERANCE:
+            note = f"above {SAMPLER_KL_TOLERANCE:g}: what was played is not what was trained"
+        elif kl is None and stats.sampler_turns_not_comparable:
+            note = "no turn's sampled tokens line up with the trainer's"
+        rows.append(
+            {
+                "k": r.k,
+                "steps": stats.steps,
+                "loss": f"{stats.loss_first:.3f} → {stats.loss_last:.3f}",
+                "kl": _fmt(kl, "{:.2e}"),
+                "abs_diff": _fmt(stats.sampler_logp_abs_diff, "{:.2e}"),
+                "tokens": stats.sampler_tokens,
+                "not_comparable": stats.sampler_turns_not_comparable,
+                "note": note,
+            }
+        )
+    return rows
+
+
 def dialogue_html(ep: Episode) -> dict[str, Any]:
     """What the page shows of one game: context, turns (rejected ones marked), outcome."""
     ctx = ep.game_context()
@@ -332,6 +363,8 @@ def render(
         correlation=correlation,
         images=images,
         partners=[_partner_cells(row) for row in partner_rows(view)] if "partners" in images else [],
+        training=training_rows(view),
+        kl_tolerance=f"{SAMPLER_KL_TOLERANCE:g}",
         tournament=view.tournament,
         sweep=view.sweep,
         dialogues=dialogues,

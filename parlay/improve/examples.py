@@ -13,6 +13,9 @@ side of a game with another partner):
    negative for sides that did worse than their baseline);
 5. examples whose weight is zero are dropped.
 
+Each example also carries the sampler's log-probs of its assistant turns where the agent reported
+them (``sampled_logprobs``), for the trainer's sampler–trainer parity check.
+
 The examples are written as ``train.jsonl`` (``write_examples``), one ``TrainExample`` a line.
 """
 
@@ -25,7 +28,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from parlay.config import FilterConfig, WeightConfig
-from parlay.episode import Episode, PlayerEpisode, all_player_episodes, write_lines_atomic
+from parlay.episode import Episode, PlayerEpisode, player_episodes, write_lines_atomic
 from parlay.improve import TrainDataError
 from parlay.improve.filters import select
 from parlay.improve.judge import correlation
@@ -44,6 +47,11 @@ class TrainExample(BaseModel):
     player: str = ""
     rating: float | None = None
     """The judge's 0-10 rating, when a judge rated it."""
+    sampled_logprobs: list[list[float] | None] | None = None
+    """The sampler's log-prob of each token of each assistant message, in order (``Turn.logprobs``:
+    stop token excluded, temperature 1); a message's entry is None where it is not the reply as
+    sampled (``sampled_logprobs``). None when no turn carried any. The trainer compares its own
+    with them before it starts (``sft.sampler_parity``)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,34 @@ class Selected:
     info: SelectionInfo
 
 
+def _learner_sides(episodes: Sequence[Episode]) -> list[tuple[PlayerEpisode, Episode]]:
+    return [(s, ep) for ep in episodes for s in player_episodes(ep) if s.player in s.meta.get("learner", "AB")]
+
+
 def learner_sides(episodes: Sequence[Episode]) -> list[PlayerEpisode]:
     """The player-episodes of the model being trained, in order: the seats ``meta["learner"]``
     names (both when it is absent: self-play, bot demonstrations)."""
-    return [s for s in all_player_episodes(episodes) if s.player in s.meta.get("learner", "AB")]
+    return [s for s, _ in _learner_sides(episodes)]
+
+
+def sampled_logprobs(episode: Episode, player: str) -> list[list[float] | None] | None:
+    """The sampler's log-probs (``Turn.logprobs``) of each assistant message of ``player``'s
+    transcript, in order: its accepted turns, one each. A message's entry is None where the
+    comparison would not be like for like: the agent reported none; the reply as sampled
+    (``Turn.text``, stripped) is not the message it became (the game writes replies in canonical
+    form); or it followed a rejected attempt of the same player, whose prompt held that attempt and
+    its feedback, which the transcript leaves out. None when no entry is left (or when the turns and
+    the transcript do not pair up: a game not recorded by ``Game``)."""
+    own = [m["content"] for m in episode.transcripts[player] if m["role"] == "assistant"]
+    turns = [(i, t) for i, t in enumerate(episode.turns) if t.player == player and t.accepted]
+    if len(turns) != len(own):
+        return None
+    out: list[list[float] | None] = []
+    for (i, turn), content in zip(turns, own, strict=True):
+        retried = i > 0 and not episode.turns[i - 1].accepted and episode.turns[i - 1].player == player
+        same = turn.logprobs is not None and turn.text.strip() == content and not retried
+        out.append(list(turn.logprobs) if same else None)  # type: ignore[arg-type]
+    return out if any(lp is not None for lp in out) else None
 
 
 def has_own_turns(side: PlayerEpisode) -> bool:
@@ -73,7 +105,8 @@ def select_examples(
     """The training examples of one set of games (see the module docstring). ``ratings``: a
     judge's rating of every learner side (``learner_sides``), in order, when ``weights.scheme``
     is ``judge``."""
-    sides = learner_sides(episodes)
+    pairs = _learner_sides(episodes)
+    sides = [s for s, _ in pairs]
     if weights.scheme == "judge" and (ratings is None or len(ratings) != len(sides)):
         raise TrainDataError("weights.scheme judge needs a judge's rating of every player-episode")
     selection = select(sides, rule)  # 1
@@ -98,6 +131,7 @@ def select_examples(
             episode_id=sides[i].episode_id,
             player=sides[i].player,
             rating=ratings[i] if ratings is not None else None,
+            sampled_logprobs=sampled_logprobs(pairs[i][1], sides[i].player),
         )
         for i, wi in chosen
     ]

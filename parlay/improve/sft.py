@@ -19,20 +19,35 @@ model, plus a KL anchor to that model. How that departs from the usual recipes:
   from the round's own games, so a round's update depends on nothing but its games (and a
   resumed round reproduces it).
 
+The loss of an optimiser step is the weighted sum over the own tokens of all its micro-batches, in
+all processes, divided by the step's own-token count, which the plan counts before the step runs
+(``_plan``, as transformers' Trainer counts ``num_items_in_batch``): batch b × accumulation a × p
+processes has the loss and the gradient of one batch of a·b·p, whatever the examples' lengths
+(``tests/test_sft.py`` checks every scheme against the loss computed by hand). Each micro-batch
+back-propagates its share, times what accelerate's accumulation and DDP's average divide it by.
+
+Before the first step, when the examples carry the sampler's log-probs of their turns
+(``TrainExample.sampled_logprobs``, as the agent that played reported them), the trainer sets its
+own beside them (``sampler_parity``, from the same pass that gives iw-SFT's π_ref and RL's π_old):
+the same weights should give the same numbers, and a gap says that what was played is not what is
+trained (template, tokenisation, temperature, adapter, dtype); it is recorded in ``TrainStats`` and
+shown per round in the report.
+
 A loss that is not finite stops training with ``TrainingDiverged`` before anything is saved.
 The partner's turns, the system prompt and the chat template's role headers are context only
 (mask 0; ``agents/hf_layer.assistant_mask``).
 
-``train`` reads top to bottom: tokenise the examples, load the model, plan the steps, run them,
-save atomically. With ``train.checkpoint_steps: N`` it also saves, every N optimiser steps,
-everything needed to go on (``OUT.checkpoint.pt``: the trainable weights, the optimiser and
-scheduler, the RNG, the position in the planned batches and the figures so far), written to a
-temporary file and renamed; with ``resume`` a new call on the same data, model and settings
-continues from it and ends with the same weights as a run never interrupted. The checkpoint is
-removed once the output is saved. It runs on accelerate, so ``accelerate launch -m parlay sft …``
-runs this same code on several GPUs (DDP, or DeepSpeed/FSDP through an accelerate config); in a
-single process it runs on CPU or one GPU. LoRA (peft) by default, every weight with ``lora: false``. All
-randomness (LoRA's initialisation, the order of examples) comes from ``seed``; the caller's
+``train`` reads top to bottom: tokenise the examples, load the model, score them with the
+round-start model where needed, plan the steps, run them, save atomically. With
+``train.checkpoint_steps: N`` it also saves, every N optimiser steps, everything needed to go on
+(``OUT.checkpoint.pt``: the trainable weights, the optimiser and scheduler, the RNG, the position in
+the plan and the figures so far), written to a temporary file and renamed; with ``resume`` a new
+call on the same data, model and settings continues from it and ends with the same weights as a run
+never interrupted. The checkpoint is removed once the output is saved. It runs on accelerate, so
+``accelerate launch -m parlay sft …`` runs this same code on several GPUs (DDP, or DeepSpeed/FSDP
+through an accelerate config); in a single process it runs on CPU or one GPU. LoRA (peft) by
+default, every weight with ``lora: false``. All randomness (LoRA's initialisation, the order of
+examples) comes from ``seed``; the caller's
 global random state is left as it was.
 """
 
@@ -46,7 +61,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,7 +74,7 @@ from parlay.episode import write_lines_atomic
 from parlay.improve import TrainDataError, TrainingDiverged
 from parlay.improve.examples import TrainExample
 from parlay.improve.weights import iw_factor
-from parlay.run import TrainStats
+from parlay.run import SAMPLER_KL_TOLERANCE, TrainStats
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +93,9 @@ def weighted_nll(
     """Weighted token-level NLL of the player's own tokens.
 
     logits [B, T, V]; input_ids, mask [B, T] (mask 1 on own assistant tokens); weights [B];
-    ``own_tokens``: what the summed loss is divided by (default: this batch's own tokens; with
-    several processes, the step's own tokens over all of them, per process).
+    ``own_tokens``: what the summed loss is divided by (default: this batch's own tokens; in
+    training, the own tokens of the whole optimiser step, all its micro-batches in all processes,
+    so that the micro-batches' losses add up to the step's).
     Returns (loss: scalar, seq_logp: [B] each sequence's mean own-token log-prob, factor: [B]
     ``reweight(seq_logp)`` that multiplied the weights, ones without ``reweight``)."""
     targets = input_ids[:, 1:]  # [B, T-1]: token t+1 is predicted at t
@@ -132,6 +148,13 @@ class _Row:
     ids: list[int]
     mask: list[int]
     weight: float
+    own: int
+    """Own target tokens (``mask[1:]``): what the row adds to its step's loss denominator."""
+    sampled: list[tuple[int, list[float]]] = field(default_factory=list)
+    """Parity: (position of the first content token, the sampler's log-prob of each content token)
+    of each assistant turn whose sampled tokens line up with the trainer's (``_align_sampled``)."""
+    unaligned: int = 0
+    """Parity: assistant turns that carry the sampler's log-probs but do not line up."""
     ref_logp: float = 0.0
     """iw-SFT: mean own-token log-prob under the round-start model."""
     old_logps: list[float] | None = None
@@ -143,16 +166,52 @@ def _tokenize(examples: Sequence[TrainExample], tokenizer, stops: set[int], max_
     rows, skipped, truncated = [], 0, 0
     for ex in examples:
         ids, mask = hf_layer.assistant_mask(tokenizer, ex.messages, stops)
+        sampled, unaligned = _align_sampled(mask, ex.sampled_logprobs, max_length)
         if len(ids) > max_length:
             truncated += 1
             ids, mask = ids[:max_length], mask[:max_length]
         if sum(mask[1:]) == 0:
             skipped += 1
             continue
-        rows.append(_Row(ids, mask, ex.weight))
+        rows.append(_Row(ids, mask, ex.weight, sum(mask[1:]), sampled, unaligned))
     if not rows:
         raise TrainDataError("no example has any of the player's own tokens to learn from")
     return rows, skipped, truncated
+
+
+def _turn_spans(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of own tokens: one per assistant turn (its content tokens and the
+    end-of-turn token, ``hf_layer.assistant_mask``)."""
+    spans, start = [], None
+    for t, m in enumerate([*mask, 0]):
+        if m and start is None:
+            start = t
+        elif not m and start is not None:
+            spans.append((start, t))
+            start = None
+    return spans
+
+
+def _align_sampled(
+    mask: list[int], sampled: list[list[float] | None] | None, max_length: int
+) -> tuple[list[tuple[int, list[float]]], int]:
+    """The assistant turns whose sampler log-probs (``TrainExample.sampled_logprobs``) can be set
+    beside the trainer's: the turn's span must be exactly its sampled tokens plus the end-of-turn
+    token (which the sampler leaves out), within ``max_length``. Returns ((start, log-probs) of each
+    such turn, the number of turns with log-probs that are not: another tokenisation of the same
+    text, a cut example, or a mask whose turns are not the example's)."""
+    if not sampled:
+        return [], 0
+    carried = sum(lp is not None for lp in sampled)
+    spans = _turn_spans(mask)
+    if len(spans) != len(sampled):
+        return [], carried
+    aligned = [
+        (start, lp)
+        for (start, end), lp in zip(spans, sampled, strict=True)
+        if lp is not None and end - start == len(lp) + 1 and end <= max_length
+    ]
+    return aligned, carried - len(aligned)
 
 
 def _load_for_training(base: str, adapter: str | None, cfg: TrainConfig, dtype: torch.dtype):
@@ -186,6 +245,36 @@ def _batches(n: int, batch_size: int, micro_steps: int, gen: torch.Generator) ->
     return out[:micro_steps]
 
 
+@dataclass(frozen=True)
+class _Step:
+    """One optimiser step as this process runs it."""
+
+    micro_batches: list[list[int]]
+    """This process's micro-batches (example indices), ``grad_accum`` of them."""
+    own_tokens: int
+    """Own tokens of every micro-batch of the step in every process: what its loss is divided by."""
+
+
+def _plan(
+    own: list[int], batch_size: int, grad_accum: int, micro_steps: int, nproc: int, rank: int, gen: torch.Generator
+) -> list[_Step]:
+    """The optimiser steps, at least ``micro_steps`` micro-batches in all and the same number of
+    steps in every process (DDP needs every rank to step). A step takes ``grad_accum × nproc``
+    consecutive shuffled micro-batches, process r the r-th of every ``nproc``, so N processes with
+    batch b and accumulation a take the examples one process takes with batch N·a·b and no
+    accumulation (when the examples divide into whole batches). Every process draws the same plan,
+    so each knows the step's own-token count before running it, without communicating (as
+    transformers' Trainer counts ``num_items_in_batch``)."""
+    per_step = grad_accum * nproc
+    n_steps = max(1, math.ceil(micro_steps / per_step))
+    batches = _batches(len(own), batch_size, n_steps * per_step, gen)
+    steps = []
+    for s in range(n_steps):
+        step = batches[s * per_step : (s + 1) * per_step]
+        steps.append(_Step(step[rank::nproc], sum(own[i] for batch in step for i in batch)))
+    return steps
+
+
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
@@ -201,7 +290,9 @@ def _tensors(rows: list[_Row], pad_id: int, device) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def _token_logps(model, rows: list[_Row], pad_id: int, batch_size: int, device) -> list[list[float]]:
-    """Log-prob of every target token of each example under ``model`` as it is now (π_old)."""
+    """Log-prob of every target token (positions 1..T−1) of each example under ``model`` as it is
+    now, in eval mode: online RL's π_old, iw-SFT's π_ref (``_own_mean``) and the trainer's side of
+    the sampler–trainer parity (``sampler_parity``), all from this one pass."""
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
@@ -215,19 +306,36 @@ def _token_logps(model, rows: list[_Row], pad_id: int, batch_size: int, device) 
     return out
 
 
-@torch.no_grad()
-def _mean_logps(model, rows: list[_Row], pad_id: int, batch_size: int, device) -> list[float]:
-    """Mean log-prob of each example's own tokens under ``model`` as it is now (pi_ref)."""
-    was_training = model.training
-    model.eval()
-    out: list[float] = []
-    for i in range(0, len(rows), batch_size):
-        ids, mask, attention = _tensors(rows[i : i + batch_size], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=attention).logits
-        _, seq_logp, _ = weighted_nll(logits, ids, mask, torch.ones(len(ids), device=device))
-        out += seq_logp.float().tolist()
-    model.train(was_training)
-    return out
+def _own_mean(logps: list[float], row: _Row) -> float:
+    """Mean log-prob of a row's own tokens, from its ``_token_logps``."""
+    return sum(lp for lp, m in zip(logps, row.mask[1:], strict=True) if m) / row.own
+
+
+def sampler_parity(rows: Sequence[_Row], logps: Sequence[list[float]]) -> dict[str, float | int | None]:
+    """How far the trainer's log-probs (``_token_logps`` of the round-start model, as loaded for
+    training) are from the sampler's that played the games, over the turns that line up
+    (``_align_sampled``). With d = log π_trainer − log π_sampler at each sampled token:
+
+    - ``sampler_kl``: the mean of exp(d) − d − 1, the k3 estimator of KL(sampler ‖ trainer) per
+      token — unbiased at tokens the sampler drew, and never negative;
+    - ``sampler_logp_abs_diff``: the mean |d|.
+
+    The two models are the same weights, so both are 0 up to float rounding unless the sampler and
+    the trainer disagree on something that matters (template, tokenisation, temperature, adapter,
+    dtype): see ``run.SAMPLER_KL_TOLERANCE``. TrainStats field names, ready to be merged."""
+    d = [
+        lp[start - 1 + j] - s  # the token at position t is scored at index t−1
+        for row, lp in zip(rows, logps, strict=True)
+        for start, sampled in row.sampled
+        for j, s in enumerate(sampled)
+    ]
+    return {
+        "sampler_kl": sum(math.expm1(x) - x for x in d) / len(d) if d else None,
+        "sampler_logp_abs_diff": sum(abs(x) for x in d) / len(d) if d else None,
+        "sampler_tokens": len(d),
+        "sampler_turns": sum(len(row.sampled) for row in rows),
+        "sampler_turns_not_comparable": sum(row.unaligned for row in rows),
+    }
 
 
 def _save(accelerator, model, tokenizer, out: Path, lora: bool) -> None:
@@ -242,6 +350,32 @@ def _save(accelerator, model, tokenizer, out: Path, lora: bool) -> None:
         tokenizer.save_pretrained(partial)
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
+
+
+def _micro_batch_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    picked: list[_Row],
+    weights: WeightConfig | None,
+    step_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A micro-batch's share of its optimiser step's loss (divided by the step's own tokens), the
+    one place where the operators differ: online RL's clipped policy gradient on the advantages,
+    or the weighted NLL (iw-SFT: each weight times its factor against π_ref). Returns (loss, each
+    sequence's mean own-token log-prob [B], the factor [B] that multiplied the weights)."""
+    device = logits.device
+    w = torch.tensor([r.weight for r in picked], device=device)
+    if weights is not None and weights.scheme == "rl":
+        old_logps = _pad([r.old_logps for r in picked], 0.0).to(device)  # type: ignore[misc]
+        rl = weights.rl
+        loss, seq_logp = policy_gradient_loss(logits, input_ids, mask, w, old_logps, rl.clip, rl.kl, step_tokens)
+        return loss, seq_logp, torch.ones_like(seq_logp)
+    reweight = None
+    if weights is not None and weights.scheme == "iw_sft":
+        ref = torch.tensor([r.ref_logp for r in picked], device=device)
+        reweight = lambda logp: iw_factor(logp, ref, weights.iw_temperature, weights.w_max)  # noqa: E731
+    return weighted_nll(logits, input_ids, mask, w, reweight, step_tokens)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -294,7 +428,7 @@ def _load_checkpoint(accelerator, model, optimizer, scheduler, path: Path, finge
     torch.set_rng_state(blob["rng"]["cpu"])
     if "cuda" in blob["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    log.info("%s: resuming training at step %d", path, blob["micro_step"] // max(blob["grad_accum"], 1))
+    log.info("%s: resuming training at step %d", path, blob["step"] + 1)
     return blob
 
 
@@ -333,7 +467,7 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     started = time.perf_counter()
     dtype = pick_dtype(cfg.dtype, device)
     # Full fine-tuning keeps fp32 master weights and computes in bf16 where that is the dtype.
-    autocast = not cfg.lora and dtype == torch.bfloat16
+    bf16 = not cfg.lora and dtype == torch.bfloat16
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=device == "cpu")
 
     # 1. The model and the rows to train on.
@@ -343,25 +477,29 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     model.to(accelerator.device)
     pad_id = tokenizer.pad_token_id
 
-    # 2. iw-SFT and online RL: every example's log-probs under the frozen round-start model.
+    # 2. One pass of the round-start model over the examples, where something needs it: iw-SFT's
+    # π_ref, online RL's π_old, and the parity with the sampler that played the games.
     iw = weights is not None and weights.scheme == "iw_sft"
-    rl = weights.rl if weights is not None and weights.scheme == "rl" else None
-    if iw:
-        for row, ref in zip(rows, _mean_logps(model, rows, pad_id, cfg.batch_size, accelerator.device), strict=True):
-            row.ref_logp = ref
-    if rl:
-        for row, old in zip(rows, _token_logps(model, rows, pad_id, cfg.batch_size, accelerator.device), strict=True):
-            row.old_logps = old
+    rl = weights is not None and weights.scheme == "rl"
+    start_logps = [[] for _ in rows]
+    if iw or rl or any(row.sampled for row in rows):
+        start_logps = _token_logps(model, rows, pad_id, cfg.batch_size, accelerator.device)
+    for row, logps in zip(rows, start_logps, strict=True):
+        row.ref_logp = _own_mean(logps, row) if iw else 0.0
+        row.old_logps = logps if rl else None
+    parity = sampler_parity(rows, start_logps) if any(row.sampled or row.unaligned for row in rows) else {}
+    if parity and accelerator.is_main_process:
+        _log_parity(parity)
+    del start_logps
 
-    # 3. The plan: whole optimiser steps, the same number in every process (DDP needs every rank to step).
+    # 3. The plan: whole optimiser steps, each with its own-token count.
     n_epochs = epochs if epochs is not None else cfg.epochs
     micro_steps = math.ceil(n_epochs * math.ceil(len(rows) / cfg.batch_size))
     micro_steps = max(micro_steps, cfg.min_steps * cfg.grad_accum)
     nproc = accelerator.num_processes
-    per_rank = max(1, math.ceil(micro_steps / nproc / cfg.grad_accum)) * cfg.grad_accum
-    total_steps = per_rank // cfg.grad_accum
     gen = torch.Generator().manual_seed(seed)
-    batches = _batches(len(rows), cfg.batch_size, per_rank * nproc, gen)[accelerator.process_index :: nproc]
+    own = [row.own for row in rows]
+    steps = _plan(own, cfg.batch_size, cfg.grad_accum, micro_steps, nproc, accelerator.process_index, gen)
 
     # 4. The optimiser: AdamW, linear warm-up whose first step already moves ((s+1)/(w+1) of the peak).
     params = [p for p in model.parameters() if p.requires_grad]
@@ -371,73 +509,60 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
     # optimiser step; here it steps once per optimiser step, however many processes there are.
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
+    # Each micro-batch's loss is its share of the step's (divided by the step's own tokens), so the
+    # shares add up to the step's loss. accelerate divides what it back-propagates by the
+    # accumulation steps, and DDP (or DeepSpeed, FSDP) averages gradients over processes: undo both.
+    undo = accelerator.gradient_accumulation_steps * nproc
 
     # 5. The steps, from the checkpoint of an interrupted call when there is one.
     ckpt = checkpoint_file(out)
     settings = {"base": base, "adapter": adapter, "train": cfg.model_dump(exclude={"checkpoint_steps"}), "seed": seed}
     settings |= {"weights": weights.model_dump() if weights else None, "epochs": epochs, "lr": lr, "nproc": nproc}
+    settings |= {"loss": "step token mean"}  # checkpoints of the per-micro-batch mean are not continued
     fingerprint = _fingerprint(examples, **settings)
     saved = _load_checkpoint(accelerator, model, optimizer, scheduler, ckpt, fingerprint) if resume else None
     figures = {"losses": [], "nlls": [], "tokens": 0, "own_tokens": 0, "reweight_factors": []}
     figures |= saved["figures"] if saved else {}
-    start = saved["micro_step"] if saved else 0
     losses, nlls, reweight_factors = figures["losses"], figures["nlls"], figures["reweight_factors"]
-    step_loss, step_nll, tokens, own_tokens = 0.0, 0.0, figures["tokens"], figures["own_tokens"]
-    for i, batch in enumerate(batches):
-        if i < start:
+    tokens, own_tokens = figures["tokens"], figures["own_tokens"]
+    done = saved["step"] if saved else 0
+    for s, step in enumerate(steps):
+        if s < done:
             continue
-        picked = [rows[j] for j in batch]
-        input_ids, mask, attention = _tensors(picked, pad_id, accelerator.device)
-        w = torch.tensor([r.weight for r in picked], device=accelerator.device)
-        reweight = None
-        if iw:
-            ref = torch.tensor([r.ref_logp for r in picked], device=accelerator.device)
-            reweight = lambda logp, ref=ref: iw_factor(logp, ref, weights.iw_temperature, weights.w_max)  # noqa: E731
-        # With several processes the loss is divided by the own tokens of the whole step (all
-        # processes), so that the gradient DDP averages equals one process's on the same batch.
-        denominator = None
+        sums = torch.zeros(3, device=accelerator.device)  # this process's share of: loss, NLL, tokens
+        for batch in step.micro_batches:
+            picked = [rows[j] for j in batch]
+            input_ids, mask, attention = _tensors(picked, pad_id, accelerator.device)
+            with accelerator.accumulate(model), torch.autocast(accelerator.device.type, torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=input_ids, attention_mask=attention).logits
+                loss, seq_logp, factor = _micro_batch_loss(logits, input_ids, mask, picked, weights, step.own_tokens)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss is {loss.item()} at optimiser step {s + 1} (learning rate too high?); "
+                        f"nothing was saved to {out}"
+                    )
+                accelerator.backward(loss * undo)
+                optimizer.step()
+                optimizer.zero_grad()
+            if iw:
+                reweight_factors += factor.tolist()
+            own_per_row = torch.tensor([r.own for r in picked], device=accelerator.device)
+            nll = -(seq_logp.detach() * own_per_row).sum() / step.own_tokens
+            sums += torch.stack([loss.detach().float(), nll.float(), attention.sum().float()])
         if nproc > 1:
-            step_tokens = accelerator.reduce(mask[:, 1:].sum().float(), reduction="sum")
-            denominator = step_tokens.clamp(min=1) / nproc
-        with accelerator.accumulate(model), torch.autocast(accelerator.device.type, torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=input_ids, attention_mask=attention).logits
-            if rl:
-                old_logps = _pad([r.old_logps for r in picked], 0.0).to(accelerator.device)  # type: ignore[misc]
-                loss, seq_logp = policy_gradient_loss(
-                    logits, input_ids, mask, w, old_logps, rl.clip, rl.kl, denominator
-                )
-                factor = torch.ones_like(seq_logp)
-            else:
-                loss, seq_logp, factor = weighted_nll(logits, input_ids, mask, w, reweight, denominator)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss is {loss.item()} at optimiser step {len(losses) + 1} (learning rate too high?); "
-                    f"nothing was saved to {out}"
-                )
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-        if iw:
-            reweight_factors += factor.tolist()
-        own = mask[:, 1:].sum().item()
-        step_loss += (
-            accelerator.reduce(loss.detach(), reduction="mean") if nproc > 1 else loss
-        ).item() / cfg.grad_accum
-        step_nll += float(-(seq_logp * mask[:, 1:].sum(1)).sum().item() / max(own, 1)) / cfg.grad_accum
-        tokens += int(attention.sum().item())
-        own_tokens += int(own)
-        if (i + 1) % cfg.grad_accum == 0:
-            scheduler.step()
-            losses.append(step_loss)
-            nlls.append(step_nll)
-            step_loss, step_nll = 0.0, 0.0
-            if cfg.checkpoint_steps and len(losses) % cfg.checkpoint_steps == 0 and len(losses) < total_steps:
-                figures = {"losses": losses, "nlls": nlls, "tokens": tokens, "own_tokens": own_tokens}
-                figures |= {"reweight_factors": reweight_factors}
-                state = {"fingerprint": fingerprint, "micro_step": i + 1, "grad_accum": cfg.grad_accum}
-                _save_checkpoint(accelerator, model, optimizer, scheduler, ckpt, state | {"figures": figures})
-            if on_step:
-                on_step(len(losses), total_steps, losses[-1])
+            sums = accelerator.reduce(sums, reduction="sum")
+        scheduler.step()
+        losses.append(sums[0].item())
+        nlls.append(sums[1].item())
+        tokens += int(sums[2].item())
+        own_tokens += step.own_tokens
+        if cfg.checkpoint_steps and len(losses) % cfg.checkpoint_steps == 0 and len(losses) < len(steps):
+            figures = {"losses": losses, "nlls": nlls, "tokens": tokens, "own_tokens": own_tokens}
+            figures |= {"reweight_factors": reweight_factors}
+            state = {"fingerprint": fingerprint, "step": s + 1, "figures": figures}
+            _save_checkpoint(accelerator, model, optimizer, scheduler, ckpt, state)
+        if on_step:
+            on_step(len(losses), len(steps), losses[-1])
 
     # 6. Save, and say what happened.
     _save(accelerator, model, tokenizer, out, cfg.lora)
@@ -459,7 +584,23 @@ def _train(examples, base, out, cfg, adapter, weights, seed, epochs, lr, on_step
         tokens_per_second=tokens / seconds if seconds else 0.0,
         mean_iw=sum(reweight_factors) / len(reweight_factors) if reweight_factors else None,
         losses=losses,
+        **parity,
     )
+
+
+def _log_parity(parity: dict) -> None:
+    kl = parity["sampler_kl"]
+    line = (
+        f"sampler-trainer parity: KL {kl:.2e} per token, mean |Δ log p| {parity['sampler_logp_abs_diff']:.2e} "
+        f"over {parity['sampler_tokens']} tokens of {parity['sampler_turns']} turns"
+        if kl is not None
+        else "sampler-trainer parity: no turn's sampled tokens line up with the trainer's"
+    )
+    line += f"; {parity['sampler_turns_not_comparable']} turns not comparable"
+    if kl is not None and kl > SAMPLER_KL_TOLERANCE:
+        log.warning("%s: above the tolerance %.0e, the sampler and the trainer disagree", line, SAMPLER_KL_TOLERANCE)
+    else:
+        log.info(line)
 
 
 def save_stats(path: str | Path, stats: TrainStats) -> None:
