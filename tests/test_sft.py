@@ -40,10 +40,17 @@ def test_mask_covers_exactly_the_players_own_turns_and_their_end_tokens():
         assert context.count("<|im_start|>assistant") == sum(m["role"] == "assistant" for m in ex.messages)
 
 
-def test_a_template_that_does_not_render_prefixes_as_prefixes_is_refused():
+def test_a_template_that_does_not_close_an_assistant_turn_is_refused_naming_the_boundary():
     tok = tiny_tokenizer()
     tok.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}|{% endfor %}"
-    with pytest.raises(TemplateError, match="prefixes"):
+    with pytest.raises(TemplateError, match=r"writes '\|.*' after an assistant turn"):
+        assistant_mask(tok, bot_examples(1)[0].messages)
+
+
+def test_a_template_that_rewrites_a_message_is_refused():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}"
+    with pytest.raises(TemplateError, match="changes the text of a message"):
         assistant_mask(tok, bot_examples(1)[0].messages)
 
 
