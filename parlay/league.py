@@ -152,6 +152,10 @@ class RoundGames:
     def episodes(self) -> list[Episode]:
         return [ep for _, ep in self.training]
 
+    @property
+    def heldout_episodes(self) -> list[list[Episode]]:
+        return [[ep for _, ep in table] for table in self.heldout]
+
     def by_partner(self) -> dict[str, list[Episode]]:
         """The training games per partner name, partners in order of their first game."""
         out: dict[str, list[Episode]] = {}

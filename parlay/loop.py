@@ -113,7 +113,8 @@ class Loop:
             info = self.improve(k, model) if k > 0 else None
             model = info.model if info else model
             games = self.play(k, model, records)
-            record = self.record(k, model, games, info, (time.perf_counter() - started) / 60)
+            minutes = (time.perf_counter() - started) / 60
+            record = self.record(k, model, games.episodes, games.heldout_episodes, info, minutes, games.by_partner())
             records = run.write_record(record)
             self.track(record)
             self.hooks.round_done(record, records)
@@ -242,22 +243,37 @@ class Loop:
 
     # ------------------------------------------------------------------ records and progress
 
-    def record(self, k: int, model: ModelRef, games: RoundGames, info: TrainInfo | None, minutes: float) -> RoundRecord:
-        """Round k's record: its metrics, per partner and per held-out partner, each with the
-        paired change from round 0 where round 0 played the same games with the same partner."""
-        episodes = games.episodes
+    def record(
+        self,
+        k: int,
+        model: ModelRef,
+        episodes: list[Episode],
+        heldout: list[list[Episode]],
+        info: TrainInfo | None,
+        minutes: float,
+        by_partner: dict[str, list[Episode]] | None = None,
+    ) -> RoundRecord:
+        """Round k's record: its metrics, per partner and per held-out partner (``heldout``: in
+        the order of ``heldout.partners``), each with the paired change from round 0 where round 0
+        played the same games with the same partner. ``by_partner``: the training games per
+        partner, from the round's plan (``RoundGames.by_partner``); None reads the partner of
+        each game from its record (games read back from files)."""
+        if by_partner is None:
+            by_partner = {}
+            for ep in episodes:
+                by_partner.setdefault(ep.meta.get("partner", "self"), []).append(ep)
         paired = k > 0 and self.cfg.rollout.contexts == "same"
         round0 = _read(self.run_dir.round(0).episodes) if paired else []
         vs = paired_difference(episodes, round0) if paired else None
         partners = {}
-        for name, mine in games.by_partner().items():
+        for name, mine in by_partner.items():
             ids = {ep.id for ep in mine}  # round 0's games are records: read by their partner's name
             before = [ep for ep in round0 if ep.id in ids and ep.meta.get("partner", "self") == name]
             partners[name] = partner_summary(mine, before if before else None)
         held = {}
-        for i, (spec, played) in enumerate(zip(self.cfg.heldout.partners, games.heldout, strict=True)):
+        for i, (spec, played) in enumerate(zip(self.cfg.heldout.partners, heldout, strict=True)):
             before = _read(self.run_dir.round(0).heldout_episodes(i)) if k > 0 else None
-            held[str(spec)] = partner_summary([ep for _, ep in played], before)
+            held[str(spec)] = partner_summary(played, before)
         return RoundRecord(
             round=k,
             model=model,
