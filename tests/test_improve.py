@@ -70,6 +70,9 @@ def test_keeping_mostly_no_deal_sides_against_a_negative_mean_is_called_out():
     assert select(ROUND, FilterConfig(rule="above_mean")).note == ""  # a positive mean: nothing to say
 
 
+JUDGE = "openai:judge@http://127.0.0.1:9"  # a judge spec; never called: the ratings are given
+
+
 def test_one_path_from_games_to_examples():
     """Rule, then sides with turns of their own, then the judge gate, then weights; zero weights dropped."""
     from parlay.agents import load_agent
@@ -93,12 +96,12 @@ def test_one_path_from_games_to_examples():
     ]
     # A judge gate at 5 of ratings 0, 3, 6, 9, …: only the sides rated 6 and 9 pass.
     ratings = [float((3 * i) % 12) for i in range(len(sides))]
-    judged = WeightConfig(scheme="judge", judge={"agent": "x", "mode": "filter", "min_rating": 5})
+    judged = WeightConfig(scheme="judge", judge={"agent": JUDGE, "mode": "filter", "min_rating": 5})
     gated = select_examples(episodes, FilterConfig(rule="all"), judged, ratings)
     assert {e.rating for e in gated.examples} <= {6.0, 9.0} and gated.info.judge["rated"] == len(sides)
     # Judge weights: a rating of 0 weighs 0, and such examples are not written at all.
     weighted = select_examples(
-        episodes, FilterConfig(rule="all"), WeightConfig(scheme="judge", judge={"agent": "x"}), ratings
+        episodes, FilterConfig(rule="all"), WeightConfig(scheme="judge", judge={"agent": JUDGE}), ratings
     )
     assert all(e.weight > 0 for e in weighted.examples) and all(e.rating != 0 for e in weighted.examples)
     with pytest.raises(ValueError, match="rating of every player-episode"):
