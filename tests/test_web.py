@@ -981,3 +981,36 @@ def test_a_game_left_past_the_studys_timeout_ends_as_abandoned_and_counts_as_dro
     outcomes = {g["game"]: g["outcome"] for g in summary["games"]}
     assert outcomes[left["id"]] == outcomes[back["id"]] == outcomes[mine["id"]] == "abandoned"
     store.close()
+
+
+def test_the_admin_sees_each_game_in_progress_whose_turn_it_is_and_how_long_it_has_waited(tmp_path):
+    import datetime as dt
+
+    study = study_from_flags(["bot:hard"], "semi-competitive", games_per_participant=1, abandon_after_minutes=5)
+    store = Store(f"sqlite:///{tmp_path / 'live.db'}")
+    waiting, thinking = (t for _, t in store.add_participants(study, 2))
+    gate = Gate(load_agent("bot:hard"))
+    app = make_app(store, study, {"bot:hard": gate})
+    hub = app.state.web.hub
+    with TestClient(app) as client:
+        for token in (waiting, thinking):
+            get_ready(client, token)
+        gate.open.set()
+        mine = wait_for_turn(client, waiting, client.post("/api/games/next", headers=auth(waiting)).json()["game"])
+        gate.open.clear()  # the model's next turn is held: the second game waits for the model
+        theirs = wait_for_turn(client, thinking, client.post("/api/games/next", headers=auth(thinking)).json()["game"])
+        body = {"move_id": "in-progress-1", "kind": "message", "text": "I would like the books."}
+        theirs = client.post(f"/api/games/{theirs['id']}/moves", json=body, headers=auth(thinking)).json()["game"]
+        assert theirs["partner_typing"]
+        hub.clock = lambda: dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(minutes=2)
+        live = client.get("/api/admin/summary", headers=auth(ADMIN)).json()["in_progress"]
+        gate.open.set()
+    assert [g["game"] for g in live] == [mine["id"], theirs["id"]]
+    person, model = live
+    assert (person["participant"], person["game_number"], person["condition"]) == (0, 1, "bot:hard")
+    assert person["turns"] == len(store.moves(mine["id"])) and person["messages"] == mine["messages"]
+    assert person["to_move"] == "person" and 119 <= person["since_last_move_s"] < 130
+    assert 170 <= person["abandons_in_s"] <= 181  # 5 minutes after the last move
+    assert model["to_move"] == "model" and model["abandons_in_s"] is None  # never abandoned for the model's delay
+    assert model["turns"] == len(theirs["chat"])  # as it stood when the summary was read
+    store.close()

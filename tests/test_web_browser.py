@@ -1,6 +1,8 @@
 """People's side of a study, in a real browser: Debian's chromium driven by Playwright against a
 real server on loopback, playing whole games — by keyboard alone on a desktop against a bot
-(``parlay serve`` itself), by touch on a phone-width screen against a tiny transformers model."""
+(``parlay serve`` itself), by touch on a phone-width screen against a tiny transformers model
+(slow: training that model takes most of its time) — and the researcher's admin page, whose
+charts, dropout and games in progress are checked against the admin API's numbers."""
 
 import os
 from pathlib import Path
@@ -144,6 +146,7 @@ def test_a_person_plays_a_whole_game_by_keyboard_alone_on_a_desktop(tmp_path):
         server.wait()
 
 
+@pytest.mark.slow  # ~100 s: most of it training the parrot model (the fixture), the rest its refused turns
 def test_a_person_plays_a_tiny_transformers_model_on_a_phone(tmp_path, parrot_lm):
     from playwright.sync_api import sync_playwright
 
@@ -195,6 +198,150 @@ def test_a_person_plays_a_tiny_transformers_model_on_a_phone(tmp_path, parrot_lm
     finally:
         server.terminate()
         server.wait()
+
+
+def play_for_a_deal(client, token: str, take: bool) -> dict:
+    """Play the participant's next game over HTTP: ask, then propose what the bot's last offer
+    leaves the person (``take``; a deal) or half of everything (most often no valid deal)."""
+    from parlay.agents.language import read_offer
+    from tests.test_web import auth, wait_for_turn
+
+    game = client.post("/api/games/next", headers=auth(token)).json()["game"]
+    step = 0
+    while True:
+        game = wait_for_turn(client, token, game)
+        if game["finished"]:
+            return game
+        said = [line["text"] for line in game["chat"] if line["from"] == "partner" and line["kind"] == "message"]
+        offer = read_offer(said[-1], tuple(game["counts"])) if said else None
+        if game["may_propose"] and (game["proposal_owed"] or offer or game["messages"] >= 4):
+            kept = list(offer[1]) if offer and take else [c // 2 for c in game["counts"]]
+            body = {"kind": "proposal", "kept": kept}
+        else:
+            body = {"kind": "message", "text": "What would you like to keep?"}
+        body["move_id"] = f"{game['id']}-{step}"
+        response = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(token))
+        assert response.status_code == 200, response.text
+        game, step = response.json()["game"], step + 1
+
+
+def test_the_admin_page_draws_each_conditions_figures_dropout_and_the_games_in_progress(tmp_path):
+    """The admin page against a study with two conditions, eight finished games, one game left
+    live and one the admin ends from the page: what is drawn is checked against the API's numbers,
+    and the page refreshes itself."""
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_web import auth, get_ready
+
+    agents = ["bot:hard", "bot:cooperative"]
+    db = f"sqlite:///{tmp_path / 'study.db'}"
+    study = study_from_flags(agents, "semi-competitive", games_per_participant=2)
+    store = Store(db)
+    tokens = [t for _, t in store.add_participants(study, 6)]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = ["-m", "tests.web_server", "--agents", ",".join(agents), "--games", "2", "--admin-token", ADMIN]
+    server = start_process([*command, "--db", db, "--port", str(port)], f"{base}/api/me")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for i, token in enumerate(tokens[:4]):  # two participants per condition, two games each
+                get_ready(client, token)
+                for k in range(2):  # most games end in a deal, some not: the intervals have a width
+                    assert play_for_a_deal(client, token, take=(i + k) % 3 != 2)["finished"]
+            stayer, leaver = tokens[4], tokens[5]
+            for token in (stayer, leaver):
+                get_ready(client, token)
+            game = client.post("/api/games/next", headers=auth(stayer)).json()["game"]
+            body = {"move_id": "admin-view-1", "kind": "message", "text": "Books for me, please."}
+            if game["your_turn"]:
+                game = client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(stayer)).json()["game"]
+            while not game["your_turn"]:
+                game = client.get(f"/api/games/{game['id']}?after={game['version']}", headers=auth(stayer)).json()
+            left = client.post("/api/games/next", headers=auth(leaver)).json()["game"]
+            summary = client.get("/api/admin/summary", headers=auth(ADMIN)).json()
+            conditions = summary["conditions"]
+            assert len(conditions) == 2 and all(c["metrics"]["games"] >= 2 for c in conditions)
+            assert [g["game"] for g in summary["in_progress"]] == [game["id"], left["id"]]
+
+            with sync_playwright() as pw:
+                browser = launch(pw)
+                try:
+                    page = browser.new_page(viewport={"width": 1280, "height": 900})
+                    page.goto(f"{base}/admin#token={ADMIN}&refresh=1")
+                    page.wait_for_selector("#chart-reward svg circle.point")
+                    for chart, metric in (
+                        ("chart-reward", "mean_reward_a"),
+                        ("chart-model-reward", "mean_reward_b"),
+                        ("chart-agreement", "agreement_rate"),
+                    ):
+                        points = page.locator(f"#{chart} circle.point")
+                        lines = page.locator(f"#{chart} line.interval")
+                        assert points.count() == lines.count() == len(conditions), chart
+                        for i, c in enumerate(conditions):
+                            assert points.nth(i).get_attribute("data-condition") == c["name"]
+                            assert float(points.nth(i).get_attribute("data-value")) == c["metrics"][metric]
+                            low, high = (float(lines.nth(i).get_attribute(k)) for k in ("data-low", "data-high"))
+                            assert [low, high] == c["ci95"][metric]
+                            # drawn where the numbers say: the point lies on its interval's line
+                            cx = float(points.nth(i).get_attribute("cx"))
+                            x1, x2 = (float(lines.nth(i).get_attribute(k)) for k in ("x1", "x2"))
+                            assert x1 - 1e-6 <= cx <= x2 + 1e-6
+                    words = page.locator("#chart-reward text.value").all_text_contents()
+                    for c, text in zip(conditions, words, strict=True):
+                        low, high = c["ci95"]["mean_reward_a"]
+                        mean = c["metrics"]["mean_reward_a"]
+                        assert text.startswith(f"{mean:.2f} [{low:.2f}, {high:.2f}]"), text
+                    for i, c in enumerate(conditions):
+                        row = page.locator("#dropout tr").nth(i + 1).locator("td").all_inner_texts()
+                        assert row == [c["name"], *(str(c[k]) for k in ("started", "finished", "abandoned", "live"))]
+                    bars = page.locator("#chart-dropout rect.bar[data-count]").all()
+                    drawn = [(b.get_attribute("data-condition"), int(b.get_attribute("data-count"))) for b in bars]
+                    kinds = ("finished", "abandoned", "live")
+                    assert drawn == [(c["name"], c[k]) for c in conditions for k in kinds if c[k]]
+                    live = page.locator("#live tr")
+                    assert live.count() == 3
+                    cells = live.nth(1).locator("td").all_inner_texts()
+                    mine = summary["in_progress"][0]
+                    assert cells[:6] == [
+                        game["id"],
+                        "4",
+                        "1",
+                        mine["condition"],
+                        str(mine["turns"]),
+                        str(mine["messages"]),
+                    ]
+                    assert cells[6].startswith("person") and mine["turns"] == len(store.moves(game["id"])) >= 1
+                    shot(page, tmp_path, "admin-1-charts")
+
+                    # a move elsewhere shows up without a click: the page refreshes itself
+                    body = {"move_id": "admin-view-2", "kind": "message", "text": "And the hats?"}
+                    client.post(f"/api/games/{game['id']}/moves", json=body, headers=auth(stayer))
+                    turns = len(store.moves(game["id"]))
+                    page.wait_for_function(
+                        "(n) => Number(document.querySelector('#live tr:nth-child(2) td:nth-child(5)').textContent)"
+                        " >= n",
+                        arg=turns,
+                        timeout=15_000,
+                    )
+                    # the admin ends the leaver's game from the page: it leaves the live view and counts as abandoned
+                    page.once("dialog", lambda dialog: dialog.accept())
+                    page.locator("#live tr").nth(2).locator("button").click()
+                    page.wait_for_function("() => document.querySelectorAll('#live tr').length === 2", timeout=15_000)
+                    after = client.get("/api/admin/summary", headers=auth(ADMIN)).json()
+                    assert sum(c["abandoned"] for c in after["conditions"]) == 1
+                    page.wait_for_function(
+                        "() => document.querySelectorAll('#chart-dropout rect.bar.abandoned[data-count]').length === 1",
+                        timeout=15_000,
+                    )
+                    assert store.game(left["id"]).ended["status"] == "abandoned"
+                    shot(page, tmp_path, "admin-2-ended")
+                finally:
+                    browser.close()
+    finally:
+        server.terminate()
+        server.wait()
+        store.close()
 
 
 @pytest.fixture(autouse=True)

@@ -462,5 +462,33 @@ class Hub:
             }
         return view
 
+    async def in_progress(self, numbers: dict[int, int]) -> list[dict[str, Any]]:
+        """The study's live games as the admin watches them: whose game (``numbers``: participant
+        id → number), its condition, turns so far, whose turn it is, and how long since the last
+        move (or the start) and, while it waits for its person, until the study's timeout ends it."""
+        now, limit = self.clock(), self.study.abandon_after_minutes
+        out = []
+        for row in await asyncio.to_thread(self.store.games, self.study.name, "live"):
+            live = await self.get(row.id)
+            if live is None or live.game.is_terminal:
+                continue
+            waiting = max(0.0, (now - row.updated_at).total_seconds())
+            person = live.game.current_player == HUMAN
+            out.append(
+                {
+                    "game": row.id,
+                    "participant": numbers.get(row.participant_id),
+                    "game_number": row.number + 1,
+                    "condition": self.study.conditions[row.condition].name,
+                    "turns": len(live.game.turns),
+                    "messages": live.game.n_messages,
+                    "to_move": "person" if person else "model",
+                    "proposal_owed": live.game.proposal_owed,
+                    "since_last_move_s": round(waiting, 1),
+                    "abandons_in_s": round(max(0.0, limit * 60 - waiting), 1) if person and limit else None,
+                }
+            )
+        return out
+
     def stats(self) -> dict[str, Any]:
         return {spec: w.stats.as_dict() | {"queued": w.queue.qsize()} for spec, w in self.workers.items()}

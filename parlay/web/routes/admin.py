@@ -15,8 +15,15 @@ router = APIRouter(prefix="/api/admin")
 
 @router.get("/summary")
 async def summary(_: Admin, state: State) -> dict[str, Any]:
+    """The study's results (``results.study_results``), its live games as they stand
+    (``in_progress``), the model workers' figures, and the study's settings the page shows."""
     data = await asyncio.to_thread(results.study_results, state.store, state.study)
-    return data | {"workers": state.hub.stats()}
+    numbers = {p.id: p.number for p in await asyncio.to_thread(state.store.participants, state.study.name)}
+    return data | {
+        "in_progress": await state.hub.in_progress(numbers),
+        "abandon_after_minutes": state.study.abandon_after_minutes,
+        "workers": state.hub.stats(),
+    }
 
 
 @router.get("/export.jsonl")
