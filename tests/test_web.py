@@ -1014,3 +1014,33 @@ def test_the_admin_sees_each_game_in_progress_whose_turn_it_is_and_how_long_it_h
     assert model["to_move"] == "model" and model["abandons_in_s"] is None  # never abandoned for the model's delay
     assert model["turns"] == len(theirs["chat"])  # as it stood when the summary was read
     store.close()
+
+
+def test_the_injected_store_fault_fails_the_chosen_transaction_itself_even_among_concurrent_writes(tmp_path):
+    from tests.web_server import FailEvery
+
+    store = Store(f"sqlite:///{tmp_path / 'faults.db'}")
+    store.fault = fault = FailEvery(3, 3, frozenset({"serve"}))
+    outcomes: list[str] = []
+
+    def write() -> None:
+        try:
+            store.record(None, "serve")
+            outcomes.append("stored")
+        except Exception as exc:  # the outcome is what is checked
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=write) for _ in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # every third transaction fails all three of its tries (refused); the others, running at the
+    # same time, are not touched by its failures
+    assert sorted(outcomes) == ["StoreUnavailable"] * 3 + ["stored"] * 6 and fault.refused == 3
+    assert len(store.events(kind="serve")) == 6
+    store.fault = FailEvery(2, 1, frozenset({"serve"}))  # one failed try: retried, and stored
+    for _ in range(4):
+        store.record(None, "serve")
+    assert len(store.events(kind="serve")) == 10
+    store.close()

@@ -5,10 +5,12 @@
 It serves what ``parlay serve --agent …`` serves, except that every model turn may be held for
 ``--delay`` seconds first, so a test can kill the server while a model turn is pending, and that
 the store may fail: ``--fail-every K --fail-tries T`` makes every K-th move transaction fail its
-first T tries (T of 3 or more: the move is refused with 503 and not acknowledged).
+first T tries (T of 3 or more: the move is refused with 503 and not acknowledged);
+``--fail-writes add_move,create_game,mark`` names the transactions counted (default: moves).
 """
 
 import argparse
+import threading
 import time
 
 import uvicorn
@@ -17,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from parlay.agents import Agent, load_agent
 from parlay.agents.base import Reply, TurnRequest
 from parlay.web.app import create_app
-from parlay.web.store import Store
+from parlay.web.store import WRITE_ATTEMPTS, Store
 from parlay.web.study import study_from_flags
 
 
@@ -31,20 +33,40 @@ class Delayed(Agent):
 
 
 class FailEvery:
-    """A store fault: the first ``tries`` tries of every ``every``-th move transaction fail."""
+    """A store fault: the first ``tries`` tries of every ``every``-th transaction named in
+    ``names`` (moves by default) fail. A transaction's tries are told apart from others' by the
+    thread that runs them (``Store.write`` retries in the thread it started in), so under
+    concurrent writes the chosen transaction itself fails ``tries`` times, not its neighbours."""
 
-    def __init__(self, every: int, tries: int) -> None:
-        self.every, self.tries, self.moves, self.failed = every, tries, 0, 0
+    def __init__(self, every: int, tries: int, names: frozenset[str] = frozenset({"add_move"})) -> None:
+        self.every, self.tries, self.names = every, tries, names
+        self.counted = 0
+        self.refused = 0
+        """Transactions that failed every try (refused: with ``tries`` ≥ ``WRITE_ATTEMPTS``)."""
+        self._failing: dict[int, int] = {}
+        """Thread → tries failed so far of the transaction it is running."""
+        self._lock = threading.Lock()
 
     def __call__(self, name: str) -> None:
-        if name != "add_move":
+        if name not in self.names:
             return
-        if self.failed == 0:
-            self.moves += 1
-        if self.moves % self.every == 0 and self.failed < self.tries:
-            self.failed += 1
-            raise OperationalError("INSERT", {}, Exception("disk I/O error (injected)"))
-        self.failed = 0
+        thread = threading.get_ident()
+        with self._lock:
+            failed = self._failing.get(thread)
+            if failed is None:
+                self.counted += 1
+                if self.counted % self.every:
+                    return
+                failed = 0
+            if failed >= self.tries:  # this try passes
+                del self._failing[thread]
+                return
+            if failed + 1 >= WRITE_ATTEMPTS:  # the last try: the store gives up, nothing follows
+                self._failing.pop(thread, None)
+                self.refused += 1
+            else:
+                self._failing[thread] = failed + 1
+        raise OperationalError("INSERT", {}, Exception("disk I/O error (injected)"))
 
 
 def main() -> None:
@@ -59,6 +81,7 @@ def main() -> None:
     parser.add_argument("--abandon-minutes", type=float, default=30.0)
     parser.add_argument("--fail-every", type=int, default=0)
     parser.add_argument("--fail-tries", type=int, default=1)
+    parser.add_argument("--fail-writes", default="add_move", help="Comma-separated transaction names.")
     args = parser.parse_args()
     specs = args.agents.split(",")
     study = study_from_flags(
@@ -68,7 +91,7 @@ def main() -> None:
     store = Store(args.db)
     store.check_writable(study.name)
     if args.fail_every:
-        store.fault = FailEvery(args.fail_every, args.fail_tries)
+        store.fault = FailEvery(args.fail_every, args.fail_tries, frozenset(args.fail_writes.split(",")))
     app = create_app(study, store, agents, args.admin_token, poll_seconds=2.0)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 

@@ -23,9 +23,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_process(args: list[str], ready_url: str, env: dict[str, str] | None = None, timeout: float = 120):
-    """``python ARGS`` in the repository root, once ``ready_url`` answers (any HTTP status)."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})})
+def start_process(
+    args: list[str], ready_url: str, env: dict[str, str] | None = None, timeout: float = 120, log: Path | None = None
+):
+    """``python ARGS`` in the repository root, once ``ready_url`` answers (any HTTP status); its
+    output is appended to ``log`` when given."""
+    out = log.open("ab") if log is not None else None
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=out
+    )
+    if out is not None:
+        out.close()  # the child holds its own copy
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
