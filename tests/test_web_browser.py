@@ -146,7 +146,7 @@ def test_a_person_plays_a_whole_game_by_keyboard_alone_on_a_desktop(tmp_path):
         server.wait()
 
 
-@pytest.mark.slow  # ~100 s: most of it training the parrot model (the fixture), the rest its refused turns
+@pytest.mark.slow  # 35-100 s on 2 cores: training the parrot model (its fixture), then its refused turns
 def test_a_person_plays_a_tiny_transformers_model_on_a_phone(tmp_path, parrot_lm):
     from playwright.sync_api import sync_playwright
 
