@@ -188,6 +188,12 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
     max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")
+    max_grad_norm: float | None = Field(
+        1.0,
+        gt=0.0,
+        description="Clip each optimiser step's gradient to this global L2 norm (null: never clip). The norm "
+        "before clipping is recorded per step either way (TrainStats.grad_norms, the report's Training table).",
+    )
     checkpoint_steps: int = Field(
         0,
         ge=0,

@@ -193,12 +193,13 @@ class Loop:
     ) -> TrainInfo:
         """Train ``start`` on ``selected`` into ``stage``; its ``train_stats.json`` is written last."""
         write_examples(stage.train_data, selected.examples)
-        request = FitRequest(stage, start, selected.info, derive_seed(self.cfg.seed, key, 31), epochs, lr)
+        seed = derive_seed(self.cfg.seed, key, 31)
+        request = FitRequest(stage, start, selected.info, seed, epochs, lr, examples=selected.examples)
 
-        def on_step(done: int, of: int, loss: float) -> None:
+        def on_step(done: int, of: int, loss: float, tokens: int) -> None:
             if done == 1:
                 self.hooks.stage(f"{label} on {len(selected.examples)} examples", of)
-            self.hooks.advance(loss=loss)
+            self.hooks.advance(loss=loss, tokens=tokens)
             self.train_step += 1
             if self.tracker is not None:
                 self.tracker.log({"train/loss": loss}, self.train_step, "train/step")

@@ -8,7 +8,7 @@ A run is a folder; this module is the only code that spells its paths:
         episodes.jsonl                appended one finished game at a time
         train.jsonl                   the training examples (``improve/examples.py``)
         model/                        adapter (or full weights), renamed into place when complete
-        model.checkpoint.pt           while training, with train.checkpoint_steps (``improve/sft.py``)
+        model.checkpoint/             while training, with train.checkpoint_steps (``improve/sft.py``)
         train_stats.json              a ``TrainInfo``: what was selected and what training made
         heldout/<i>.jsonl             the games with held-out partner i (``heldout.partners``)
         metrics.json                  a ``RoundRecord``, written last: the round is complete
@@ -116,6 +116,16 @@ class TrainStats(_Record):
     losses: list[float] = Field(default_factory=list)
     """The loss of each optimiser step: over all its micro-batches and processes, the weighted sum
     over own tokens divided by their number (as one big batch would have it)."""
+    grad_norms: list[float] = Field(default_factory=list)
+    """The global L2 norm of each optimiser step's gradient, before clipping to ``train.max_grad_norm``."""
+    approx_kls: list[float] | None = None
+    """Online RL, per optimiser step: the approximate KL(π_old ‖ π) per own token, π_old the
+    round-start model that played (k3: the mean of r − 1 − log r, r = π/π_old; cleanrl's
+    ``approx_kl``). None for other schemes."""
+    clip_fractions: list[float] | None = None
+    """Online RL, per step: the share of own tokens whose ratio r was outside [1 − ε, 1 + ε]."""
+    entropies: list[float] | None = None
+    """Online RL, per step: the policy's mean entropy (nats) at the own tokens' positions."""
     sampler_kl: float | None = None
     """Sampler–trainer parity, before the first step: the mean per-token KL(sampler ‖ trainer) at
     the sampled tokens (k3 estimator, exp(d) − d − 1 with d = log p_trainer − log p_sampler), the

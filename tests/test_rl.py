@@ -1,6 +1,8 @@
 """Online RL (weights.scheme: rl): advantages with role baselines, the clipped policy-gradient loss
 with its KL anchor, learning from failures, groups of games per context, and bad settings."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,8 +10,9 @@ from parlay.config import ConfigError, RLConfig, TrainConfig, WeightConfig, pars
 from parlay.episode import PlayerEpisode
 from parlay.games import objective
 from parlay.improve import TrainingDiverged
+from parlay.improve.batches import tokenize
 from parlay.improve.examples import select_examples
-from parlay.improve.sft import _token_logps, _tokenize, policy_gradient_loss, train, weighted_nll
+from parlay.improve.sft import _token_logps, policy_gradient_loss, train, weighted_nll
 from parlay.improve.weights import rl_advantages
 from parlay.loop import Loop
 from parlay.rollout import plan_games
@@ -37,25 +40,24 @@ def test_advantages_compare_each_side_with_the_others_of_its_role():
 
 def test_the_policy_gradient_loss_by_hand():
     torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7, requires_grad=True)
-    ids = torch.randint(0, 7, (2, 5))
-    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    logp = torch.log(torch.rand(6)).requires_grad_()  # log π of 6 own tokens of two sequences
+    row = torch.tensor([0, 0, 0, 1, 1, 1])
     adv = torch.tensor([1.5, -2.0])
-    now = torch.log_softmax(logits.detach()[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    now = logp.detach()
     # At the round-start model (ratio 1) the anchor is 0 and the gradient is REINFORCE's: that of
-    # the NLL weighted by the advantage.
-    loss, _ = policy_gradient_loss(logits, ids, mask, adv, now, clip=0.2, kl=0.5)
-    nll, _, _ = weighted_nll(logits, ids, mask, adv)
-    g_pg = torch.autograd.grad(loss, logits)[0]
-    g_nll = torch.autograd.grad(nll, logits)[0]
-    assert torch.allclose(g_pg, g_nll, atol=1e-6)
+    # the NLL weighted by the advantage; nothing is clipped and the approximate KL is 0.
+    loss, _, figures = policy_gradient_loss(logp, now, row, adv, clip=0.2, kl=0.5)
+    nll, _, _ = weighted_nll(logp, row, adv)
+    assert torch.allclose(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(nll, logp)[0], atol=1e-6)
+    assert figures.approx_kl == 0 and figures.clipped == 0
     # A positive advantage whose ratio is already above 1 + ε gets no more push (clipped); the
-    # anchor alone pulls it back.
+    # anchor alone pulls it back. The KL is the k3 sum: r − 1 − log r = e − 2 per token.
     old = now - 1.0  # the model now gives every sampled token e times the round-start probability
-    loss, _ = policy_gradient_loss(logits, ids, mask, torch.tensor([1.0, 1.0]), old, clip=0.2, kl=0.0)
-    assert torch.autograd.grad(loss, logits)[0].abs().max() == 0
-    anchored, _ = policy_gradient_loss(logits, ids, mask, torch.tensor([1.0, 1.0]), old, clip=0.2, kl=1.0)
-    assert anchored.item() > loss.item() and torch.autograd.grad(anchored, logits)[0].abs().max() > 0
+    loss, _, figures = policy_gradient_loss(logp, old, row, torch.tensor([1.0, 1.0]), clip=0.2, kl=0.0)
+    assert torch.autograd.grad(loss, logp)[0].abs().max() == 0
+    assert figures.clipped == 6 and figures.approx_kl == pytest.approx(6 * (math.e - 2), rel=1e-5)
+    anchored, _, _ = policy_gradient_loss(logp, old, row, torch.tensor([1.0, 1.0]), clip=0.2, kl=1.0)
+    assert anchored.item() > loss.item() and torch.autograd.grad(anchored, logp)[0].abs().max() > 0
 
 
 def test_rl_lowers_what_failed_and_raises_what_worked(tiny_lm, tmp_path):
@@ -68,12 +70,11 @@ def test_rl_lowers_what_failed_and_raises_what_worked(tiny_lm, tmp_path):
     from parlay.agents.hf import load_model
 
     stops = {tokenizer.eos_token_id}
-    rows, _, _ = _tokenize(examples, tokenizer, stops, 1024)
+    rows, _, _ = tokenize(examples, tokenizer, stops, 1024)
 
     def mean_own_logp(model):
         out = []
-        for row, logps in zip(rows, _token_logps(model, rows, tokenizer.pad_token_id, 2, "cpu"), strict=True):
-            own = [lp for lp, m in zip(logps, row.mask[1:], strict=True) if m]
+        for own in _token_logps(model, rows, tokenizer.pad_token_id, 2, "cpu"):
             out.append(sum(own) / len(own))
         return out
 

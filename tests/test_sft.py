@@ -55,19 +55,20 @@ def test_a_template_that_rewrites_a_message_is_refused():
 
 
 def test_weighted_nll_by_hand():
-    # Two sequences of 3 tokens over a vocabulary of 2; uniform logits → every token costs ln 2.
-    logits = torch.zeros(2, 3, 2)
-    ids = torch.tensor([[0, 1, 0], [1, 1, 1]])
-    mask = torch.tensor([[0, 1, 1], [0, 0, 1]])
-    w = torch.tensor([1.0, 3.0])
-    loss, seq_logp, factor = weighted_nll(logits, ids, mask, w)
+    # Two sequences with 2 and 1 own tokens; every token costs ln 2 (a uniform choice of two).
     ln2 = torch.log(torch.tensor(2.0))
+    logp, row = torch.full((3,), -ln2.item()), torch.tensor([0, 0, 1])
+    w = torch.tensor([1.0, 3.0])
+    loss, seq_logp, factor = weighted_nll(logp, row, w)
     assert loss.item() == pytest.approx(((2 * 1 + 1 * 3) * ln2 / 3).item())
     assert seq_logp.tolist() == pytest.approx([-ln2.item(), -ln2.item()]) and factor.tolist() == [1.0, 1.0]
-    zero, _, _ = weighted_nll(logits, ids, mask, torch.zeros(2))
+    zero, _, _ = weighted_nll(logp, row, torch.zeros(2))
     assert zero.item() == 0
+    # Divided by the step's own tokens, not the micro-batch's.
+    share, _, _ = weighted_nll(logp, row, w, own_tokens=6)
+    assert share.item() == pytest.approx(loss.item() / 2)
     # A reweighting (iw-SFT's) multiplies the weights, from the same forward pass.
-    doubled, _, factor = weighted_nll(logits, ids, mask, w, reweight=lambda logp: torch.full_like(logp, 2.0))
+    doubled, _, factor = weighted_nll(logp, row, w, reweight=lambda lp: torch.full_like(lp, 2.0))
     assert doubled.item() == pytest.approx(2 * loss.item()) and factor.tolist() == [2.0, 2.0]
 
 
@@ -143,7 +144,7 @@ class Killed(BaseException):
 def kill_at(step):
     """A step hook that kills the training when optimiser step ``step`` is done."""
 
-    def hook(done, of, loss):
+    def hook(done, of, loss, tokens):
         if done == step:
             raise Killed
 
@@ -152,7 +153,7 @@ def kill_at(step):
 
 def recorder(seen):
     """A step hook that notes each optimiser step done."""
-    return lambda done, of, loss: seen.append(done)
+    return lambda done, of, loss, tokens: seen.append(done)
 
 
 @pytest.mark.parametrize("weights", [None, WeightConfig(scheme="iw_sft", w_max=2.0)], ids=["uniform", "iw_sft"])
@@ -169,8 +170,10 @@ def test_a_killed_training_resumes_from_its_checkpoint_to_the_same_weights(tiny_
     with pytest.raises(Killed):
         train(examples, str(path), out, cfg, weights=weights, seed=5, on_step=kill_at(7))
     assert checkpoint_file(out).exists() and not out.exists()  # steps 1-6 saved, step 7 lost with the kill
-    # A kill while a checkpoint was being written leaves a partial file: never read.
-    checkpoint_file(out).with_name(out.name + ".checkpoint.pt.partial").write_bytes(b"torn")
+    # A kill while a checkpoint was being written leaves a partial folder: never read.
+    torn = checkpoint_file(out).with_name(out.name + ".checkpoint.partial")
+    torn.mkdir()
+    (torn / "trainer.json").write_bytes(b"torn")
     steps_seen = []
     resumed = train(examples, str(path), out, cfg, weights=weights, seed=5, resume=True, on_step=recorder(steps_seen))
     assert steps_seen[0] == 7  # went on after the checkpoint at step 6
@@ -196,7 +199,8 @@ def test_a_checkpoint_of_other_data_or_without_resume_is_not_continued(tiny_lm, 
     seen.clear()
     train(examples, str(path), out, cfg, on_step=recorder(seen))  # no resume: from the start
     assert seen[0] == 1 and not checkpoint_file(out).exists()
-    checkpoint_file(out).write_bytes(b"not a checkpoint")
+    checkpoint_file(out).mkdir()
+    (checkpoint_file(out) / "trainer.json").write_bytes(b"not a checkpoint")
     seen.clear()
     train(examples, str(path), out, cfg, resume=True, on_step=recorder(seen))
     assert seen[0] == 1 and "unreadable training checkpoint" in caplog.text
@@ -378,6 +382,8 @@ def assert_one_big_batch(path, tokenizer, examples, weights: WeightConfig, cfg: 
         loss, nll = by_hand_loss(own_logps(model, tokenizer, examples), start_logps, examples, weights)
         adamw.zero_grad()
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf)  # torch's own clipping
+        assert stats.grad_norms[s] == pytest.approx(norm.item(), rel=1e-5)
         want, got = flat(p.grad for p in trainable), flat(grads)
         assert (got - want).norm() <= 1e-5 * want.norm(), f"step {s + 1}: {((got - want).norm() / want.norm()):.1e}"
         assert stats.losses[s] == pytest.approx(loss.item(), rel=1e-5)
@@ -388,12 +394,13 @@ def assert_one_big_batch(path, tokenizer, examples, weights: WeightConfig, cfg: 
     assert (got - want).norm() <= 1e-4 * (want - start).norm()
 
 
-def step_config(lora: bool, batch_size: int, grad_accum: int) -> TrainConfig:
+def step_config(lora: bool, batch_size: int, grad_accum: int, max_grad_norm: float | None = 1.0) -> TrainConfig:
     """Two optimiser steps of four examples each (batch × accumulation × processes = 4)."""
     lr = 2e-2 if lora else 2e-3  # enough for the second step's model to differ from the first's
     return TrainConfig(
-        lora=lora, lr=lr, epochs=2, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=0, dtype="float32"
-    )
+        lora=lora, lr=lr, epochs=2, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=0, dtype="float32",
+        max_grad_norm=max_grad_norm,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -407,6 +414,44 @@ def test_accumulated_steps_have_the_gradient_of_one_big_batch(tiny_lm, tmp_path,
     with StepRecorder() as rec:
         stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
     assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "iw_sft", "rl"])
+@pytest.mark.parametrize("shape", [(2, 2), (4, 1)], ids=["2x2", "4x1"])
+def test_micro_batches_of_several_rows_share_their_head_and_keep_the_gradient_clipped(
+    tiny_lm, tmp_path, monkeypatch, scheme, shape
+):
+    """Micro-batches of two and four rows, sorted by length within the step, whose common head
+    (system prompt and first user turn) runs once for the micro-batch: the same clipped gradients,
+    losses and weights as one batch computed by hand with every row whole, clipped by torch's
+    ``clip_grad_norm_`` to a norm small enough that every step is clipped."""
+    from parlay.improve import losses
+
+    _, tokenizer, path = tiny_lm
+    shared = []
+    real = losses.shared_forward
+    monkeypatch.setattr(losses, "shared_forward", lambda m, b: shared.append(b.shared) or real(m, b))
+    examples, weights = mixed_examples(scheme), WeightConfig(scheme=scheme, w_max=3.0)
+    cfg = step_config(True, *shape, max_grad_norm=0.01)
+    with StepRecorder() as rec:
+        stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
+    assert shared and min(shared) >= 16 and all(n > 0.01 for n in stats.grad_norms)
+    assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
+
+
+def test_rl_records_its_vital_signs_per_step_and_other_schemes_only_the_gradient_norm(tiny_lm, tmp_path):
+    """cleanrl's figures at every step of online RL: at the first step the policy is the
+    round-start model (KL 0, nothing clipped); later steps move away from it (KL > 0); the entropy
+    is that of the model's next-token distribution (at most log V). SFT records only the norm."""
+    _, tokenizer, path = tiny_lm
+    cfg = TrainConfig(lr=2e-2, epochs=4, batch_size=2, grad_accum=1, warmup_steps=0, dtype="float32")
+    rl = train(mixed_examples("rl"), str(path), tmp_path / "rl", cfg, weights=WeightConfig(scheme="rl"), seed=1)
+    assert rl.steps == len(rl.approx_kls) == len(rl.clip_fractions) == len(rl.entropies) == len(rl.grad_norms) >= 4
+    assert abs(rl.approx_kls[0]) < 1e-6 and rl.clip_fractions[0] == 0 and max(rl.approx_kls[1:]) > 1e-4
+    assert all(0 <= c <= 1 for c in rl.clip_fractions) and all(0 < e <= math.log(len(tokenizer)) for e in rl.entropies)
+    sft = train(mixed_examples("uniform"), str(path), tmp_path / "sft", cfg, seed=1)
+    assert sft.approx_kls is None and sft.entropies is None and len(sft.grad_norms) == sft.steps
+    assert all(n > 0 for n in sft.grad_norms)
 
 
 DRIVER = """

@@ -5,7 +5,9 @@
   DeepSpeed, FSDP), reading back the figures it writes;
 - ``OpenAITrainer``: an OpenAI fine-tuning job on the chat fine-tuning export of the examples.
 
-Each reads the stage's ``train.jsonl`` and returns what it made as a ``TrainInfo`` whose ``model``
+The in-process trainer takes the examples as the loop selected them (``FitRequest.examples``);
+the others, and a request without them, read the stage's ``train.jsonl`` (always written first, as
+the record of what was trained on). Each returns what it made as a ``TrainInfo`` whose ``model``
 is the model to play next. ``make_trainer`` picks one from ``train.backend`` and ``train.launcher``.
 """
 
@@ -14,17 +16,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from parlay.config import RunConfig
-from parlay.improve.examples import read_examples
+from parlay.improve.examples import TrainExample, read_examples
 from parlay.run import FineTuneJob, ModelRef, SelectionInfo, StageDir, TrainInfo
 
-StepHook = Callable[[int, int, float], None]
-"""(step done, steps in all, loss of that step)."""
+StepHook = Callable[[int, int, float, int], None]
+"""(steps done, steps in all, the loss of the step just done, the tokens it processed)."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class FitRequest:
     seed: int
     epochs: float | None = None
     lr: float | None = None
+    examples: Sequence[TrainExample] | None = None
+    """The examples of ``train.jsonl`` as they were written, or None to read them from it."""
+
+    def training_examples(self) -> Sequence[TrainExample]:
+        return self.examples if self.examples is not None else read_examples(self.stage.train_data)
 
 
 class Trainer(Protocol):
@@ -61,7 +68,7 @@ class InlineTrainer:
         from parlay.improve.sft import train
 
         stats = train(
-            read_examples(request.stage.train_data),
+            request.training_examples(),
             request.start.base,
             request.stage.model,
             self.cfg.train,
@@ -116,7 +123,7 @@ class OpenAITrainer:
 
         name, _, url = request.start.base.removeprefix("openai:").partition("@")
         path = request.stage.path / "openai_train.jsonl"
-        lines = export(read_examples(request.stage.train_data), path, seed=self.cfg.seed)
+        lines = export(request.training_examples(), path, seed=self.cfg.seed)
         new = fine_tune(
             path,
             self.cfg.train.openai_base_model or name,

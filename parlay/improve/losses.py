@@ -1,0 +1,151 @@
+"""The one log-prob helper and the losses of the trainer (``sft.py``).
+
+``token_logps`` is the only place the model is run: training, iw-SFT's π_ref, online RL's π_old
+and the sampler–trainer parity all take their log-probs from it. It computes the language-model
+head only at the targets (transformers' ``logits_to_keep`` with a boolean mask: the head's work
+and its full-vocabulary float32 logits at every other position are never made; the model applies
+its own final-logit soft-capping, Gemma-style), and the head the rows of a micro-batch share once
+for all of them (``shared_forward``).
+
+Every loss works on the flat list of a micro-batch's N targets (``Batch.row`` says whose) and is
+a *share* of its optimiser step's loss: summed over the micro-batch's own tokens and divided by the
+step's own-token count (``own_tokens``), so the shares of all micro-batches and processes add up
+to the loss of one big batch. ``micro_batch_loss`` is where the operators differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from parlay.config import WeightConfig
+from parlay.improve.batches import Batch, Row
+from parlay.improve.weights import iw_factor
+
+Reweight = Callable[[torch.Tensor], torch.Tensor]
+"""Per-sequence mean log-prob [B] → a factor [B] that multiplies the examples' weights."""
+
+
+def token_logps(model, batch: Batch, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log π of each target's own token [N], with ``entropy`` the entropy of π there [N], detached)."""
+    logits = (
+        shared_forward(model, batch)
+        if batch.shared
+        else model(input_ids=batch.ids, attention_mask=batch.attention, logits_to_keep=batch.keep).logits
+    )  # [N, V]: the head at the targets only
+    logp_all = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+    logp = logp_all.gather(-1, batch.targets[:, None])[:, 0]  # [N]
+    ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None  # [N]
+    return logp, ent
+
+
+def shared_forward(model, batch: Batch) -> torch.Tensor:
+    """The target logits [N, V], the head of ``batch.shared`` tokens that every row begins with run
+    once (batch 1) and its keys and values repeated for the rows' own parts. Gradients flow through
+    the repeat, so the shared head gets the sum of every row's gradient, as B copies of it would."""
+    from transformers import DynamicCache
+
+    p, b = batch.shared, batch.ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    no_target = batch.keep[:1, :p]  # no target in the shared head (``batches.collate``)
+    model(input_ids=batch.ids[:1, :p], cache=cache, use_cache=True, logits_to_keep=no_target)
+    cache.batch_repeat_interleave(b)
+    rest = model(
+        input_ids=batch.ids[:, p:], attention_mask=batch.attention, cache=cache, logits_to_keep=batch.keep[:, p:]
+    )
+    return rest.logits
+
+
+def weighted_nll(
+    logp: torch.Tensor,
+    row: torch.Tensor,
+    weights: torch.Tensor,
+    own_tokens: int | torch.Tensor | None = None,
+    reweight: Reweight | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted token-level NLL of the player's own tokens.
+
+    logp [N]: log π of each own token; row [N]: its sequence; weights [B]. ``own_tokens``: what the
+    summed loss is divided by (default N; in training, the own tokens of the whole optimiser step).
+    Returns (loss: scalar, seq_logp [B]: each sequence's mean own-token log-prob, factor [B]:
+    ``reweight(seq_logp)`` that multiplied the weights, ones without ``reweight``)."""
+    seq_logp = _per_sequence_mean(logp, row, len(weights))  # [B]
+    factor = reweight(seq_logp) if reweight is not None else torch.ones_like(seq_logp)  # iw-SFT's, else 1
+    loss = -((weights * factor)[row] * logp).sum() / (own_tokens or len(logp))
+    return loss, seq_logp, factor
+
+
+@dataclass
+class RLFigures:
+    """Online RL's vital signs of a micro-batch, summed over its own tokens (divide by the step's)."""
+
+    approx_kl: float
+    """k3 estimate of KL(π_old ‖ π): Σ (r − 1 − log r), r = π/π_old."""
+    clipped: float
+    """Own tokens whose ratio is outside [1 − ε, 1 + ε]."""
+    entropy: float
+    """Σ of π's entropy at the own tokens' positions."""
+
+
+def policy_gradient_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    row: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+    kl: float,
+    own_tokens: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, RLFigures]:
+    """Online RL's loss over the player's own tokens (``weights.scheme: rl``).
+
+    Per own token t of a sequence with advantage A: the ratio r = π(t)/π_old(t) to the round-start
+    model (which played the games), the clipped surrogate −min(r·A, clip(r, 1±ε)·A), and a KL anchor
+    to the same model, kl · (π_old/π − log(π_old/π) − 1) (non-negative, zero when π = π_old). Summed
+    over own tokens and divided by ``own_tokens`` (as in ``weighted_nll``). logp, old_logp, row [N];
+    advantages [B]. Returns (loss, each sequence's mean own-token log-prob [B], the figures without
+    the entropy, which ``micro_batch_loss`` adds)."""
+    delta = logp - old_logp  # [N] log r
+    ratio = torch.exp(delta)
+    a = advantages[row]  # [N]
+    surrogate = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    anchor = torch.exp(-delta) + delta - 1  # the k3 estimator of KL(π ‖ π_old) at sampled tokens
+    loss = (surrogate + kl * anchor).sum() / (own_tokens or len(logp))
+    with torch.no_grad():
+        figures = RLFigures(
+            approx_kl=(torch.expm1(delta) - delta).sum().item(),
+            clipped=((ratio - 1).abs() > clip).sum().item(),
+            entropy=0.0,
+        )
+    return loss, _per_sequence_mean(logp, row, len(advantages)), figures
+
+
+def _per_sequence_mean(logp: torch.Tensor, row: torch.Tensor, b: int) -> torch.Tensor:
+    own = torch.bincount(row, minlength=b).clamp(min=1)  # [B]
+    return torch.zeros(b, dtype=logp.dtype, device=logp.device).index_add(0, row, logp) / own
+
+
+def micro_batch_loss(
+    model, batch: Batch, picked: list[Row], weights: WeightConfig | None, step_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RLFigures | None]:
+    """A micro-batch's share of its optimiser step's loss, the one place where the operators
+    differ: online RL's clipped policy gradient on the advantages, or the weighted NLL (iw-SFT: each
+    weight times its factor against π_ref). Returns (loss, each sequence's mean own-token log-prob
+    [B], the factor [B] that multiplied the weights, RL's figures or None)."""
+    device = batch.ids.device
+    rl = weights is not None and weights.scheme == "rl"
+    logp, entropy = token_logps(model, batch, entropy=rl)  # [N]
+    w = torch.tensor([r.weight for r in picked], device=device)  # [B]
+    if rl:
+        old = torch.tensor([lp for r in picked for lp in r.old_logps or []], device=device)  # [N]
+        loss, seq_logp, figures = policy_gradient_loss(
+            logp, old, batch.row, w, weights.rl.clip, weights.rl.kl, step_tokens
+        )
+        figures.entropy = entropy.sum().item()  # type: ignore[union-attr]
+        return loss, seq_logp, torch.ones_like(seq_logp), figures
+    reweight = None
+    if weights is not None and weights.scheme == "iw_sft":
+        ref = torch.tensor([r.ref_logp for r in picked], device=device)
+        reweight = lambda lp: iw_factor(lp, ref, weights.iw_temperature, weights.w_max)  # noqa: E731
+    return (*weighted_nll(logp, batch.row, w, step_tokens, reweight), None)
