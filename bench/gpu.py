@@ -186,7 +186,7 @@ def training(name: str, model, tokenizer, lora: bool, steps: int) -> dict[str, f
     ]
     times: list[float] = []
 
-    def on_step(done: int, of: int, loss: float) -> None:
+    def on_step(done: int, of: int, loss: float, *_: object) -> None:  # (…, tokens)
         torch.cuda.synchronize()
         times.append(time.perf_counter())
 

@@ -97,6 +97,10 @@ def main(
 # ---------------------------------------------------------------------- progress
 
 
+PROGRESS_EVERY = 30.0
+"""Seconds between the plain progress lines written when stderr is not a terminal."""
+
+
 class RichHooks:
     """Progress for every long command (``parlay.loop.Hooks``): a bar per stage, deals and tokens
     per second while games are played, the loss while training, a table after each round."""
@@ -124,6 +128,7 @@ class RichHooks:
         self.task = self.progress.add_task(description, total=total, info="")
         self.deals, self.tokens, self.started = 0, 0, time.perf_counter()
         self.info = ""
+        self.description, self.total, self.done, self.last_line = description, total, 0, self.started
         if not err.is_terminal:  # a log file gets one line per stage instead of a bar
             err.print(f"{description} ({total})", highlight=False)
 
@@ -132,13 +137,23 @@ class RichHooks:
             return
         self.deals += info.get("deals", 0)
         self.tokens += info.get("tokens", 0)
-        if "loss" in info:
-            text = f"loss {info['loss']:.3f}"
-        else:
-            tps = self.tokens / max(1e-9, time.perf_counter() - self.started)
-            text = f"deals {self.deals}  {tps:.0f} tok/s"
+        self.done += n
+        now = time.perf_counter()
+        tps = self.tokens / max(1e-9, now - self.started)
+        text = f"loss {info['loss']:.3f}  {tps:.0f} tok/s" if "loss" in info else f"deals {self.deals}  {tps:.0f} tok/s"
         self.info = text
         self.progress.update(self.task, advance=n, info=text)
+        if not err.is_terminal and now - self.last_line >= PROGRESS_EVERY:  # a log file: a plain line now and then
+            err.print(self.progress_line(now), highlight=False)
+            self.last_line = now
+
+    def progress_line(self, now: float) -> str:
+        """``  round 1: training: 12/32, 41 tok/s, ETA 6m10s; loss 1.234`` (for logs, where no bar is drawn)."""
+        elapsed = now - self.started
+        left = (self.total - self.done) * elapsed / self.done if self.done else None
+        eta = f"{int(left // 60)}m{int(left % 60):02d}s" if left is not None else "unknown"
+        tps = self.tokens / max(1e-9, elapsed)
+        return f"  {self.description}: {self.done}/{self.total}, {tps:.0f} tok/s, ETA {eta}; {self.info}"
 
     def end_stage(self) -> None:
         if self.progress is not None:

@@ -223,9 +223,10 @@ def test_the_training_section_shows_the_sampler_trainer_kl_per_round_and_calls_o
     """Round 1's player and trainer agree (KL 3e-9: a line, no note); round 2's do not (KL 0.02:
     the row is called out). The figures travel in each round's metrics.json."""
     run = RunDir(run_dir)
+    rl = {"approx_kls": [0.0, 0.003, 0.08], "clip_fractions": [0.0, 0.1, 0.25], "entropies": [2.5, 2.25, 2.0]}
     parity = {
-        1: {"sampler_kl": 3e-9, "sampler_logp_abs_diff": 2.5e-6},
-        2: {"sampler_kl": 0.02, "sampler_logp_abs_diff": 0.15},
+        1: {"sampler_kl": 3e-9, "sampler_logp_abs_diff": 2.5e-6, "grad_norms": [0.5, 3.25]},
+        2: {"sampler_kl": 0.02, "sampler_logp_abs_diff": 0.15, "grad_norms": [1.5, 0.75, 0.25]} | rl,
     }
     for k, figures in parity.items():
         record = run.round(k).record()
@@ -241,3 +242,8 @@ def test_the_training_section_shows_the_sampler_trainer_kl_per_round_and_calls_o
     assert len(rows) == 2
     assert "3.00e-09" in rows[0] and "above" not in rows[0] and 'class="warn"' not in rows[0]
     assert "2.00e-02" in rows[1] and "above 0.001" in rows[1] and 'class="warn"' in rows[1]
+    # The gradient norm of every round (last, and the largest); RL's vital signs where it ran, and
+    # a note when its approximate KL to the model that played went above 0.05.
+    assert "3.25 (max 3.25)" in rows[0] and "0.25 (max 1.50)" in rows[1]
+    assert "RL approx KL" in table and "8.0e-02 (max 8.0e-02)" in rows[1] and "25% (max 25%)" in rows[1]
+    assert "2.50 → 2.00" in rows[1] and "approximate KL above 0.05" in rows[1] and "approximate KL" not in rows[0]

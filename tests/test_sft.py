@@ -590,3 +590,28 @@ def test_games_played_by_the_hf_agent_line_up_with_the_trainer(parrot_lm, tmp_pa
     assert stats.sampler_turns_not_comparable == 0 and stats.sampler_tokens > 0
     # Measured: KL 4e-12, mean |Δ log p| 2.4e-6 (rounding to 5 decimals alone: 2.5e-6).
     assert stats.sampler_kl < 1e-9 and stats.sampler_logp_abs_diff < 1e-5
+
+
+def test_training_progress_reaches_a_log_as_plain_lines(monkeypatch):
+    """When stderr is not a terminal (a log file, CI, nohup), each stage writes one line when it
+    starts and then, every ``PROGRESS_EVERY`` seconds, a plain line: steps done of all, training
+    tokens/s, an ETA and the loss; never a bar."""
+    import io
+
+    from rich.console import Console
+
+    from parlay import cli
+
+    log = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=log, force_terminal=False, width=200))
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.0)
+    hooks = cli.RichHooks()
+    hooks.stage("warm start: training on 254 examples", 32)
+    for loss in (2.0, 1.5):
+        hooks.advance(loss=loss, tokens=3000)
+    hooks.end_stage()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "warm start: training on 254 examples (32)"
+    assert lines[1].startswith("  warm start: training on 254 examples: 1/32, ") and "ETA " in lines[1]
+    assert "2/32" in lines[2] and "tok/s" in lines[2] and "loss 1.500" in lines[2]
+    assert lines[3].startswith("  done in ") and "\x1b[" not in log.getvalue()  # no bar, no colour codes

@@ -253,9 +253,23 @@ def _partner_cells(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+RL_KL_NOTE = 0.05
+"""Online RL: a step whose approximate KL to the model that played is above this (nats per own
+token) moved far from the games it learns from (PPO implementations stop an update near 0.01–0.05)."""
+
+
+def _last_and_max(values: list[float] | None, fmt: str) -> str:
+    """A per-step series as its last value and its largest; "–" without one."""
+    if not values:
+        return "–"
+    return f"{fmt.format(values[-1])} (max {fmt.format(max(values))})"
+
+
 def training_rows(view: RunView) -> list[dict[str, Any]]:
-    """Per round that trained with the hf trainer: its steps and losses, and the sampler–trainer
-    parity (``TrainStats.sampler_kl``), with a note when the KL is above the tolerance."""
+    """Per round that trained with the hf trainer: its steps and losses, the gradient norm before
+    clipping (last step, and the largest), online RL's vital signs per step (approximate KL, clip
+    fraction, entropy), and the sampler–trainer parity (``TrainStats.sampler_kl``), with a note when
+    the KL is above the tolerance or RL moved far from the model that played."""
     rows = []
     for r in view.rounds:
         stats: TrainStats | None = r.train.stats if r.train else None
@@ -267,11 +281,19 @@ def training_rows(view: RunView) -> list[dict[str, Any]]:
             note = f"above {SAMPLER_KL_TOLERANCE:g}: what was played is not what was trained"
         elif kl is None and stats.sampler_turns_not_comparable:
             note = "no turn's sampled tokens line up with the trainer's"
+        if stats.approx_kls and max(stats.approx_kls) > RL_KL_NOTE:
+            note = (
+                note + "; " if note else ""
+            ) + f"RL's approximate KL above {RL_KL_NOTE:g}: far from the games' model"
         rows.append(
             {
                 "k": r.k,
                 "steps": stats.steps,
                 "loss": f"{stats.loss_first:.3f} → {stats.loss_last:.3f}",
+                "grad_norm": _last_and_max(stats.grad_norms, "{:.2f}"),
+                "approx_kl": _last_and_max(stats.approx_kls, "{:.1e}"),
+                "clip_fraction": _last_and_max(stats.clip_fractions, "{:.0%}"),
+                "entropy": (f"{stats.entropies[0]:.2f} → {stats.entropies[-1]:.2f}" if stats.entropies else "–"),
                 "kl": _fmt(kl, "{:.2e}"),
                 "abs_diff": _fmt(stats.sampler_logp_abs_diff, "{:.2e}"),
                 "tokens": stats.sampler_tokens,
