@@ -314,11 +314,11 @@ def _load_for_training(base: str, adapter: str | None, cfg: TrainConfig, dtype: 
 def _can_share_heads(model) -> bool:
     """Whether a micro-batch's shared head can be run once and its cache reused for every row
     (``losses.shared_forward``): every layer attends to the whole sequence (a sliding window's cache
-    keeps only its last tokens) and the model takes a cache."""
+    keeps only its last tokens)."""
     from parlay.agents.hf_engine import sliding_window
 
     try:
-        return sliding_window(model.config) is None and bool(getattr(model, "_supports_cache_class", True))
+        return sliding_window(model.config) is None
     except Exception:  # an attention kind the decoder does not know: run every row whole
         return False
 
