@@ -25,6 +25,7 @@ from parlay.agents import hf_layer
 from parlay.agents.base import ModelAgent, Prompt, Reply, Sampling
 from parlay.agents.hf_engine import KV, DecodeEngine
 from parlay.agents.hf_layer import default_device, pick_dtype
+from parlay.specs import DEFAULT_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class HFAgent(ModelAgent):
         prefix_reuse: bool = True,
         spec: str = "hf",
         share_prefix: bool = True,
-        max_batch: int = 64,
+        max_batch: int = DEFAULT_BATCH,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
