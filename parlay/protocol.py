@@ -227,6 +227,14 @@ _CLAUSE_START = re.compile(r"(?:^|[(;,.!?\n:]|\band|\bthen|\bso)\s*$", re.IGNORE
 """What precedes a ``for me``/``for you`` that leads ("…, for you 3 balls"), unlike the ``for
 you`` of "a proposal for you: (…)"."""
 
+_PARTNER_WORD = re.compile(
+    r"\b(?:you|your|yours|you['’](?:re|ll|d|ve)|u|ur|they|them|their|theirs|partner|partner['’]s|other|opponent)\b",
+    re.IGNORECASE,
+)
+"""Words that name the partner. A proposal that names the partner anywhere the side phrases did
+not read ("your 1 book, my 2 hats", "they keep 1 book", "1 book to them") is refused as unclear:
+a count meant for the partner is never read as the speaker's."""
+
 _SPEAKER, _PARTNER = "speaker", "partner"
 
 
@@ -260,6 +268,8 @@ def _parse_proposal_body(body: str) -> Proposal | SidedProposal | ProtocolError:
         + [(m.start(), "end", m) for m in _SENTENCE_END.finditer(body)],
         key=lambda event: event[0],
     )
+    phrases = [(m.start(), m.end()) for m in _SIDE_PHRASE.finditer(body)]
+    loose = [w for w in _PARTNER_WORD.finditer(body) if not any(a <= w.start() < b for a, b in phrases)]
     stated: dict[str, dict[int, int]] = {_SPEAKER: {}, _PARTNER: {}}
     scope: str | None = None  # the side of the last leading phrase, up to the next phrase or sentence end
     group: list[tuple[int, int, str | None]] = []  # (item, count, side) since the last phrase or sentence end
@@ -297,6 +307,10 @@ def _parse_proposal_body(body: str) -> Proposal | SidedProposal | ProtocolError:
         group = []
     if (error := _record(group, stated)) is not None:
         return error
+    if loose:
+        return ProtocolError(
+            ErrorCode.MALFORMED_PROPOSAL, f"unclear whose items: {loose[0][0]!r} names the partner unread"
+        )
     missing = [f"{item}s" for i, item in enumerate(ITEMS) if i not in stated[_SPEAKER] and i not in stated[_PARTNER]]
     if missing:
         return ProtocolError(ErrorCode.MALFORMED_PROPOSAL, f"missing {', '.join(missing)}")

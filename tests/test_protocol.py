@@ -443,3 +443,23 @@ def test_any_proposal_text_resolves_or_is_refused_and_never_raises(words, counts
             for c, kept, mine, theirs in zip(counts, resolved.kept, parsed.speaker, parsed.partner, strict=True):
                 assert kept == (mine if mine is not None else c - theirs)
                 assert theirs is None or kept + theirs == c
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "your 1 book, my 2 hats and 3 balls",
+        "they keep 1 book, I keep 2 hats, 3 balls",
+        "Partner keeps 1 book; 2 hats, 3 balls",
+        "the other player keeps 1 book; I keep 2 hats, 3 balls",
+        "you 1 book, me 2 hats 3 balls",
+        "u get 1 book, i get 2 hats 3 balls",
+        "you're getting 1 book; 2 hats, 3 balls for me",
+        "1 book to them, 2 hats and 3 balls to me",
+    ],
+)
+def test_a_partner_named_outside_the_phrases_read_makes_the_proposal_unclear(body):
+    """Naming the partner in words the side phrases do not read never leaves a count to the speaker."""
+    parsed = parse_reply(f"[propose] {body}")
+    assert isinstance(parsed, ProtocolError) and parsed.code is ErrorCode.MALFORMED_PROPOSAL
+    assert "unclear whose items" in parsed.detail

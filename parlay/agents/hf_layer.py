@@ -170,6 +170,17 @@ def _anchor(tokenizer) -> str:
     raise TemplateError("the tokenizer has no special token of its own, so a chat turn's end cannot be told apart")
 
 
+def _plain(tokenizer, text: str, added: set[int]) -> list[int]:
+    """``text`` as plain-text tokens, none of them an added token: ``split_special_tokens`` splits
+    special tokens only, so an added token that is not marked special (Qwen's ``<think>``,
+    ``<tool_call>``) is split by halving the text until no piece matches one."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if len(text) < 2 or not any(t in added for t in ids):
+        return ids
+    half = len(text) // 2
+    return _plain(tokenizer, text[:half], added) + _plain(tokenizer, text[half:], added)
+
+
 def encode_conversation(tokenizer, messages: Sequence[ChatMessage], generation_prompt: bool) -> Encoded:
     """A conversation as token ids, tokenised as the model's own format tokenises it, with two
     departures that make play and training see the same thing:
@@ -205,7 +216,7 @@ def encode_conversation(tokenizer, messages: Sequence[ChatMessage], generation_p
                 continue  # the anchor
             s, e = s - len(lead) + a, e - len(lead) + a
             if tid in added and any(cs <= s and e <= ce for _, cs, ce in spans):
-                ids += tokenizer(text[s:e], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                ids += _plain(tokenizer, text[s:e], added)
             else:
                 ids.append(tid)
     starts[len(text)] = len(ids)
