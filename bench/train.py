@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from rollout import peak_matmul_flops  # bench/ is on the path when a bench script runs
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +54,6 @@ CANDIDATES = {
     "d": ("(d) shared head once per micro-batch", dict(targets=False, sort=False, share=True)),
     "e": ("(e) all three (the trainer now)", dict(targets=True, sort=True, share=True)),
 }
-
-
-def peak_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def warm_start_examples(config: Path):

@@ -69,7 +69,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -441,17 +441,24 @@ def _trainable_hooks(accelerator):
     return accelerator.register_save_state_pre_hook(save), accelerator.register_load_state_pre_hook(load)
 
 
+@contextmanager
+def _trainable_only(accelerator):
+    """While inside, accelerate's save_state/load_state write and read only the trainable weights."""
+    handles = _trainable_hooks(accelerator)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _save_checkpoint(accelerator, model, path: Path, state: dict) -> None:
     partial = path.with_name(path.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    handles = _trainable_hooks(accelerator)
-    try:
+    with _trainable_only(accelerator):
         accelerator.save_state(str(partial))
-    finally:
-        for handle in handles:
-            handle.remove()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -479,12 +486,8 @@ def _load_checkpoint(accelerator, model, path: Path, fingerprint: str) -> dict |
     if state.pop("fingerprint", None) != fingerprint:
         log.warning("%s: a checkpoint of other data or settings; training from the start", folder)
         return None
-    handles = _trainable_hooks(accelerator)
-    try:
+    with _trainable_only(accelerator):
         accelerator.load_state(str(folder))
-    finally:
-        for handle in handles:
-            handle.remove()
     log.info("%s: resuming training at step %d", folder, len(state["losses"]) + 1)
     return state
 
