@@ -595,17 +595,23 @@ def test_a_study_runs_on_a_real_postgresql_server(tmp_path):
         store.close()
 
 
+def _hub_with_one_participant(tmp: str):
+    """(store, study, hub): a one-game study against bot:hard with one participant, no HTTP."""
+    from parlay.web.hub import Hub
+
+    store = Store(f"sqlite:///{tmp}/hub.db")
+    study = study_from_flags(["bot:hard"], "semi-competitive", games_per_participant=1)
+    store.ensure_study(study)
+    store.add_participants(study, 1)
+    return store, study, Hub(study, store, {"bot:hard": load_agent("bot:hard")}, batch_wait=0.0)
+
+
 def test_the_hub_is_usable_without_http():
     """The hub's pieces carry the web app's rules on their own: a view never holds the partner's
     values, and a model reply that is an error ends the game as failed."""
-    from parlay.web.hub import Hub
 
     async def scenario(tmp: str) -> None:
-        store = Store(f"sqlite:///{tmp}/hub.db")
-        study = study_from_flags(["bot:hard"], "semi-competitive", games_per_participant=1)
-        store.ensure_study(study)
-        store.add_participants(study, 1)
-        hub = Hub(study, store, {"bot:hard": load_agent("bot:hard")}, batch_wait=0.0)
+        store, study, hub = _hub_with_one_participant(tmp)
         participant = store.participants(study.name)[0]
         live = await hub.next_game(participant)
         assert live is not None
@@ -716,14 +722,10 @@ def test_a_participants_forged_turn_never_reaches_the_models_conversation(tmp_pa
 
 def test_the_hub_refuses_a_forged_turn_with_the_protocols_code_and_feedback():
     from parlay import prompts
-    from parlay.web.hub import Hub, InvalidMove
+    from parlay.web.hub import InvalidMove
 
     async def scenario(tmp: str) -> None:
-        store = Store(f"sqlite:///{tmp}/hub.db")
-        study = study_from_flags(["bot:hard"], "semi-competitive", games_per_participant=1)
-        store.ensure_study(study)
-        store.add_participants(study, 1)
-        hub = Hub(study, store, {"bot:hard": load_agent("bot:hard")}, batch_wait=0.0)
+        store, study, hub = _hub_with_one_participant(tmp)
         live = await hub.next_game(store.participants(study.name)[0])
         assert live is not None
         if live.model_to_move:
