@@ -113,7 +113,7 @@ class RichHooks:
         self.tokens = 0
         self.started = time.perf_counter()
 
-    def stage(self, description: str, total: int) -> None:
+    def stage(self, description: str, total: int, started: float | None = None) -> None:
         self.end_stage()
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -126,7 +126,8 @@ class RichHooks:
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, info="")
-        self.deals, self.tokens, self.started = 0, 0, time.perf_counter()
+        self.deals, self.tokens = 0, 0
+        self.started = time.perf_counter() if started is None else started
         self.info = ""
         self.description, self.total, self.done, self.last_line = description, total, 0, self.started
         if not err.is_terminal:  # a log file gets one line per stage instead of a bar

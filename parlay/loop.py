@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 class Hooks:
     """What the loop reports while it runs; the CLI draws progress bars and tables from it."""
 
-    def stage(self, description: str, total: int) -> None:
-        """A stage (playing, training, judging) starts with ``total`` units of work."""
+    def stage(self, description: str, total: int, started: float | None = None) -> None:
+        """A stage (playing, training, judging) starts with ``total`` units of work; ``started``:
+        when its work began (``time.perf_counter()``), if before this call (default: now)."""
 
     def advance(self, n: int = 1, **info: Any) -> None:
         """Units of the current stage are done (``info``: deals, tokens, loss, …)."""
@@ -196,9 +197,11 @@ class Loop:
         seed = derive_seed(self.cfg.seed, key, 31)
         request = FitRequest(stage, start, selected.info, seed, epochs, lr, examples=selected.examples)
 
+        began = time.perf_counter()  # the stage is announced at its first step, when its size is known
+
         def on_step(done: int, of: int, loss: float, tokens: int) -> None:
             if done == 1:
-                self.hooks.stage(f"{label} on {len(selected.examples)} examples", of)
+                self.hooks.stage(f"{label} on {len(selected.examples)} examples", of, started=began)
             self.hooks.advance(loss=loss, tokens=tokens)
             self.train_step += 1
             if self.tracker is not None:
