@@ -784,6 +784,116 @@ def study_export(
         store.close()
 
 
+# ---------------------------------------------------------------------- human proxies
+
+proxy_app = typer.Typer(help="Human proxies: partners cloned from people's games, and how human-like they are.")
+app.add_typer(proxy_app, name="proxy")
+
+
+class _ProxyProgress:
+    """The build's stages as progress bars: games to play, then training steps (counted at the first)."""
+
+    def __init__(self, hooks: RichHooks) -> None:
+        self.hooks, self.label, self.total = hooks, "", 0
+
+    def stage(self, label: str, units: int) -> None:
+        self.label, self.total = label, units
+        if units:
+            self.hooks.stage(label, units)
+        else:
+            self.hooks.end_stage()
+
+    def step(self, done: int, total: int, loss: float, tokens: int) -> None:
+        if total != self.total:
+            self.total = total
+            self.hooks.stage(self.label, total)
+        self.hooks.advance(1, loss=loss, tokens=tokens)
+
+
+@proxy_app.command("build")
+@user_errors
+def proxy_build(
+    episodes: Annotated[Path, typer.Option("--episodes", help="People's games: parlay import-lewis or study export.")],
+    out: Annotated[Path, typer.Option("--out", help="The proxy's folder (proxy.json, model/).")],
+    model: Annotated[
+        str | None, typer.Option("--model", help="Base model (default: --init's, else smollm2-135m).")
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from a model that knows the protocol: run:DIR@K or an adapter folder (no warm start)."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Run config whose train/warm_start apply.")
+    ] = None,
+    overrides: SetOpt = None,
+    sides: Annotated[str, typer.Option(help="Seats imitated: auto (the people's), AB, A or B.")] = "auto",
+    keep: Annotated[str, typer.Option(help="Games learned from: all, or agreed (deals only).")] = "all",
+    warm: Annotated[
+        bool, typer.Option("--warm-start/--no-warm-start", help="Imitate bot deals first (when no --init).")
+    ] = True,
+    epochs: Annotated[
+        float | None, typer.Option(help="Passes over the people's games (default: train.epochs).")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: train.lr).")] = None,
+) -> None:
+    """Fine-tune a human proxy by behaviour cloning on people's games, and record what it learned from."""
+    from parlay.improve.proxy import DEFAULT_WARM_START, build_proxy, default_config
+
+    cfg = load_config(config, overrides) if config or overrides else default_config()
+    ws = cfg.warm_start if cfg.warm_start.enabled else DEFAULT_WARM_START
+    hooks = RichHooks()
+    progress = _ProxyProgress(hooks)
+    try:
+        manifest = build_proxy(
+            episodes, out, cfg, base=model, init=init, sides=sides, keep=keep, warm_start=ws if warm else None,
+            epochs=epochs, lr=lr, on_stage=progress.stage, on_step=progress.step,
+        )  # fmt: skip
+    finally:
+        hooks.end_stage()
+    console.print(
+        f"proxy of {manifest.examples} people's sides (A {manifest.side_counts.get('A', 0)}, "
+        f"B {manifest.side_counts.get('B', 0)}) from {manifest.games} games ({manifest.agreed_games} agreed) "
+        f"on {manifest.base}: loss {manifest.train_stats['loss_first']:.3f} → "
+        f"{manifest.train_stats['loss_last']:.3f}; saved to {out} (use it as proxy:{out})",
+        highlight=False,
+    )
+
+
+@proxy_app.command("check")
+@user_errors
+def proxy_check(
+    proxy: Annotated[Path, typer.Argument(help="The proxy's folder (parlay proxy build --out).")],
+    episodes: Annotated[Path, typer.Option("--episodes", help="Held human games the proxy never saw.")],
+    games: Annotated[
+        int | None, typer.Option("-n", "--games", min=1, help="Check on the first N (default all).")
+    ] = None,
+    max_messages: CapOpt = 20,
+    temperature: TempOpt = 0.7,
+    max_new_tokens: MaxTokOpt = ROLLOUT.max_new_tokens,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """How human-like a proxy is: likelihood of people's turns, deals with itself, replies accepted."""
+    from parlay.evaluate.proxy import check_proxy
+    from parlay.evaluate.tables import proxy_check_table
+    from parlay.proxy import MIN_ACCEPTED
+
+    sampling = Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    check = check_proxy(proxy, episodes, sampling=sampling, max_messages=max_messages, games=games, seed=seed)
+    if as_json:
+        console.print_json(check.model_dump_json())
+    else:
+        console.print(proxy_check_table(check, f"proxy:{proxy}"))
+    if check.acceptance < MIN_ACCEPTED:
+        raise UserError(
+            f"proxy:{proxy}: the protocol rejected {1 - check.acceptance:.0%} of its replies, so it cannot stand in "
+            "for people (it is refused as a partner until rebuilt); rebuild it from a model that knows the "
+            "protocol (--init run:DIR@0, or the default warm start) or with more --epochs"
+        )
+
+
 def run() -> None:
     """Entry point; keeps a Ctrl-C quiet."""
     try:

@@ -27,7 +27,7 @@ from typing import Any
 from parlay.agents import load_agent, load_judge
 from parlay.agents.base import Sampling
 from parlay.agents.resolve import model_agent
-from parlay.config import RunConfig, WeightConfig
+from parlay.config import RunConfig
 from parlay.distributed import RayPool, RemoteAgent
 from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes, write_episodes
 from parlay.errors import ConfigError
@@ -38,9 +38,10 @@ from parlay.improve import TrainingDiverged
 from parlay.improve import judge as judging
 from parlay.improve.examples import Selected, learner_sides, select_examples, write_examples
 from parlay.improve.trainers import FitRequest, make_trainer
+from parlay.improve.warm import bot_demonstrations, warm_examples
 from parlay.league import League, RoundGames
 from parlay.locking import FolderLock
-from parlay.rollout import Match, derive_seed, plan_games, play_games, play_matches
+from parlay.rollout import Match, derive_seed, play_matches
 from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo, prepare_run
 from parlay.tracking import Tracker, flatten
 
@@ -142,15 +143,13 @@ class Loop:
         if ws.episodes:
             episodes = _read(Path(ws.episodes))
         else:
-            a, b = (load_agent(s) for s in ws.bots or [])
-            games = plan_games(ws.games, derive_seed(self.cfg.seed, 7919))
-            self.hooks.stage(f"warm start: {a.spec} vs {b.spec}", len(games))
-            episodes = play_games(a, b, games, self.obj, self.cfg.rollout.max_messages, on_episode=self._advance_game)
+            r = self.cfg.rollout
+            episodes = bot_demonstrations(
+                ws, self.obj, self.cfg.seed, r.max_messages, self.hooks.stage, self._advance_game
+            )
             self.hooks.end_stage()
             write_episodes(stage.episodes, episodes)
-        selected = select_examples(episodes, ws.filter, WeightConfig())
-        if not selected.examples:
-            raise ConfigError(f"warm start: no demonstration passes filter rule {ws.filter.rule!r}")
+        selected = warm_examples(episodes, ws)
         return self.fit(stage, start, selected, "warm start", key=0, epochs=ws.epochs, lr=ws.lr).model
 
     def improve(self, k: int, model: ModelRef) -> TrainInfo:

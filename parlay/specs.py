@@ -15,6 +15,8 @@ there (``parse_spec``) into one of the types below; the code passes the typed va
     vllm:MODEL[+KEY=VALUE…]    vLLM's offline engine; its options go to the engine as they are
     run:DIR[@K|@all]           round K's model of the run in DIR (no K: its last complete round;
                                ``all``: every complete round, where a tournament takes agents)
+    proxy:DIR                  the human proxy built in DIR (``parlay proxy build``: a model cloned
+                               from people's games; ``parlay/proxy.py``)
 
 A spec parsed from text renders as that text, so a record keeps the user's spelling (and a
 resumed tournament finds the setup it saved); a spec built in code (``model_spec``) renders in
@@ -125,7 +127,17 @@ class RunSpec(_Spec):
         return f"run:{self.path}" + ("" if self.round is None else f"@{self.round}")
 
 
-AgentSpec = BotSpec | HumanSpec | HFSpec | OpenAISpec | VLLMSpec | RunSpec
+@dataclass(frozen=True)
+class ProxySpec(_Spec):
+    """The human proxy in the folder ``path`` (``parlay/proxy.py``)."""
+
+    path: str
+
+    def render(self) -> str:
+        return f"proxy:{self.path}"
+
+
+AgentSpec = BotSpec | HumanSpec | HFSpec | OpenAISpec | VLLMSpec | RunSpec | ProxySpec
 
 
 @dataclass(frozen=True)
@@ -218,10 +230,21 @@ def parse_spec(text: str) -> AgentSpec:
         return VLLMSpec(name, tuple(options), text=text)
     if kind == "run" and rest:
         return _run(text, rest)
+    if kind == "proxy" and rest:
+        return ProxySpec(rest, text=text)
     raise SpecError(f"unknown agent {text!r}: expected {KINDS}")
 
 
-KINDS = "bot:NAME, hf:MODEL, openai:MODEL@URL, vllm:MODEL, run:DIR[@K] or human"
+KINDS = "bot:NAME, hf:MODEL, openai:MODEL@URL, vllm:MODEL, run:DIR[@K], proxy:DIR or human"
+
+
+def partner_kind(spec: str) -> str:
+    """What kind of partner a spec's text names, for reports: ``bot`` (scripted), ``proxy`` (a
+    model cloned from people's games), ``person`` (a human), ``self``, or ``model``."""
+    kind = spec.partition(":")[0]
+    if kind in ("bot", "proxy", "self"):
+        return kind
+    return "person" if spec == "human" else "model"
 
 
 def parse_partner(text: str) -> Partner:
@@ -271,6 +294,7 @@ __all__ = [
     "HumanSpec",
     "OpenAISpec",
     "Partner",
+    "ProxySpec",
     "RunSpec",
     "SelfPartner",
     "SpecError",
@@ -279,4 +303,5 @@ __all__ = [
     "model_spec",
     "parse_partner",
     "parse_spec",
+    "partner_kind",
 ]

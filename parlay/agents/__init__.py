@@ -11,7 +11,8 @@
 - ``vllm:MODEL`` — vLLM's offline engine (``pip install 'parlay[vllm]'``, GPU);
 - ``human`` — a person at this terminal;
 - ``run:DIR[@K]`` — round K's model of the run in DIR (default: its last complete round;
-  ``resolve.py``).
+  ``resolve.py``);
+- ``proxy:DIR`` — the human proxy built in DIR (``parlay proxy build``; ``resolve.py``).
 
 ``load_agent`` takes a typed spec (or, for callers that still hold one, its text) and gives the
 agent, whose ``spec`` is the spec's text (``run:DIR@K`` for a run's round).
@@ -35,6 +36,7 @@ from parlay.specs import (
     HFSpec,
     HumanSpec,
     OpenAISpec,
+    ProxySpec,
     RunSpec,
     SpecError,
     VLLMSpec,
@@ -70,6 +72,12 @@ def load_agent(spec: AgentSpec | str, sampling: Sampling | None = None) -> Agent
         name, resolved = resolve_run(spec)
         agent = load_agent(resolved, sampling)
         agent.spec = str(name)
+        return agent
+    if isinstance(spec, ProxySpec):  # a human proxy's model, named proxy:DIR wherever it plays
+        from parlay.agents.resolve import resolve_proxy
+
+        agent = load_agent(resolve_proxy(spec), sampling)
+        agent.spec = str(spec)
         return agent
     if isinstance(spec, BotSpec) and spec.name in BOTS:
         agent = BOTS[spec.name]()

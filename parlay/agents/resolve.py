@@ -1,4 +1,5 @@
-"""Which agent a spec that names a run's model stands for: ``run:DIR@K``, a round's ``ModelRef``.
+"""Which agent a spec that names a recorded model stands for: ``run:DIR@K``, a round's
+``ModelRef``, a human proxy's ``proxy:DIR``.
 
 A run's records (``parlay/run.py``) say which model each round played and with which rollout
 settings; this module turns that into the agent spec that plays it (``specs.model_spec``), so
@@ -8,8 +9,9 @@ the records never build agents and the agents never spell a run's paths.
 from __future__ import annotations
 
 from parlay.config import RolloutConfig
+from parlay.proxy import ProxyDir
 from parlay.run import ModelRef, RunDir
-from parlay.specs import AgentSpec, RunSpec, SpecError, model_spec
+from parlay.specs import DEFAULT_BATCH, DEFAULT_DTYPE, AgentSpec, ProxySpec, RunSpec, SpecError, model_spec
 
 
 def model_agent(model: ModelRef, rollout: RolloutConfig) -> AgentSpec:
@@ -27,6 +29,14 @@ def resolve_run(spec: RunSpec) -> tuple[RunSpec, AgentSpec]:
     run = RunDir(spec.path)
     k, model = run.round_model(spec, spec.round)
     return RunSpec(spec.path, k), model_agent(model, run.load_config().rollout)
+
+
+def resolve_proxy(spec: ProxySpec) -> AgentSpec:
+    """``proxy:DIR`` → the agent of the proxy's model (its adapter on the manifest's base model,
+    played with the default dtype and batch). ``ProxyError`` (a ``UserError``): DIR is not a
+    proxy, its model is missing, or its last check found most of its replies rejected."""
+    model = ProxyDir(spec.path).playable()
+    return model_spec(model.base, model.adapter, DEFAULT_DTYPE, DEFAULT_BATCH, "hf")
 
 
 def expand_rounds(spec: AgentSpec) -> list[AgentSpec]:

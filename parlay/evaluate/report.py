@@ -37,6 +37,7 @@ from parlay.evaluate.sweep import plot_sweep
 from parlay.games.dond import ITEMS
 from parlay.locking import REPORT_LOCK, REPORT_WAIT, FolderLock
 from parlay.run import SAMPLER_KL_TOLERANCE, RunDir, RunDirError, TrainStats
+from parlay.specs import partner_kind
 
 CURVES = [
     ("mean_reward", "mean reward"),
@@ -242,8 +243,9 @@ def _ci(ci: list[float] | None) -> str:
 
 
 def _partner_cells(row: dict[str, Any]) -> dict[str, Any]:
-    """One row of the partners table, formatted."""
+    """One row of the partners table, formatted, with the partner's kind (bot, proxy, person, model)."""
     return row | {
+        "kind": partner_kind(row["partner"]),
         "reward": _fmt(row["mean_reward"], "{:.2f}"),
         "ci": _ci(row.get("ci95")),
         "vs": format_change(row.get("vs_round0")),

@@ -10,7 +10,9 @@ from typing import Any
 from rich.table import Table
 
 from parlay.evaluate.metrics import LABELS, format_change
+from parlay.proxy import ProxyCheck
 from parlay.run import RoundRecord
+from parlay.specs import partner_kind
 
 
 def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
@@ -98,7 +100,8 @@ def tournament_tables(result: dict[str, Any]) -> list[Table]:
 
 
 def partners_table(records: list[RoundRecord]) -> Table | None:
-    """Per round, the trained model with each training partner and each held-out partner (*):
+    """Per round, the trained model with each training partner and each held-out partner (*),
+    each labelled with its kind (bot, proxy, person, model; ``specs.partner_kind``):
     its own reward with the interval, the paired change from round 0, agreement, the share of
     the ceiling and the distance to the Nash point of agreed deals. None for a self-play-only run."""
     rows = [
@@ -115,7 +118,7 @@ def partners_table(records: list[RoundRecord]) -> Table | None:
     for k, name, f, held in rows:
         table.add_row(
             str(k),
-            name + (" *" if held else ""),
+            f"{name} ({partner_kind(name)})" + (" *" if held else "") if name != "self" else name,
             str(f["games"]),
             _interval(f["mean_reward"], f.get("ci95"), "{:.2f}"),
             format_change(f.get("vs_round0")),
@@ -178,4 +181,22 @@ def rounds_table(records: list[RoundRecord]) -> Table:
             loss,
             f"{r.minutes:.1f}",
         )
+    return table
+
+
+def proxy_check_table(check: ProxyCheck, name: str) -> Table:
+    """A proxy's check (``evaluate/proxy.py``) in 80 columns: the proxy beside its base model
+    (likelihood of the people's turns) and beside the people (their own games' figures)."""
+    table = Table(
+        title=f"{name} on {check.games} held human games (sides {check.sides}, {check.human_turns} turns, "
+        f"{check.human_tokens} tokens)",
+        title_justify="left",
+    )
+    for col in ("", "proxy", "base model", "people"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("log-lik per token (nats)", f"{check.loglik_proxy:.3f}", f"{check.loglik_base:.3f}", "")
+    table.add_row("log-lik per turn (nats)", f"{check.loglik_turn_proxy:.3f}", f"{check.loglik_turn_base:.3f}", "")
+    table.add_row("agreement (with itself)", f"{check.proxy_agreement:.0%}", "", f"{check.human_agreement:.0%}")
+    table.add_row("mean reward", f"{check.proxy_reward:.2f}", "", f"{check.human_reward:.2f}")
+    table.add_row("replies accepted", f"{check.acceptance:.0%} ({check.accepted}/{check.attempts})", "", "")
     return table

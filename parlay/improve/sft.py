@@ -79,12 +79,20 @@ from parlay.agents.hf_layer import default_device, pick_dtype
 from parlay.config import TrainConfig, WeightConfig
 from parlay.episode import write_lines_atomic
 from parlay.improve import TrainDataError, TrainingDiverged
-from parlay.improve.batches import Row, collate, plan, tokenize
+from parlay.improve.batches import Row, collate, plan, tokenize, turn_spans
 from parlay.improve.examples import TrainExample
 from parlay.improve.losses import micro_batch_loss, policy_gradient_loss, token_logps, weighted_nll
 from parlay.run import SAMPLER_KL_TOLERANCE, TrainStats
 
-__all__ = ["checkpoint_file", "policy_gradient_loss", "read_stats", "save_stats", "train", "weighted_nll"]
+__all__ = [
+    "checkpoint_file",
+    "policy_gradient_loss",
+    "read_stats",
+    "save_stats",
+    "train",
+    "turn_logps",
+    "weighted_nll",
+]
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +329,28 @@ def _can_share_heads(model) -> bool:
         return sliding_window(model.config) is None
     except Exception:  # an attention kind the decoder does not know: run every row whole
         return False
+
+
+def turn_logps(
+    examples: Sequence[TrainExample], base: str, adapter: str | None, cfg: TrainConfig
+) -> list[list[list[float]]]:
+    """Per example, per assistant turn, the log-prob (nats) of each of the turn's tokens (its
+    content and its end-of-turn token: what training imitates) under ``base`` plus ``adapter``
+    (merged), the examples tokenised, masked and cut to ``cfg.max_length`` as the trainer does
+    them; examples left with no own token are left out. ``TrainDataError``: none has any."""
+    device = default_device()
+    model, tokenizer = hf_layer.load(base, adapter, pick_dtype(cfg.dtype, device), device=device)
+    stops = hf_layer.stop_ids(tokenizer, model.generation_config)
+    rows, _, _ = tokenize(examples, tokenizer, stops, cfg.max_length)
+    logps = _token_logps(model, rows, tokenizer.pad_token_id, cfg.batch_size, device)
+    out = []
+    for row, lp in zip(rows, logps, strict=True):
+        turns, at = [], 0
+        for start, end in turn_spans(row.mask):
+            turns.append(lp[at : at + end - start])
+            at += end - start
+        out.append(turns)
+    return out
 
 
 @torch.no_grad()

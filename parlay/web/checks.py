@@ -1,6 +1,7 @@
 """A study's agents checked before anything of the study is stored (``parlay study tokens`` and
 ``parlay serve`` call ``check_agents`` first): every condition's spec is parsed, bots looked up,
-``run:`` rounds resolved, local model and adapter folders looked for. Weights are not loaded; what
+``run:`` rounds resolved, ``proxy:`` folders' manifests and models looked for, local model and
+adapter folders looked for. Weights are not loaded; what
 cannot be checked without loading (a hub id, an endpoint) is said so in the notes."""
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from pathlib import Path
 from parlay.agents.models import EMBEDDED
 from parlay.agents.scripted import BOTS
 from parlay.config import ConfigError
+from parlay.proxy import ProxyDir, ProxyError
 from parlay.web.study import Study
 
-KINDS = ("bot:", "hf:", "run:", "openai:", "vllm:")
+KINDS = ("bot:", "hf:", "run:", "proxy:", "openai:", "vllm:")
 
 
 def check_agents(study: Study) -> list[str]:
@@ -46,6 +48,12 @@ def _check(spec: str) -> str:
         if not (folder / "config.yaml").is_file():
             raise ValueError(f"run folder {folder}: no config.yaml there")
         return "run folder found (its round is resolved when loaded)"
+    if kind == "proxy:":
+        try:
+            ProxyDir(rest).playable()
+        except ProxyError as exc:
+            raise ValueError(str(exc)) from None
+        return "proxy folder found: manifest and model (weights not loaded)"
     if kind == "hf:":
         model, *options = rest.split("+")
         for option in options:
