@@ -26,7 +26,14 @@ from parlay.episode import Episode, EpisodeFileError, EpisodeWriter, read_episod
 from parlay.errors import ConfigError, UserError
 from parlay.evaluate import compute_metrics
 from parlay.evaluate.metrics import format_change
-from parlay.evaluate.tables import metrics_table, partners_table, rounds_table, sweep_table, tournament_tables
+from parlay.evaluate.tables import (
+    metrics_table,
+    partners_table,
+    rounds_table,
+    seed_tables,
+    sweep_table,
+    tournament_tables,
+)
 from parlay.evaluate.tournament import TournamentError
 from parlay.games import ContextFileError, Objective, RuleError, objective, read_selfplay_file
 from parlay.improve import TrainDataError
@@ -34,6 +41,7 @@ from parlay.lewis import LewisFormatError, import_file
 from parlay.locking import LockError
 from parlay.rollout import plan_games, play_games
 from parlay.run import RoundRecord, RunDir, RunDirError
+from parlay.seeds import SeedRuns, parse_seeds, pick_seed, seed_folder, seeds_of
 from parlay.specs import AgentSpec, parse_spec
 from parlay.tracking import TrackingError, track_eval
 
@@ -490,6 +498,14 @@ def train_cmd(
         Path | None, typer.Option("--init-data", help="Episodes to fine-tune the starting model on first.")
     ] = None,
     steal_lock: StealOpt = False,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Run the config once per seed, one after another, e.g. 0,1,2: each into runs_dir/name/seed-<s>/ "
+            "(the config key seeds: does the same); --resume skips complete seeds.",
+        ),
+    ] = None,
 ) -> None:
     """Self-play rounds: play, keep the good games, fine-tune, play again. One writer per run: a
     second `parlay train` on a live run is refused."""
@@ -501,6 +517,10 @@ def train_cmd(
         if not init_data.exists():
             raise FileNotFoundError(f"{init_data}: no such episodes file")
         cfg.warm_start.episodes, cfg.warm_start.bots = str(init_data), None
+    seed_list = seeds_of(cfg, parse_seeds(seeds) if seeds is not None else None)
+    if seed_list is not None:
+        _train_seeds(cfg, seed_list, resume, steal_lock)
+        return
     run_dir = RunDir(cfg.run_dir)
     started = time.perf_counter()
     hooks = RichHooks()
@@ -522,6 +542,29 @@ def train_cmd(
     if records:
         path, _ = write_report(run_dir.path, seed=cfg.seed, steal_lock=steal_lock)
         err.print(f"report: {path}")
+
+
+def _train_seeds(cfg: Any, seeds: list[int], resume: bool, steal_lock: bool) -> None:
+    """``parlay train --seeds``: every seed's run in turn (``loop.train_seeds``), each seed's report,
+    then the figures across seeds and the report of the whole."""
+    from parlay.evaluate.report import write_report
+    from parlay.loop import train_seeds
+
+    started = time.perf_counter()
+    hooks = RichHooks()
+    err.print(f"run directory: {cfg.run_dir} (seeds {', '.join(map(str, seeds))})")
+    try:
+        done = train_seeds(cfg, seeds, resume, hooks, steal_lock)
+    finally:
+        hooks.end_stage()
+    err.print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    for seed, records in done.items():
+        if records:
+            write_report(Path(cfg.run_dir) / seed_folder(seed), seed=seed, steal_lock=steal_lock)
+    path, view = write_report(Path(cfg.run_dir), seed=cfg.seed, steal_lock=steal_lock)
+    for table in seed_tables(view.changes, view.seeds):
+        console.print(table)
+    err.print(f"report: {path}")
 
 
 @app.command()
@@ -590,12 +633,15 @@ def export(
         int | None,
         typer.Option("--round", min=1, help="Run directory only: exactly what round K trained on (its train.jsonl)."),
     ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="A run over seeds: export seed S's run (its seed-<S>/ folder).")
+    ] = None,
 ) -> None:
     """Training examples, selected as a round selects them: OpenAI chat fine-tuning JSONL, train.jsonl
     lines, plain JSONL with rewards, or a Hugging Face dataset (load it with datasets.load_from_disk)."""
     from parlay.improve import export as exporting
 
-    sources = exporting.sources(source, keep, round_k)
+    sources = exporting.sources(pick_seed(source, seed), keep, round_k)
     n = exporting.export(sources, output, fmt)
     err.print(f"{n} examples from {len(sources)} file(s) written to {output}")
 
@@ -603,7 +649,9 @@ def export(
 @app.command()
 @user_errors
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (runs/<name>).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (runs/<name>), or a run over seeds (its seed-<s>/ read as one).")
+    ],
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
     judge: Annotated[
         str | None,
@@ -612,8 +660,15 @@ def report(
     judge_limit: Annotated[int, typer.Option(min=1, help="Most messages the judge checks per round.")] = 100,
     steal_lock: StealOpt = False,
 ) -> None:
-    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png; a live run can be reported."""
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png; a live run can be reported.
+    A run over seeds gets every round-vs-round-0 change per seed and across seeds, with intervals
+    over seeds and games (here as tables, and in its report)."""
     from parlay.evaluate.report import write_report
+    from parlay.evaluate.seeds import SeedsView
+
+    if judge and (runs := SeedRuns.find(run_dir)) is not None:
+        example = runs.run(runs.seeds()[0]).path
+        raise ConfigError(f"--judge: {run_dir} is a run over seeds; judge one seed's run (e.g. {example})")
 
     judge_agent = load_judge(judge, seed) if judge else None
     try:
@@ -623,6 +678,9 @@ def report(
             judge_agent.close()
     for line in view.missing:
         err.print(f"[yellow]missing:[/] {line}", highlight=False)
+    if isinstance(view, SeedsView):
+        for table in seed_tables(view.changes, view.seeds):
+            console.print(table)
     err.print(f"report written to {path} (plots in {RunDir(run_dir).plots})")
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    StrictInt,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -281,6 +282,12 @@ class RunConfig(_Section):
     )
     objective: str | float = Field("semi-competitive", description="cooperative, semi-competitive, competitive or λ.")
     seed: int = Field(0, description="Seed of contexts, first speakers, sampling and training order.")
+    seeds: list[StrictInt] | None = Field(
+        None,
+        description="Run the same config once per seed (e.g. [0, 1, 2]), one after another, each into "
+        "runs_dir/name/seed-<s>/ as a run of its own with seed: s; reports read them as one, with intervals "
+        "over seeds and games (parlay/seeds.py). Unset: one run with `seed`.",
+    )
     rounds: int = Field(3, ge=0, description="Training rounds after round 0.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     partners: list[PartnerConfig] = Field(
@@ -306,6 +313,18 @@ class RunConfig(_Section):
         except RuleError as exc:
             raise ValueError(str(exc)) from None
         return spec
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is None:
+            return None
+        if not seeds:
+            raise ValueError("give at least one seed, e.g. seeds: [0, 1, 2] (or leave it out and set seed)")
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:
+            raise ValueError(f"seed {', '.join(map(str, twice))} is listed twice; each seed runs once")
+        return seeds
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -43,6 +43,7 @@ from parlay.league import League, RoundGames
 from parlay.locking import FolderLock
 from parlay.rollout import Match, derive_seed, play_matches
 from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo, prepare_run
+from parlay.seeds import SeedRuns
 from parlay.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,7 @@ class Loop:
         return records
 
     def stopped_early(self, records: list[RoundRecord]) -> bool:
-        patience = self.cfg.early_stop.patience
-        if patience is None or len(records) <= patience:
-            return False
-        rewards = [r.metrics["mean_reward"] for r in records]
-        return max(rewards[-patience:]) <= max(rewards[:-patience]) + self.cfg.early_stop.min_delta
+        return stopped_early(self.cfg, records)
 
     # ------------------------------------------------------------------ the stages
 
@@ -312,6 +309,22 @@ class Loop:
         self.hooks.advance(deals=int(ep.agreed), tokens=sum(t.tokens or 0 for t in ep.turns))
 
 
+def stopped_early(cfg: RunConfig, records: list[RoundRecord]) -> bool:
+    """Whether ``early_stop`` ends a run whose complete rounds are ``records``: the last
+    ``patience`` rounds brought no mean reward above the best before them by more than ``min_delta``."""
+    patience = cfg.early_stop.patience
+    if patience is None or len(records) <= patience:
+        return False
+    rewards = [r.metrics["mean_reward"] for r in records]
+    return max(rewards[-patience:]) <= max(rewards[:-patience]) + cfg.early_stop.min_delta
+
+
+def finished(cfg: RunConfig) -> bool:
+    """Whether the run of ``cfg`` has nothing left to do: every round complete, or stopped early."""
+    records = RunDir(cfg.run_dir).records()
+    return len(records) == cfg.rounds + 1 or stopped_early(cfg, records)
+
+
 def _read(path: Path) -> list[Episode]:
     report = ReadReport()
     episodes = read_episodes(path, report)
@@ -335,3 +348,37 @@ def train(cfg: RunConfig, resume: bool, hooks: Hooks | None = None, steal_lock: 
     with FolderLock(run.path, steal=steal_lock):
         cfg = prepare_run(cfg, resume)
         return Loop(cfg, hooks).run()
+
+
+def train_seeds(
+    cfg: RunConfig,
+    seeds: list[int],
+    resume: bool,
+    hooks: Hooks | None = None,
+    steal_lock: bool = False,
+) -> dict[int, list[RoundRecord]]:
+    """``parlay train --seeds``: ``train`` once per seed, one seed after another, each into
+    ``cfg.run_dir/seed-<s>/`` with ``seed: s`` (the layout and its checks: ``parlay/seeds.py``).
+    Within a seed, ``rollout.workers``/``ray_address`` spread its games over Ray workers as in any
+    run; the seeds themselves run in turn. Everything is checked before anything runs
+    (``SeedRuns.check_start``); the parent folder's lock is held throughout and each seed's own
+    run lock while it runs. With ``resume``, a seed with nothing left to do (``finished``) is
+    skipped, never replayed; an interrupted one resumes where it stopped; one not started
+    starts. Returns each seed's records."""
+    hooks = hooks or Hooks()
+    runs = SeedRuns(cfg.run_dir)
+    runs.check_start(cfg, seeds, resume)
+    out: dict[int, list[RoundRecord]] = {}
+    with FolderLock(runs.path, steal=steal_lock):
+        listed = runs.seeds() if resume else []
+        runs.write_manifest(cfg, listed + [s for s in seeds if s not in listed])
+        for seed in seeds:
+            mine = runs.config_for(cfg, seed)
+            started = RunDir(mine.run_dir).config_file.exists()
+            if started and finished(mine):
+                hooks.note(f"seed {seed}: complete, not played again")
+                out[seed] = RunDir(mine.run_dir).records()
+                continue
+            hooks.note(f"seed {seed}: {'resuming' if started else 'starting'} in {mine.run_dir}")
+            out[seed] = train(mine, started, hooks, steal_lock)
+    return out

@@ -12,7 +12,7 @@ LAYERS = [
     ("rules", ["parlay.games"]),
     ("settings", ["parlay.config", "parlay.specs"]),
     ("protocol", ["parlay.protocol", "parlay.prompts"]),
-    ("records", ["parlay.episode", "parlay.lewis", "parlay.run", "parlay.locking", "parlay.proxy"]),
+    ("records", ["parlay.episode", "parlay.lewis", "parlay.run", "parlay.seeds", "parlay.locking", "parlay.proxy"]),
     ("agents", ["parlay.agents"]),
     ("rollout", ["parlay.rollout", "parlay.testing"]),
     ("scale", ["parlay.distributed"]),

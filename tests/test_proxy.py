@@ -86,6 +86,17 @@ def test_a_study_export_imitates_the_person_only(tiny_lm, tmp_path):
     assert m.side_counts == {"A": 3, "B": 0}
 
 
+def test_the_warm_start_on_bot_deals_comes_first(tiny_lm, human_files, tmp_path):
+    from parlay.config import WarmStartConfig
+
+    ws = WarmStartConfig(bots=["bot:conceder", "bot:conceder"], games=4, epochs=1.0)
+    m = build_proxy(human_files[0], tmp_path / "p", tiny_cfg(tiny_lm[2]), warm_start=ws)
+    demos = read_episodes(tmp_path / "p" / "warm_start" / "episodes.jsonl")
+    assert len(demos) == 4 and any(ep.agreed for ep in demos)
+    assert m.start.adapter == str(tmp_path / "p" / "warm_start" / "model") and m.warm_start["games"] == 4
+    assert (tmp_path / "p" / "model" / "adapter_config.json").is_file()
+
+
 def test_proxy_spec_resolves_and_plays_with_a_bot(built):
     out, _ = built
     spec = parse_spec(f"proxy:{out}")

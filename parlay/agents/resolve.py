@@ -11,6 +11,7 @@ from __future__ import annotations
 from parlay.config import RolloutConfig
 from parlay.proxy import ProxyDir
 from parlay.run import ModelRef, RunDir
+from parlay.seeds import SeedRuns, ask_for_seed
 from parlay.specs import DEFAULT_BATCH, DEFAULT_DTYPE, AgentSpec, ProxySpec, RunSpec, SpecError, model_spec
 
 
@@ -26,6 +27,8 @@ def resolve_run(spec: RunSpec) -> tuple[RunSpec, AgentSpec]:
     (a ``UserError``): no complete round, K not complete, or ``@all`` (``expand_rounds`` first)."""
     if spec.round == "all":
         raise SpecError(f"{spec}: @all stands for several agents; only a tournament takes it")
+    if (seeds := SeedRuns.find(spec.path)) is not None:
+        raise ask_for_seed(spec, seeds, f"name one seed's model: run:{spec.path}/seed-<s>@K")
     run = RunDir(spec.path)
     k, model = run.round_model(spec, spec.round)
     return RunSpec(spec.path, k), model_agent(model, run.load_config().rollout)
@@ -41,7 +44,15 @@ def resolve_proxy(spec: ProxySpec) -> AgentSpec:
 
 def expand_rounds(spec: AgentSpec) -> list[AgentSpec]:
     """``run:DIR@all`` → ``run:DIR@0``, ``run:DIR@1``, … (every complete round); any other spec alone.
-    ``ConfigError`` when the run has no complete round."""
-    if not isinstance(spec, RunSpec) or spec.round != "all":
+    A run over seeds (``parlay/seeds.py``) stands for every seed's run: ``run:RUN@K`` →
+    ``run:RUN/seed-<s>@K`` for each seed present, in order. ``ConfigError`` when a run has no
+    complete round."""
+    if not isinstance(spec, RunSpec):
+        return [spec]
+    if (seeds := SeedRuns.find(spec.path)) is not None:
+        seeds.check()
+        paths = [str(seeds.run(s).path) for s in seeds.present_seeds()]
+        return [one for path in paths for one in expand_rounds(RunSpec(path, spec.round))]
+    if spec.round != "all":
         return [spec]
     return [RunSpec(spec.path, k) for k in RunDir(spec.path).complete_rounds_of(spec)]

@@ -32,11 +32,13 @@ from parlay.agents.base import Agent
 from parlay.episode import Episode, write_lines_atomic
 from parlay.evaluate.analysis import RunView, load_run, round_score_correlation
 from parlay.evaluate.consistency import judge_summary
-from parlay.evaluate.metrics import LABELS, format_change, game_rewards
+from parlay.evaluate.metrics import LABELS, METRICS, format_change, game_rewards
+from parlay.evaluate.seeds import SeedsView, load_seeds, metric_across_seeds
 from parlay.evaluate.sweep import plot_sweep
 from parlay.games.dond import ITEMS
 from parlay.locking import REPORT_LOCK, REPORT_WAIT, FolderLock
 from parlay.run import SAMPLER_KL_TOLERANCE, RunDir, RunDirError, TrainStats
+from parlay.seeds import SeedRuns, seed_folder
 from parlay.specs import partner_kind
 
 CURVES = [
@@ -62,11 +64,14 @@ def write_report(
 ) -> tuple[Path, RunView]:
     """Write ``report.html`` and ``plots/*.png`` into ``run_dir``; returns the report's path and
     the run as read (``missing`` says what the run lacks). With a ``judge``, it also checks up to
-    ``judge_limit`` messages per round for misstated facts. A live run can be reported: the
-    report reads it and takes only the report's own lock."""
+    ``judge_limit`` messages per round for misstated facts. A run over seeds (``parlay/seeds.py``)
+    gets the page across its seeds instead (``_write_seeds_report``; its view a ``SeedsView``).
+    A live run can be reported: the report reads it and takes only the report's own lock."""
     if not Path(run_dir).is_dir():
         raise RunDirError(f"{run_dir}: no such run directory")
     with FolderLock(run_dir, steal=steal_lock, name=REPORT_LOCK, wait=REPORT_WAIT):
+        if SeedRuns.find(run_dir) is not None:
+            return _write_seeds_report(Path(run_dir), seed)
         return _write_report(run_dir, seed, judge, judge_limit)
 
 
@@ -393,3 +398,126 @@ def render(
         sweep=view.sweep,
         dialogues=dialogues,
     )
+
+
+# ---------------------------------------------------------------------- a run over seeds
+
+
+def _save(fig: plt.Figure, plots_dir: Path, name: str) -> str:
+    """Write ``plots/NAME.png`` and return it as a data URL for the page."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    (plots_dir / f"{name}.png").write_bytes(buf.getvalue())
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plot_seed_curves(view: SeedsView, seed: int = 0) -> plt.Figure:
+    """``CURVES`` over seeds: each seed's curve faint, the mean over the seeds that completed a
+    round bold, and a band with its hierarchical bootstrap 95 % interval."""
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5), constrained_layout=True)
+    ks = view.rounds
+    for ax, (key, label) in zip(axes.flat, CURVES, strict=True):
+        for s, by_round in view.tables.items():
+            mine = sorted(by_round)
+            values = [float(METRICS[key](by_round[k], np.ones((1, by_round[k].games)))[0]) for k in mine]
+            first = s == next(iter(view.tables))
+            ax.plot(mine, values, color="tab:blue", alpha=0.25, lw=1, marker=".", label="each seed" if first else None)
+        means, lows, highs = [], [], []
+        for k in ks:
+            tables = [by_round[k] for by_round in view.tables.values() if k in by_round]
+            value, (low, high) = metric_across_seeds(tables, key, seed + k)
+            means.append(value)
+            lows.append(low)
+            highs.append(high)
+        ax.fill_between(ks, lows, highs, color="tab:blue", alpha=0.15, label="95% interval")
+        ax.plot(ks, means, color="tab:blue", lw=2.5, marker="o", label="mean over seeds")
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(loc="best", fontsize=8)
+    fig.suptitle(f"{view.name}: {len(view.seeds)} seeds; intervals over seeds and games")
+    return fig
+
+
+def plot_seed_changes(view: SeedsView) -> plt.Figure | None:
+    """Per figure (all games, each partner, each held-out one), the change from round 0 per
+    round: each seed faint, the mean bold, the hierarchical 95 % interval as a band; None before
+    round 1 is complete anywhere."""
+    figures = list(dict.fromkeys(c["figure"] for c in view.changes))
+    if not figures:
+        return None
+    cols = min(3, len(figures))
+    rows = -(-len(figures) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), constrained_layout=True, squeeze=False)
+    for ax, key in zip(axes.flat, figures, strict=False):
+        mine = [c for c in view.changes if c["figure"] == key]
+        ks = [0] + [c["k"] for c in mine]
+        for s in view.seeds:
+            points = [(c["k"], c["per_seed"][s]) for c in mine if s in c["per_seed"]]
+            if points:
+                xs, ys = zip(*[(0, 0.0), *points], strict=True)
+                ax.plot(xs, ys, color="tab:green", alpha=0.3, lw=1, marker=".")
+        ax.fill_between(ks, [0.0] + [c["ci95"][0] for c in mine], [0.0] + [c["ci95"][1] for c in mine],
+                        color="tab:green", alpha=0.15)  # fmt: skip
+        ax.plot(ks, [0.0] + [c["mean"] for c in mine], color="tab:green", lw=2.5, marker="o")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(_short(mine[0]["label"]), fontsize=10)
+        ax.set_xlabel("round")
+        ax.set_ylabel("own reward minus round 0's")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(figures) :]:
+        ax.axis("off")
+    fig.suptitle("change from round 0: seeds faint, mean bold, 95% interval over seeds and games (* held out)")
+    return fig
+
+
+def _change_cells(c: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    per = c["per_seed"]
+    return c | {
+        "cells": [f"{per[s]:+.2f}" if s in per else "–" for s in seeds],
+        "mean": f"{c['mean']:+.2f}",
+        "ci": f"{c['ci95'][0]:+.2f} – {c['ci95'][1]:+.2f}",
+        "iqm": "–" if c["iqm"] is None else f"{c['iqm']:+.2f}",
+        "p": "–" if c["p_improvement"] is None else f"{c['p_improvement']:.2f}",
+    }
+
+
+def _write_seeds_report(run_dir: Path, seed: int) -> tuple[Path, SeedsView]:
+    """``report.html`` and ``plots/`` of a run over seeds (see ``write_report``)."""
+    view = load_seeds(run_dir, seed=seed)
+    plots_dir = RunDir(view.dir).plots
+    plots_dir.mkdir(exist_ok=True)
+    images = {"curves": _save(plot_seed_curves(view, seed), plots_dir, "curves")}
+    changes = plot_seed_changes(view)
+    if changes is not None:
+        images["changes"] = _save(changes, plots_dir, "changes")
+    cfg = view.config or {}
+    settings = {
+        "model": cfg.get("model"),
+        "objective": cfg.get("objective"),
+        "rounds planned": cfg.get("rounds"),
+        "games per round": (cfg.get("rollout") or {}).get("games"),
+        "seeds": ", ".join(map(str, view.seeds)),
+    }
+    links = [
+        {"name": seed_folder(s), "href": f"{seed_folder(s)}/report.html", "rounds": ", ".join(map(str, sorted(t)))}
+        for s, t in view.tables.items()
+    ]
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env.from_string(resources.files("parlay.evaluate").joinpath("report_seeds.html.j2").read_text("utf-8"))
+    page = template.render(
+        name=view.name,
+        run_dir=str(view.dir),
+        settings={k: v for k, v in settings.items() if v is not None},
+        missing=view.missing,
+        seeds=view.seeds,
+        seed_links=links,
+        changes=[_change_cells(c, view.seeds) for c in view.changes],
+        images=images,
+    )
+    out = RunDir(view.dir).report_file
+    write_lines_atomic(out, [page])
+    return out, view

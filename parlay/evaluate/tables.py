@@ -200,3 +200,40 @@ def proxy_check_table(check: ProxyCheck, name: str) -> Table:
     table.add_row("mean reward", f"{check.proxy_reward:.2f}", "", f"{check.human_reward:.2f}")
     table.add_row("replies accepted", f"{check.acceptance:.0%} ({check.accepted}/{check.attempts})", "", "")
     return table
+
+
+SEEDS_PER_TABLE = 5
+"""Seed columns per table of ``seed_tables``, so that a table fits 80 columns."""
+
+
+def _figure_name(label: str, width: int = 20) -> str:
+    return label if len(label) <= width else "…" + label[-(width - 1) :]
+
+
+def seed_tables(changes: list[dict[str, Any]], seeds: list[int]) -> list[Table]:
+    """A run over seeds (``evaluate/seeds.py``): the change from round 0 across seeds per round
+    and figure — mean, hierarchical bootstrap 95 % interval, IQM, probability of improvement —
+    then each seed's own change, ``SEEDS_PER_TABLE`` seeds to a table. Each fits 80 columns."""
+    across = Table(title="change from round 0 across seeds (95% CI: seeds, then games)", title_justify="left")
+    for col in ("round", "with", "mean [95% CI]", "IQM", "P(impr.)"):
+        across.add_column(col, justify="right")
+    for c in changes:
+        low, high = c["ci95"]
+        across.add_row(
+            str(c["k"]),
+            _figure_name(c["label"]),
+            f"{c['mean']:+.2f} [{low:+.2f}, {high:+.2f}]",
+            "–" if c["iqm"] is None else f"{c['iqm']:+.2f}",
+            "–" if c["p_improvement"] is None else f"{c['p_improvement']:.2f}",
+        )
+    tables = [across]
+    for start in range(0, len(seeds), SEEDS_PER_TABLE):
+        chunk = seeds[start : start + SEEDS_PER_TABLE]
+        per = Table(title="change from round 0 in each seed (* held out)", title_justify="left")
+        for col in ("round", "with", *(f"seed {s}" for s in chunk)):
+            per.add_column(col, justify="right")
+        for c in changes:
+            cells = (f"{c['per_seed'][s]:+.2f}" if s in c["per_seed"] else "–" for s in chunk)
+            per.add_row(str(c["k"]), _figure_name(c["label"]), *cells)
+        tables.append(per)
+    return tables
