@@ -23,8 +23,8 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,9 @@ def pair_file(out: Path, i: int, j: int) -> Path:
     return out / "pairs" / f"{i}-{j}.jsonl"
 
 
-def _check_setup(out: Path, setup: Setup) -> None:
+def check_setup(out: Path, setup: Any) -> None:
+    """Save ``setup`` (a dataclass: what the folder's games are) in ``out/setup.json``, or, when
+    one is there, raise ``TournamentError`` naming the fields in which it differs."""
     path = out / "setup.json"
     wanted = asdict(setup)
     if path.exists():
@@ -105,9 +107,41 @@ def run_tournament(
     if len(set(specs)) != len(specs):
         raise TournamentError(f"an agent is listed twice: {', '.join(specs)}")
     setup = Setup(specs, obj.to_dict(), games, seed, max_messages, asdict(sampling))
-    _check_setup(out, setup)
+    check_setup(out, setup)
     plan = plan_games(games, seed)
     pairs = [(i, j) for i in range(len(agents)) for j in range(len(agents))]
+    by_pair = play_pairs(agents, pairs, plan, obj, out, max_messages, on_start, on_episode, play)
+    summaries: list[dict[str, Any]] = []
+    for i, j in pairs:
+        path = pair_file(out, i, j)
+        summaries.append(
+            {"a": specs[i], "b": specs[j], "a_index": i, "b_index": j, "episodes": str(path.relative_to(out))}
+        )
+        summaries[-1] |= summarize(by_pair[(i, j)], seed=seed, resamples=resamples)
+    changes = changes_from_first(specs, by_pair, seed)
+    result = asdict(setup) | {"pairs": summaries, "matrix": cross_play_matrix(specs, summaries), "vs_first": changes}
+    result["ratings"] = ratings(specs, by_pair, seed)
+    write_lines_atomic(out / "tournament.json", [json.dumps(result, indent=1)])
+    write_csv(out / "tournament.csv", summaries)
+    return result
+
+
+def play_pairs(
+    agents: Sequence[Agent],
+    pairs: Sequence[tuple[int, int]],
+    plan: Sequence[Any],
+    obj: Objective,
+    out: Path,
+    max_messages: int | None,
+    on_start: Callable[[int, int], None] | None = None,
+    on_episode: Callable[[Episode], None] | None = None,
+    play: PlayMatches = play_matches,
+) -> dict[tuple[int, int], list[Episode]]:
+    """Each pair (i, j) — ``agents[i]`` as player A, ``agents[j]`` as B — on the planned games,
+    in plan order. Games already in a pair's file (``pair_file``) are kept, the missing ones
+    played at once (``play``: in this process, where an agent that sits in several pairs
+    answers all its turns in one batch, or on Ray workers) and appended to it.
+    ``on_start(games, already_played)`` is called before play, over all pairs."""
     have: dict[tuple[int, int], dict[str, Episode]] = {}
     matches: list[Match] = []
     pair_of: list[tuple[int, int]] = []  # the pair of each match
@@ -125,21 +159,38 @@ def run_tournament(
         played = play(matches, obj, max_messages, on_episode) if matches else []
     for pair, ep in zip(pair_of, played, strict=True):
         have[pair][ep.id] = ep
-    summaries: list[dict[str, Any]] = []
-    by_pair: dict[tuple[int, int], list[Episode]] = {}
-    for i, j in pairs:
-        episodes = by_pair[(i, j)] = [have[(i, j)][g.id] for g in plan]
-        path = pair_file(out, i, j)
-        summaries.append(
-            {"a": specs[i], "b": specs[j], "a_index": i, "b_index": j, "episodes": str(path.relative_to(out))}
-        )
-        summaries[-1] |= summarize(episodes, seed=seed, resamples=resamples)
-    changes = changes_from_first(specs, by_pair, seed)
-    result = asdict(setup) | {"pairs": summaries, "matrix": cross_play_matrix(specs, summaries), "vs_first": changes}
-    result["ratings"] = ratings(specs, by_pair, seed)
-    write_lines_atomic(out / "tournament.json", [json.dumps(result, indent=1)])
-    write_csv(out / "tournament.csv", summaries)
-    return result
+    return {pair: [have[pair][g.id] for g in plan] for pair in pairs}
+
+
+@contextmanager
+def loaded_agents(
+    specs: Sequence[AgentSpec],
+    sampling: Sampling,
+    out: Path,
+    workers: int = 0,
+    ray_address: str | None = None,
+    steal_lock: bool = False,
+) -> Iterator[tuple[list[Agent], PlayMatches]]:
+    """The agents ``specs`` name, loaded here or with ``workers`` > 0 by that many Ray actors
+    (``ray_address``: a running cluster), and the function that plays their matches, while
+    ``out``'s lock is held; every agent (and the pool) closed on the way out."""
+    pool = RayPool(workers, ray_address) if workers else None
+    try:
+        if pool is not None:  # the workers load the agents; run:DIR@K keeps its round
+            agents: list[Agent] = [
+                RemoteAgent(resolve_run(s)[0] if isinstance(s, RunSpec) else s, sampling) for s in specs
+            ]
+        else:
+            agents = load_agents(specs, sampling)
+        try:
+            with FolderLock(out, steal=steal_lock):
+                yield agents, (pool.play_matches if pool else play_matches)
+        finally:
+            for agent in agents:
+                agent.close()
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def play_tournament(
@@ -162,26 +213,8 @@ def play_tournament(
     ``tournament.json`` holds. Raises ``AgentError``/``ConfigError`` for an agent that cannot be
     loaded, ``TournamentError``, ``LockError`` (another writer), ``DistributedError``."""
     specs = [one for spec in specs for one in expand_rounds(spec)]
-    pool = RayPool(workers, ray_address) if workers else None
-    try:
-        if pool is not None:  # the workers load the agents; run:DIR@K keeps its round
-            agents: list[Agent] = [
-                RemoteAgent(resolve_run(s)[0] if isinstance(s, RunSpec) else s, sampling) for s in specs
-            ]
-        else:
-            agents = load_agents(specs, sampling)
-        try:
-            with FolderLock(out, steal=steal_lock):
-                play = pool.play_matches if pool else play_matches
-                return run_tournament(
-                    agents, obj, games, seed, out, max_messages, sampling, on_start, on_episode, play=play
-                )
-        finally:
-            for agent in agents:
-                agent.close()
-    finally:
-        if pool is not None:
-            pool.close()
+    with loaded_agents(specs, sampling, out, workers, ray_address, steal_lock) as (agents, play):
+        return run_tournament(agents, obj, games, seed, out, max_messages, sampling, on_start, on_episode, play=play)
 
 
 def tournament_episodes(out: Path, result: dict[str, Any]) -> list[Episode]:
@@ -203,7 +236,7 @@ def cross_play_matrix(specs: list[str], pairs: list[dict[str, Any]]) -> dict[str
     return {"agents": specs, "reward": reward.tolist(), "agreement": agreement.tolist()}
 
 
-def _own_rewards(played: dict[tuple[int, int], list[Episode]], i: int, j: int) -> dict[str, float]:
+def own_rewards(played: dict[tuple[int, int], list[Episode]], i: int, j: int) -> dict[str, float]:
     """Agent i's reward against agent j in each planned game, averaged over its two seats."""
     as_a = {ep.id: ep.rewards[0] for ep in played[(i, j)]}
     as_b = {ep.id: ep.rewards[1] for ep in played[(j, i)]}
@@ -219,8 +252,8 @@ def changes_from_first(
     out = []
     for x in range(1, len(specs)):
         for z in range(len(specs)):
-            before = _own_rewards(played, 0, 0 if z == x else z)
-            change = paired_bootstrap(_own_rewards(played, x, z), before, seed)
+            before = own_rewards(played, 0, 0 if z == x else z)
+            change = paired_bootstrap(own_rewards(played, x, z), before, seed)
             out.append({"agent": specs[x], "partner": "itself" if z == x else specs[z], "first": specs[0]} | change)
     return out
 
