@@ -28,21 +28,16 @@ import torch
 from parlay.agents.base import Sampling
 from parlay.agents.hf import HFAgent, load_model
 from parlay.agents.hf_layer import cpu_has_bf16, pick_dtype
+from parlay.agents.machine import calibrate
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def peak_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+def peak_matmul_flops(dtype: torch.dtype) -> float:
+    """The machine's matmul rate in ``dtype`` (FLOP/s), the calibration ``parlay doctor`` uses."""
+    return calibrate(dtype, seconds=3.0)
 
 
 def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak, share=False):

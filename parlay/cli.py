@@ -28,6 +28,7 @@ from parlay.evaluate import compute_metrics
 from parlay.evaluate.metrics import format_change
 from parlay.evaluate.tables import (
     metrics_table,
+    partner_eval_tables,
     partners_table,
     rounds_table,
     seed_tables,
@@ -148,28 +149,29 @@ class RichHooks:
         self.tokens += info.get("tokens", 0)
         self.done += n
         now = time.perf_counter()
-        tps = self.tokens / max(1e-9, now - self.started)
-        text = f"loss {info['loss']:.3f}  {tps:.0f} tok/s" if "loss" in info else f"deals {self.deals}  {tps:.0f} tok/s"
-        self.info = text
-        self.progress.update(self.task, advance=n, info=text)
+        self.info = f"loss {info['loss']:.3f}" if "loss" in info else f"deals {self.deals}"
+        self.progress.update(self.task, advance=n, info=f"{self.info}{self.rate(now)}")
         if not err.is_terminal and now - self.last_line >= PROGRESS_EVERY:  # a log file: a plain line now and then
             err.print(self.progress_line(now), highlight=False)
             self.last_line = now
 
+    def rate(self, now: float) -> str:
+        """``, 41 tok/s`` since the stage began; nothing where no model tokens were counted (bots)."""
+        return f", {self.tokens / max(1e-9, now - self.started):.0f} tok/s" if self.tokens else ""
+
     def progress_line(self, now: float) -> str:
-        """``  round 1: training: 12/32, 41 tok/s, ETA 6m10s; loss 1.234`` (for logs, where no bar is drawn)."""
+        """``  round 1: training: 12/32, loss 1.234, 41 tok/s, ETA 6m10s`` (for logs, where no bar is drawn)."""
         elapsed = now - self.started
         left = (self.total - self.done) * elapsed / self.done if self.done else None
         eta = f"{int(left // 60)}m{int(left % 60):02d}s" if left is not None else "unknown"
-        tps = self.tokens / max(1e-9, elapsed)
-        return f"  {self.description}: {self.done}/{self.total}, {tps:.0f} tok/s, ETA {eta}; {self.info}"
+        return f"  {self.description}: {self.done}/{self.total}, {self.info}{self.rate(now)}, ETA {eta}"
 
     def end_stage(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             if not err.is_terminal:
-                seconds = time.perf_counter() - self.started
-                err.print(f"  done in {seconds:.0f} s; {self.info}", highlight=False)
+                now = time.perf_counter()
+                err.print(f"  done in {now - self.started:.0f} s; {self.info}{self.rate(now)}", highlight=False)
             self.progress = None
 
     def game_done(self, ep: Episode) -> None:
@@ -344,11 +346,14 @@ def _lambdas(text: str) -> list[float]:
     return values
 
 
-def _specs(text: str | None) -> list[AgentSpec]:
-    """``--agents A,B,…``: the agent specs, parsed here, where they enter."""
-    specs = [parse_spec(s.strip()) for s in (text or "").split(",") if s.strip()]
+def _specs(text: str | None, option: str = "--agents") -> list[AgentSpec]:
+    """``--agents A,B,…`` (or ``option``): the agent specs, parsed here, where they enter."""
+    try:
+        specs = [parse_spec(s.strip()) for s in (text or "").split(",") if s.strip()]
+    except UserError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
     if not specs:
-        raise ConfigError("--agents: no agent spec given")
+        raise ConfigError(f"{option}: no agent spec given")
     return specs
 
 
@@ -362,6 +367,15 @@ def eval_(
             "--agents",
             help="Comma-separated agent specs for a cross-play tournament; run:DIR[@K] is round K's model "
             "of a run (default: its last complete round), run:DIR@all every complete round's.",
+        ),
+    ] = None,
+    partners: Annotated[
+        str | None,
+        typer.Option(
+            "--partners",
+            help="Comma-separated partner specs: instead of a tournament, each of --agents plays each "
+            "partner on the same games (both seats), with its paired change from the first agent; "
+            "run:RUN@K of a run over seeds plays every seed's model, figures across seeds.",
         ),
     ] = None,
     n: GamesOpt = 64,
@@ -406,6 +420,13 @@ def eval_(
 
     if bool(files) == bool(agents):
         raise ConfigError("give either episodes FILES or --agents SPEC,SPEC,… (not both)")
+    if partners is not None:
+        if lambdas is not None or judge:
+            raise ConfigError("--partners: not with --lambdas or --judge")
+        _eval_partners(_specs(agents), _specs(partners, "--partners"), n, objective(objective_spec), seed, out,
+                       max_messages, Sampling(temperature, top_p, max_new_tokens, seed), as_json, steal_lock,
+                       workers, ray_address)  # fmt: skip
+        return
     obj = objective(objective_spec)
     judge_agent = load_judge(judge, seed) if judge else None  # a bad judge spec fails before any game
     sampling = Sampling(temperature, top_p, max_new_tokens, seed)
@@ -457,6 +478,32 @@ def eval_(
             f"judge {j['judge']}: {rate} of {j['messages']} messages misstate facts "
             f"({j['unreadable']} unreadable); agrees with the rules on {agree}"
         )
+
+
+def _eval_partners(
+    agents: list[AgentSpec], partners: list[AgentSpec], n: int, obj: Objective, seed: int, out: Path | None,
+    max_messages: int | None, sampling: Sampling, as_json: bool, steal_lock: bool, workers: int,
+    ray_address: str | None,
+) -> None:  # fmt: skip
+    """``parlay eval --agents … --partners …``: ``evaluate/partners.py``, its tables or ``--json``."""
+    from parlay.evaluate.partners import play_partners
+
+    out = out or Path("eval") / f"partners-{obj.name}-n{n}-seed{seed}"
+    hooks = RichHooks()
+    try:
+        result = play_partners(
+            agents, partners, obj, n, seed, out, max_messages, sampling, workers, ray_address, steal_lock,
+            on_start=lambda total, done: (hooks.stage("agents with fixed partners", total), hooks.advance(done)),
+            on_episode=hooks.game_done,
+        )  # fmt: skip
+    finally:
+        hooks.end_stage()
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    for table in partner_eval_tables(result):
+        console.print(table)
+    err.print(f"written to {out}/result.json")
 
 
 @app.command("import-lewis")
@@ -525,6 +572,7 @@ def train_cmd(
     started = time.perf_counter()
     hooks = RichHooks()
     err.print(f"run directory: {run_dir.path}")
+    _machine_line(cfg)
     try:
         records = train(cfg, resume, hooks, steal_lock)
     finally:
@@ -565,6 +613,21 @@ def _train_seeds(cfg: Any, seeds: list[int], resume: bool, steal_lock: bool) -> 
     for table in seed_tables(view.changes, view.seeds):
         console.print(table)
     err.print(f"report: {path}")
+
+
+def _machine_line(cfg) -> None:
+    """The machine a run's figures hold for, at the start of its log (``parlay doctor`` says more)."""
+    from parlay.agents.hf_layer import default_device, pick_dtype
+    from parlay.agents.machine import describe
+
+    machine = describe()
+    play, train = (
+        str(pick_dtype(d, default_device())).removeprefix("torch.") for d in (cfg.rollout.dtype, cfg.train.dtype)
+    )
+    dtypes = f"dtype {play}" if play == train else f"dtype {play} for play, {train} for training"
+    err.print(f"machine: {machine.summary()}; this run: {dtypes} (parlay doctor: expected time)", highlight=False)
+    for line in machine.warnings():
+        err.print(f"[yellow]{line}[/]", highlight=False)
 
 
 @app.command()
@@ -682,6 +745,34 @@ def report(
         for table in seed_tables(view.changes, view.seeds):
             console.print(table)
     err.print(f"report written to {path} (plots in {RunDir(run_dir).plots})")
+
+
+@app.command()
+@user_errors
+def doctor(
+    seconds: Annotated[float, typer.Option(min=0.5, help="How long to measure the matmul rate.")] = 10.0,
+) -> None:
+    """What this machine computes with (CPU class, native bf16, the dtype `auto` picks, threads),
+    its measured matmul rate, and the README main job's expected time here."""
+    from parlay.agents.machine import QUICKSTART, calibrate, describe, expected_minutes
+
+    machine = describe()
+    dtype = machine.auto_dtype
+    console.print(machine.summary(), highlight=False)
+    if not machine.gpu and not machine.native_bf16:
+        console.print("bf16 would be emulated on this CPU (slow): runs train and play in float32", highlight=False)
+    flops = calibrate(dtype, seconds)
+    console.print(f"matmul {flops / 1e9:.0f} GFLOP/s in {str(dtype).removeprefix('torch.')} ({seconds:g} s)")
+    minutes = expected_minutes(flops)
+    if minutes is not None:
+        console.print(
+            f"main job (configs/cpu-quickstart.yaml): about {minutes:.0f} min here, scaled from "
+            f"{QUICKSTART.minutes:.0f} min at {QUICKSTART.gflops:.0f} GFLOP/s {QUICKSTART.dtype} "
+            f"({QUICKSTART.machine}, commit {QUICKSTART.commit})",
+            highlight=False,
+        )
+    for line in machine.warnings():
+        err.print(f"[yellow]{line}[/]", highlight=False)
 
 
 # ---------------------------------------------------------------------- human studies

@@ -36,12 +36,14 @@ from parlay.evaluate.metrics import partner_summary
 from parlay.games.dond import objective
 from parlay.improve import TrainingDiverged
 from parlay.improve import judge as judging
+from parlay.improve.batches import check_room
 from parlay.improve.examples import Selected, learner_sides, select_examples, write_examples
 from parlay.improve.trainers import FitRequest, make_trainer
 from parlay.improve.warm import bot_demonstrations, warm_examples
 from parlay.league import League, RoundGames
 from parlay.locking import FolderLock
-from parlay.rollout import Match, derive_seed, play_matches
+from parlay.protocol import Game
+from parlay.rollout import Match, derive_seed, plan_games, play_matches
 from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo, prepare_run
 from parlay.seeds import SeedRuns
 from parlay.tracking import Tracker, flatten
@@ -86,6 +88,7 @@ class Loop:
 
     def run(self) -> list[RoundRecord]:
         """Play and train every round not yet complete; return the record of every round."""
+        self.check_room()
         r = self.cfg.rollout
         self.pool = RayPool(r.workers, r.ray_address) if r.workers else None
         self.load = RemoteAgent if self.pool else load_agent  # with Ray, the workers load the agents
@@ -98,6 +101,25 @@ class Loop:
             self.league.close()
             if self.pool is not None:
                 self.pool.close()
+
+    def check_room(self) -> None:
+        """``train.max_length`` holds a game's opening and a reply, checked with the model's own
+        tokenizer before anything is played (``check_room``'s ``ConfigError`` otherwise)."""
+        cfg = self.cfg
+        if cfg.train.backend == "openai":
+            return
+        from transformers import AutoTokenizer
+
+        from parlay.agents.models import resolve
+
+        game = plan_games(1, cfg.seed)[0]
+        first = game.first_speaker
+        opening = Game(game.context, self.obj, first, cfg.rollout.max_messages).conversation(first)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
+        except (OSError, ValueError):  # not loadable here: loading the model will say why, by name
+            return
+        check_room(tokenizer, opening, cfg.train.max_length, cfg.rollout.max_new_tokens)
 
     def _rounds(self) -> list[RoundRecord]:
         cfg, run = self.cfg, self.run_dir

@@ -190,6 +190,25 @@ def test_embedded_smollm2_loads_and_speaks(tmp_path, monkeypatch):
     assert all(t.tokens and t.text for e in eps for t in e.turns)
 
 
+@pytest.mark.slow
+def test_embedded_conversion_keeps_a_log_readable(tmp_path):
+    """Converting the embedded GGUF with stderr going to a log writes a line or two, not a
+    progress bar redrawn for each of its tensors."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PARLAY_CACHE": str(tmp_path)}
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from parlay.agents.models import resolve; resolve('smollm2-135m')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert (tmp_path / "models" / "smollm2-135m" / "model.safetensors").exists()
+    assert "de-quantizing" not in done.stderr and "\r" not in done.stderr
+    assert "converted SmolLM2-135M-Instruct.Q4_1.gguf in" in done.stderr
+
+
 def test_selfplay_command_with_a_local_model(tiny_lm, tmp_path):
     from tests.test_cli import run
 

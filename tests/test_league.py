@@ -9,7 +9,7 @@ from parlay.agents import Sampling, load_agent
 from parlay.config import ConfigError, parse_config
 from parlay.episode import all_player_episodes, read_episodes
 from parlay.evaluate.report import write_report
-from parlay.evaluate.tables import partners_table
+from parlay.evaluate.tables import partners_table, rounds_table
 from parlay.games import objective
 from parlay.improve.examples import has_own_turns, learner_sides, read_examples
 from parlay.league import TRAINING, League, assign_partners, heldout_games, round_games
@@ -155,6 +155,16 @@ def test_a_league_round_trains_only_on_the_models_sides_and_records_every_partne
     assert (cfg.run_dir / "plots" / "partners.png").exists()
     table = partners_table(history)
     assert table is not None and table.row_count == 2 * (3 + 1) - 1  # round 0 met no checkpoint
+    # Both of a run's tables fit an 80-column log whole: no line longer, no cell cut short.
+    import io
+
+    from rich.console import Console
+
+    log = io.StringIO()
+    Console(file=log, width=80, force_terminal=False).print(rounds_table(history), table)
+    lines = log.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in log.getvalue()
+    assert sum("bot:hard *" in line for line in lines) == 2  # one line per row, not wrapped
 
 
 def test_a_partner_that_fails_fails_its_games_not_the_run(parrot_lm, tmp_path, monkeypatch):

@@ -269,3 +269,23 @@ def test_export_of_a_round_is_exactly_what_it_trained_on(tmp_path):
     assert out.read_text() == trained_on
     r = run("export", str(cfg.run_dir), "--round", "2", "-o", str(out))
     assert r.returncode == 2 and "round 1's games" in r.stderr
+
+
+def test_a_max_length_shorter_than_a_games_opening_is_refused_before_play(tiny_lm, tmp_path):
+    """The least ``train.max_length`` is the opening as the model's own template renders it plus
+    one reply (computed here with transformers' ``apply_chat_template``); one token less is
+    refused, naming the setting, before any game is played."""
+    from parlay.games import objective
+    from parlay.protocol import Game
+    from parlay.rollout import plan_games
+
+    _, tokenizer, path = tiny_lm
+    game = plan_games(1, 0)[0]
+    opening = Game(game.context, objective("cooperative"), game.first_speaker, 4).conversation(game.first_speaker)
+    need = len(tokenizer.apply_chat_template(opening, add_generation_prompt=True, tokenize=True, return_dict=False))
+    need += 16  # rollout.max_new_tokens in config()
+    short = prepare_run(config(tmp_path, str(path), rounds=0, train={"max_length": need - 1}), resume=False)
+    with pytest.raises(ConfigError, match=rf"train\.max_length={need - 1} .* at least {need}"):
+        Loop(short).run()
+    assert not (RunDir(short.run_dir).round(0).episodes).exists()
+    Loop(short.model_copy(update={"train": short.train.model_copy(update={"max_length": need})})).check_room()

@@ -615,3 +615,9 @@ def test_training_progress_reaches_a_log_as_plain_lines(monkeypatch):
     assert lines[1].startswith("  warm start: training on 254 examples: 1/32, ") and "ETA " in lines[1]
     assert "2/32" in lines[2] and "tok/s" in lines[2] and "loss 1.500" in lines[2]
     assert lines[3].startswith("  done in ") and "\x1b[" not in log.getvalue()  # no bar, no colour codes
+    assert all(line.count("tok/s") <= 1 for line in lines)  # each figure once
+    hooks.stage("warm start: bot:conceder vs bot:conceder", 2)  # bots produce no model tokens
+    hooks.advance(deals=1)
+    hooks.end_stage()
+    bot_lines = log.getvalue().splitlines()[4:]
+    assert "deals 1" in bot_lines[1] and all("tok/s" not in line for line in bot_lines)

@@ -14,13 +14,14 @@ must agree on, written once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import re
 import secrets
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -42,11 +43,9 @@ DTYPES = {
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 is faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from parlay.agents.machine import cpu_flags, has_native_bf16
+
+    return has_native_bf16(cpu_flags())
 
 
 def default_device() -> str:
@@ -71,6 +70,15 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
         log.warning("dtype %s asked for, but this CPU has no native bf16 (only a slow emulation): using float32", name)
         return torch.float32
     return dtype
+
+
+@contextlib.contextmanager
+def peft_quiet():
+    """peft (0.21) asks a transformers 5 model ``is_gradient_checkpointing``, which transformers
+    answers with a FutureWarning in every run's log; the question is peft's, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def load(
@@ -99,7 +107,8 @@ def load(
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+            with peft_quiet():
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
         except (OSError, ValueError) as exc:
             raise AgentError(f"cannot load adapter {adapter!r}: {exc}") from None
         if not trainable_adapter:

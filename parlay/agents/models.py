@@ -8,13 +8,18 @@ seconds); we do that once and keep a safetensors copy under the cache directory
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from parlay.agents.base import AgentError
 
@@ -51,6 +56,19 @@ def _gguf_path(model: EmbeddedModel) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_bar_off_terminal():
+    """transformers draws a bar per GGUF tensor with its own tqdm and no switch; in a log (stderr
+    not a terminal) each redraw would be kept, hundreds of them, so the bar is off there."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
+        yield
+
+
 def resolve(name: str, cache: Path | None = None) -> str:
     """A path or hub id that ``from_pretrained`` can load for the model ``name``."""
     if name not in EMBEDDED:
@@ -62,7 +80,9 @@ def resolve(name: str, cache: Path | None = None) -> str:
     log.info("converting %s to safetensors in %s (once)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    started = time.perf_counter()
+    with _quiet_bar_off_terminal():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are plain tensors once de-quantised; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -77,6 +97,7 @@ def resolve(name: str, cache: Path | None = None) -> str:
             shutil.rmtree(tmp)
         else:
             tmp.rename(target)
+        log.info("converted %s in %.0f s", gguf.name, time.perf_counter() - started)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

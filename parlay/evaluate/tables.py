@@ -7,12 +7,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from parlay.evaluate.metrics import LABELS, format_change
 from parlay.proxy import ProxyCheck
 from parlay.run import RoundRecord
 from parlay.specs import partner_kind
+
+
+def _table(title: str, **options: Any) -> Table:
+    """Every table's style: a rule under the header, one space between columns and no frame, so
+    that the widest (a run's partners, with two intervals) fits an 80-column log."""
+    width = min(len(title), 80)  # a title wraps to its table's width: keep it on one line
+    return Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=0, show_edge=False, min_width=width, **options
+    )
 
 
 def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
@@ -22,7 +32,7 @@ def _interval(value: float, ci: list[float] | None, fmt: str) -> str:
 
 def metrics_table(metrics: dict[str, Any], title: str, ci95: dict[str, list[float]] | None = None) -> Table:
     """Every metric of a set of games, with its interval when given."""
-    table = Table(title=title, show_header=bool(ci95), title_justify="left")
+    table = _table(title, show_header=bool(ci95))
     table.add_column("metric")
     table.add_column("value", justify="right")
     if ci95:
@@ -38,7 +48,7 @@ def metrics_table(metrics: dict[str, Any], title: str, ci95: dict[str, list[floa
 
 def agents_table(result: dict[str, Any]) -> Table:
     """The tournament's agents by number; the other tables name them by it."""
-    table = Table(title="agents", title_justify="left")
+    table = _table("agents")
     table.add_column("#", justify="right")
     table.add_column("spec")
     for i, spec in enumerate(result["agents"]):
@@ -50,10 +60,7 @@ def tournament_table(result: dict[str, Any]) -> Table:
     """One row per ordered pair (agents by number): the headline metrics with their intervals."""
     names = ["mean_reward_a", "mean_reward_b", "agreement_rate", "pareto_rate", "error_rate", "inconsistency_rate"]
     cols = [(name, LABELS[name][1], LABELS[name][2]) for name in names]
-    table = Table(
-        title=f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)",
-        title_justify="left",
-    )
+    table = _table(f"cross-play, {result['objective']['name']}, {result['games']} games per pair (95% CI)")
     table.add_column("A", justify="right")
     table.add_column("B", justify="right")
     for _, label, _ in cols:
@@ -66,7 +73,7 @@ def tournament_table(result: dict[str, Any]) -> Table:
 
 def matrix_table(result: dict[str, Any]) -> Table:
     matrix = result["matrix"]
-    table = Table(title="mean reward of the row agent against the column agent (both seats)", title_justify="left")
+    table = _table("mean reward of the row agent against the column agent (both seats)")
     table.add_column("", justify="right")
     for i in range(len(matrix["agents"])):
         table.add_column(str(i), justify="right")
@@ -77,9 +84,7 @@ def matrix_table(result: dict[str, Any]) -> Table:
 
 def changes_table(result: dict[str, Any]) -> Table:
     """Each agent's paired change from agent 0 against every partner."""
-    table = Table(
-        title="own reward minus agent 0's against the same partner, same games (95% CI)", title_justify="left"
-    )
+    table = _table("own reward minus agent 0's against the same partner, same games (95% CI)")
     for col in ("agent", "partner", "change", "95% CI"):
         table.add_column(col, justify="right")
     number = {spec: str(i) for i, spec in enumerate(result["agents"])}
@@ -102,8 +107,9 @@ def tournament_tables(result: dict[str, Any]) -> list[Table]:
 def partners_table(records: list[RoundRecord]) -> Table | None:
     """Per round, the trained model with each training partner and each held-out partner (*),
     each labelled with its kind (bot, proxy, person, model; ``specs.partner_kind``):
-    its own reward with the interval, the paired change from round 0, agreement, the share of
-    the ceiling and the distance to the Nash point of agreed deals. None for a self-play-only run."""
+    its own reward with the interval, the paired change from round 0, agreement and the distance
+    to the Nash point of agreed deals (the report adds the share of the ceiling: the terminal's
+    table keeps to 80 columns). None for a self-play-only run."""
     rows = [
         (r.round, name, figures, held)
         for r in records
@@ -112,18 +118,19 @@ def partners_table(records: list[RoundRecord]) -> Table | None:
     ]
     if not any(held or name != "self" for _, name, _, held in rows):
         return None
-    table = Table(title="the model with each partner (* held out: never trained with)", title_justify="left")
-    for col in ("round", "partner", "games", "reward (95% CI)", "vs round 0 (95% CI)", "agree", "of ceiling", "Nash"):
-        table.add_column(col, justify="right")
+    table = _table("the model with each partner (* held out: never trained with)")
+    for col in ("round", "partner", "games", "reward\n[95% CI]", "vs round 0\n[95% CI]", "agree", "Nash"):
+        table.add_column(col, justify="left" if col == "partner" else "right", no_wrap=True)
     for k, name, f, held in rows:
+        kind = partner_kind(name)
+        label = name if name.startswith(f"{kind}:") or name == "self" else f"{name} ({kind})"
         table.add_row(
             str(k),
-            f"{name} ({partner_kind(name)})" + (" *" if held else "") if name != "self" else name,
+            label + (" *" if held else ""),
             str(f["games"]),
             _interval(f["mean_reward"], f.get("ci95"), "{:.2f}"),
             format_change(f.get("vs_round0")),
             f"{f['agreement_rate']:.0%}",
-            f"{f['ceiling_share']:.0%}",
             f"{f['nash_distance_agreed']:.2f}",
         )
     return table
@@ -133,7 +140,7 @@ def ratings_table(result: dict[str, Any]) -> Table | None:
     """The tournament's ratings (``ratings.py``), best first."""
     if not result.get("ratings"):
         return None
-    table = Table(title="ratings (Bradley–Terry on paired games, Elo scale, 95% CI)", title_justify="left")
+    table = _table("ratings (Bradley–Terry on paired games, Elo scale, 95% CI)")
     for col in ("agent", "rating", "95% CI"):
         table.add_column(col, justify="right")
     number = {spec: str(i) for i, spec in enumerate(result["agents"])}
@@ -145,9 +152,7 @@ def ratings_table(result: dict[str, Any]) -> Table | None:
 
 def sweep_table(result: dict[str, Any]) -> Table:
     """A λ sweep (``sweep.py``): per λ, A's reward, agreement, Pareto share of deals and points kept."""
-    table = Table(
-        title=f"{result['a']} vs {result['b']}, {result['games']} games at each λ (95% CI)", title_justify="left"
-    )
+    table = _table(f"{result['a']} vs {result['b']}, {result['games']} games at each λ (95% CI)")
     cols = ["mean_reward_a", "agreement_rate", "pareto_rate_agreed", "mean_raw_score"]
     table.add_column("λ", justify="right")
     for name in cols:
@@ -161,9 +166,9 @@ def sweep_table(result: dict[str, Any]) -> Table:
 def rounds_table(records: list[RoundRecord]) -> Table:
     """One row per round: reward (and its paired change from round 0), agreement, Pareto, errors,
     kept examples, train loss, minutes."""
-    table = Table(title="rounds", title_justify="left")
-    for col in ("round", "reward", "vs round 0 (95% CI)", "agree", "Pareto", "errors", "kept", "loss", "min"):
-        table.add_column(col, justify="right")
+    table = _table("rounds")
+    for col in ("round", "reward", "vs round 0\n[95% CI]", "agree", "Pareto", "errors", "kept", "loss", "min"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in records:
         m, train = r.metrics, r.train
         kept = str(train.selection.kept) if train and train.selection else ""
@@ -187,10 +192,9 @@ def rounds_table(records: list[RoundRecord]) -> Table:
 def proxy_check_table(check: ProxyCheck, name: str) -> Table:
     """A proxy's check (``evaluate/proxy.py``) in 80 columns: the proxy beside its base model
     (likelihood of the people's turns) and beside the people (their own games' figures)."""
-    table = Table(
-        title=f"{name} on {check.games} held human games (sides {check.sides}, {check.human_turns} turns, "
-        f"{check.human_tokens} tokens)",
-        title_justify="left",
+    table = _table(
+        f"{name} on {check.games} held human games (sides {check.sides}, {check.human_turns} turns, "
+        f"{check.human_tokens} tokens)"
     )
     for col in ("", "proxy", "base model", "people"):
         table.add_column(col, justify="right" if col else "left")
@@ -214,7 +218,7 @@ def seed_tables(changes: list[dict[str, Any]], seeds: list[int]) -> list[Table]:
     """A run over seeds (``evaluate/seeds.py``): the change from round 0 across seeds per round
     and figure — mean, hierarchical bootstrap 95 % interval, IQM, probability of improvement —
     then each seed's own change, ``SEEDS_PER_TABLE`` seeds to a table. Each fits 80 columns."""
-    across = Table(title="change from round 0 across seeds (95% CI: seeds, then games)", title_justify="left")
+    across = _table("change from round 0 across seeds (95% CI: seeds, then games)")
     for col in ("round", "with", "mean [95% CI]", "IQM", "P(impr.)"):
         across.add_column(col, justify="right")
     for c in changes:
@@ -229,11 +233,73 @@ def seed_tables(changes: list[dict[str, Any]], seeds: list[int]) -> list[Table]:
     tables = [across]
     for start in range(0, len(seeds), SEEDS_PER_TABLE):
         chunk = seeds[start : start + SEEDS_PER_TABLE]
-        per = Table(title="change from round 0 in each seed (* held out)", title_justify="left")
+        per = _table("change from round 0 in each seed (* held out)")
         for col in ("round", "with", *(f"seed {s}" for s in chunk)):
             per.add_column(col, justify="right")
         for c in changes:
             cells = (f"{c['per_seed'][s]:+.2f}" if s in c["per_seed"] else "–" for s in chunk)
             per.add_row(str(c["k"]), _figure_name(c["label"]), *cells)
         tables.append(per)
+    return tables
+
+
+def _two_lines(value: float, ci: list[float] | None, fmt: str) -> str:
+    """A figure over its interval, on two lines, so that long intervals keep a table in 80 columns."""
+    return fmt.format(value) if not ci else f"{fmt.format(value)}\n[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def partner_eval_tables(result: dict[str, Any]) -> list[Table]:
+    """A fixed-partner evaluation (``evaluate/partners.py``): the agents and the partners by
+    number (each partner with its kind), then per agent and partner its own reward, agreement and
+    the paired change from agent 0 — across seeds for runs over seeds (IQM and P(improvement)
+    with ≥ 3 seeds) — and each seed's change, ``SEEDS_PER_TABLE`` seeds to a table. 80 columns."""
+    rows = result["rows"]
+    seeds = {r["agent"]: r["seeds"] for r in rows}
+    names = _table("agents (changes are from agent 0)")
+    for col in ("#", "agent", "seeds"):
+        names.add_column(col, justify="right" if col == "#" else "left", overflow="fold")
+    for i, label in enumerate(result["agents"]):
+        names.add_row(str(i), label, ",".join(map(str, seeds.get(label) or [])) or "–")
+    partners = _table("partners")
+    for col in ("#", "kind", "partner"):
+        partners.add_column(col, justify="right" if col == "#" else "left", overflow="fold")
+    number = {p: f"P{i}" for i, p in enumerate(result["partners"])}
+    for p in result["partners"]:
+        partners.add_row(number[p], partner_kind(p), p)
+    over_seeds = any(r["seeds"] for r in rows)
+    per = "per seed, " if over_seeds else ""
+    main = _table(
+        f"each agent with each partner, {result['objective']['name']}, {result['games']} games {per}"
+        f"in both seats (95% CI{': seeds, then games' if over_seeds else ''})"
+    )
+    cols = ["agent", "partner", "own reward", "agree", "vs agent 0"] + (["IQM", "P(impr.)"] if over_seeds else [])
+    for col in cols:
+        main.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        c = r["vs_first"]
+        cells = [
+            str(r["agent_index"]),
+            f"{number[r['partner']]} {r['kind']}",
+            _two_lines(r["mean_reward"], r["ci95"], "{:.2f}"),
+            _two_lines(r["agreement_rate"], r["agreement_ci95"], "{:.0%}"),
+            "–" if c is None else _two_lines(c["mean"], c["ci95"], "{:+.2f}"),
+        ]
+        if over_seeds:
+            cells += ["–" if not c or c.get("iqm") is None else f"{c['iqm']:+.2f}"]
+            cells += ["–" if not c or c.get("p_improvement") is None else f"{c['p_improvement']:.2f}"]
+        main.add_row(*cells)
+    tables = [names, partners, main]
+    all_seeds = sorted({int(s) for r in rows for s in r["seeds"] or []})
+    for start in range(0, len(all_seeds), SEEDS_PER_TABLE):
+        chunk = all_seeds[start : start + SEEDS_PER_TABLE]
+        table = _table("change from agent 0 in each seed (own reward, same games)")
+        for col in ("agent", "partner", *(f"seed {s}" for s in chunk)):
+            table.add_column(col, justify="right", no_wrap=True)
+        for r in rows:
+            if r["vs_first"] is None:
+                continue
+            by_seed = {int(s): v for s, v in r["vs_first"]["per_seed"].items()}
+            cells = (f"{by_seed[s]:+.2f}" if s in by_seed else "–" for s in chunk)
+            table.add_row(str(r["agent_index"]), f"{number[r['partner']]} {r['kind']}", *cells)
+        tables.append(table)
     return tables

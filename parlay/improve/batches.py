@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from parlay.agents import hf_layer
+from parlay.errors import ConfigError
 from parlay.improve import TrainDataError
 from parlay.improve.examples import TrainExample
+from parlay.protocol import ChatMessage
 
 MIN_SHARED = 16
 """A shared head shorter than this many tokens is not worth a forward call of its own."""
@@ -55,6 +57,20 @@ class Row:
     def own_positions(self) -> list[int]:
         """Positions of the own tokens, in order (each is predicted at the position before it)."""
         return [t for t in range(1, len(self.ids)) if self.mask[t]]
+
+
+def check_room(tokenizer, opening: Sequence[ChatMessage], max_length: int, reply_tokens: int) -> None:
+    """Refuse a ``train.max_length`` that cannot hold a game's opening (the system prompt and the
+    kick-off, as the chat template renders them) and one reply of ``reply_tokens``: every example
+    would be cut before its first own token, after minutes of play. ``ConfigError`` names the
+    setting and the least value that fits."""
+    need = len(hf_layer.render(tokenizer, opening, generation_prompt=True)) + reply_tokens
+    if max_length < need:
+        raise ConfigError(
+            f"train.max_length={max_length} is shorter than a game's opening and one reply: the prompt is "
+            f"{need - reply_tokens} tokens with this model's template, a reply up to {reply_tokens} "
+            f"(rollout.max_new_tokens); set train.max_length to at least {need}"
+        )
 
 
 def tokenize(examples: Sequence[TrainExample], tokenizer, stops: set[int], max_length: int):

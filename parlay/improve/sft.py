@@ -315,7 +315,8 @@ def _load_for_training(base: str, adapter: str | None, cfg: TrainConfig, dtype: 
             target_modules=cfg.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(model, lora)
+        with hf_layer.peft_quiet():
+            model = get_peft_model(model, lora)
     return model, tokenizer
 
 
