@@ -54,6 +54,7 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
+err.soft_wrap = not err.is_terminal  # a log keeps each line whole (grep finds it), however wide COLUMNS says
 
 USER_ERRORS = (
     UserError,
@@ -171,7 +172,9 @@ class RichHooks:
             self.progress.stop()
             if not err.is_terminal:
                 now = time.perf_counter()
-                err.print(f"  done in {now - self.started:.0f} s; {self.info}{self.rate(now)}", highlight=False)
+                figures = f"{self.info}{self.rate(now)}".removeprefix(", ")
+                done = f"  done in {now - self.started:.0f} s"
+                err.print(f"{done}; {figures}" if figures else done, highlight=False)
             self.progress = None
 
     def game_done(self, ep: Episode) -> None:
@@ -194,7 +197,7 @@ ObjectiveOpt = Annotated[
     str, typer.Option("--objective", help="cooperative, semi-competitive, competitive, or λ in [-1, 1].")
 ]
 GamesOpt = Annotated[int, typer.Option("-n", "--games", min=1, help="Number of games.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed for contexts, first speakers and sampling.")]
+SeedOpt = Annotated[int, typer.Option(min=0, help="Seed for contexts, first speakers and sampling.")]
 OutputOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Write episodes to this JSONL file.")]
 ContextsOpt = Annotated[
     Path | None, typer.Option(help="Lewis selfplay.txt-format context file (default: sample uniformly).")
@@ -601,6 +604,7 @@ def _train_seeds(cfg: Any, seeds: list[int], resume: bool, steal_lock: bool) -> 
     started = time.perf_counter()
     hooks = RichHooks()
     err.print(f"run directory: {cfg.run_dir} (seeds {', '.join(map(str, seeds))})")
+    _machine_line(cfg)
     try:
         done = train_seeds(cfg, seeds, resume, hooks, steal_lock)
     finally:
@@ -641,7 +645,9 @@ def sft(
     overrides: SetOpt = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data (default: train.epochs).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: train.lr).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and order (default: the config's).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, help="Seed of initialisation and order (default: the config's).")
+    ] = None,
     stats: Annotated[Path | None, typer.Option("--stats", help="Write the training figures here.")] = None,
     resume: Annotated[
         bool,
@@ -715,7 +721,7 @@ def report(
     run_dir: Annotated[
         Path, typer.Argument(help="A run directory (runs/<name>), or a run over seeds (its seed-<s>/ read as one).")
     ],
-    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the bootstrap intervals.")] = 0,
     judge: Annotated[
         str | None,
         typer.Option("--judge", help="Agent spec that also checks messages for misstated facts."),
@@ -990,7 +996,7 @@ def proxy_build(
     """Fine-tune a human proxy by behaviour cloning on people's games, and record what it learned from."""
     from parlay.improve.proxy import DEFAULT_WARM_START, build_proxy, default_config
 
-    cfg = load_config(config, overrides) if config or overrides else default_config()
+    cfg = load_config(config, overrides) if config else default_config(overrides)
     ws = cfg.warm_start if cfg.warm_start.enabled else DEFAULT_WARM_START
     hooks = RichHooks()
     progress = _ProxyProgress(hooks)

@@ -281,8 +281,8 @@ class RunConfig(_Section):
         None, description="LoRA adapter to start from, e.g. another run's warm_start/model (hf models only)."
     )
     objective: str | float = Field("semi-competitive", description="cooperative, semi-competitive, competitive or λ.")
-    seed: int = Field(0, description="Seed of contexts, first speakers, sampling and training order.")
-    seeds: list[StrictInt] | None = Field(
+    seed: int = Field(0, ge=0, description="Seed of contexts, first speakers, sampling and training order.")
+    seeds: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(
         None,
         description="Run the same config once per seed (e.g. [0, 1, 2]), one after another, each into "
         "runs_dir/name/seed-<s>/ as a run of its own with seed: s; reports read them as one, with intervals "

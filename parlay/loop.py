@@ -45,7 +45,7 @@ from parlay.locking import FolderLock
 from parlay.protocol import Game
 from parlay.rollout import Match, derive_seed, plan_games, play_matches
 from parlay.run import ModelRef, RoundRecord, RunDir, StageDir, TrainInfo, prepare_run
-from parlay.seeds import SeedRuns
+from parlay.seeds import SeedRuns, seed_folder
 from parlay.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -103,23 +103,8 @@ class Loop:
                 self.pool.close()
 
     def check_room(self) -> None:
-        """``train.max_length`` holds a game's opening and a reply, checked with the model's own
-        tokenizer before anything is played (``check_room``'s ``ConfigError`` otherwise)."""
-        cfg = self.cfg
-        if cfg.train.backend == "openai":
-            return
-        from transformers import AutoTokenizer
-
-        from parlay.agents.models import resolve
-
-        game = plan_games(1, cfg.seed)[0]
-        first = game.first_speaker
-        opening = Game(game.context, self.obj, first, cfg.rollout.max_messages).conversation(first)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
-        except (OSError, ValueError):  # not loadable here: loading the model will say why, by name
-            return
-        check_room(tokenizer, opening, cfg.train.max_length, cfg.rollout.max_new_tokens)
+        """``train.max_length`` holds a game's opening and a reply (``check_max_length``)."""
+        check_max_length(self.cfg)
 
     def _rounds(self) -> list[RoundRecord]:
         cfg, run = self.cfg, self.run_dir
@@ -357,16 +342,44 @@ def _read(path: Path) -> list[Episode]:
     return episodes
 
 
+def check_max_length(cfg: RunConfig) -> None:
+    """``train.max_length`` holds a game's opening and a reply, checked with the model's own
+    tokenizer before anything is played or written (``check_room``'s ``ConfigError`` otherwise)."""
+    if cfg.train.backend == "openai":
+        return
+    from transformers import AutoTokenizer
+
+    from parlay.agents.models import resolve
+
+    game = plan_games(1, cfg.seed)[0]
+    first = game.first_speaker
+    opening = Game(game.context, objective(cfg.objective), first, cfg.rollout.max_messages).conversation(first)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
+    except (OSError, ValueError):  # not loadable here: loading the model will say why, by name
+        return
+    check_room(tokenizer, opening, cfg.train.max_length, cfg.rollout.max_new_tokens)
+
+
 def train(cfg: RunConfig, resume: bool, hooks: Hooks | None = None, steal_lock: bool = False) -> list[RoundRecord]:
     """``parlay train``: create the run of ``cfg`` (or, with ``resume``, check ``cfg`` against
     it), then play and train every round not yet complete, holding the run folder's lock (one
-    writer per run). ``ConfigError``: a run already there without ``resume``, or none to resume
-    (both said before the folder is locked, and so created); ``LockError``: a live writer."""
+    writer per run). ``ConfigError``: a run already there without ``resume``, none to resume, a run
+    over seeds in the folder (a single run there would hide it), or a ``train.max_length`` too short
+    (all said before the folder is locked, and so created); ``LockError``: a live writer."""
     run = RunDir(cfg.run_dir)
+    if (runs := SeedRuns.find(run.path)) is not None:  # a single run there would hide the seeds' runs
+        seeds = ",".join(map(str, runs.seeds()))
+        raise ConfigError(
+            f"{run.path} holds a run over seeds ({', '.join(map(seed_folder, runs.seeds()))}); "
+            f"{'resume it with --seeds ' + seeds + ' --resume' if resume else 'choose another name'}, "
+            f"or name one seed's folder (--set runs_dir={run.path} --set name=seed-<s> --set seed=<s>)"
+        )
     if resume:
         run.load_config()
     elif run.config_file.exists():
         run.create(cfg)  # refuses, saying why
+    check_max_length(cfg)  # before the folder is made: a refused setting leaves nothing to resume
     with FolderLock(run.path, steal=steal_lock):
         cfg = prepare_run(cfg, resume)
         return Loop(cfg, hooks).run()
@@ -390,6 +403,7 @@ def train_seeds(
     hooks = hooks or Hooks()
     runs = SeedRuns(cfg.run_dir)
     runs.check_start(cfg, seeds, resume)
+    check_max_length(cfg)  # before any seed folder or the manifest is written
     out: dict[int, list[RoundRecord]] = {}
     with FolderLock(runs.path, steal=steal_lock):
         listed = runs.seeds() if resume else []

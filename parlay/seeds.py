@@ -44,8 +44,8 @@ def seed_folder(seed: int) -> str:
 
 
 def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
-    """``"0,1,2"`` → ``[0, 1, 2]``; ``ConfigError`` naming ``option`` for a non-integer, an empty
-    list or a seed given twice."""
+    """``"0,1,2"`` → ``[0, 1, 2]``; ``ConfigError`` naming ``option`` for a non-integer, a negative
+    number (numpy's generators take none), an empty list or a seed given twice."""
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         raise ConfigError(f"{option}: no seed given; expected whole numbers separated by commas, e.g. 0,1,2")
@@ -55,6 +55,8 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
             seeds.append(int(item))
         except ValueError:
             raise ConfigError(f"{option}: {item!r} is not a whole number; expected e.g. 0,1,2") from None
+        if seeds[-1] < 0:
+            raise ConfigError(f"{option}: {item} is negative; a seed is a whole number from 0, e.g. 0,1,2")
     twice = sorted({s for s in seeds if seeds.count(s) > 1})
     if twice:
         raise ConfigError(f"{option}: seed {', '.join(map(str, twice))} is given twice; each seed runs once")

@@ -152,3 +152,20 @@ def test_export_a_hugging_face_dataset(tmp_path):
     (tmp_path / "notes" / "mine.txt").write_text("keep me")
     r = run("export", str(eps), "-o", str(tmp_path / "notes"), "--format", "hf")
     assert r.returncode == 2 and "not a saved dataset" in r.stderr and (tmp_path / "notes" / "mine.txt").exists()
+
+
+def test_a_log_keeps_each_line_whole_and_a_run_over_seeds_names_its_machine(tmp_path):
+    """stderr piped to a file at 80 columns: the machine line and a long error stay one line each
+    (a log is read with grep), and ``train --seeds`` starts with the machine line as a single run does."""
+    c = tmp_path / "c.yaml"
+    c.write_text(json.dumps({"runs_dir": str(tmp_path / "a-long-folder-name" / "runs"), "name": "multi"}))
+    env = {**os.environ, "COLUMNS": "80"}
+    r = subprocess.run([*BIN, "train", "-c", str(c), "--seeds", "0,1", "--resume"], capture_output=True, text=True,
+                       env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    (machine,) = [line for line in lines if line.startswith("machine: ")]
+    assert "threads on" in machine and "this run: dtype" in machine and len(machine) > 80
+    (error,) = [line for line in lines if line.startswith("error: ")]
+    assert error.endswith("no run over seeds here to resume (no seeds.json, no seed-<s>/ folder)"), r.stderr
+    assert len(lines) == 3  # run directory, machine, error

@@ -289,3 +289,28 @@ def test_a_max_length_shorter_than_a_games_opening_is_refused_before_play(tiny_l
         Loop(short).run()
     assert not (RunDir(short.run_dir).round(0).episodes).exists()
     Loop(short.model_copy(update={"train": short.train.model_copy(update={"max_length": need})})).check_room()
+
+
+def test_a_refused_max_length_leaves_no_run_folder_behind(tiny_lm, tmp_path):
+    """``parlay train`` (one seed or several) refuses a too-short ``train.max_length`` before the
+    run folder, a seed folder or the seeds manifest is written: the corrected config then starts
+    afresh instead of meeting 'already holds a run' and, with --resume, 'keeps its settings'."""
+    from parlay.loop import train, train_seeds
+    from parlay.seeds import SeedRuns
+
+    _, tokenizer, path = tiny_lm
+    from parlay.games import objective
+    from parlay.protocol import Game
+    from parlay.rollout import plan_games
+
+    game = plan_games(1, 0)[0]
+    opening = Game(game.context, objective("cooperative"), game.first_speaker, 4).conversation(game.first_speaker)
+    ids = tokenizer.apply_chat_template(opening, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert len(ids) > 32
+    short = config(tmp_path, str(path), rounds=0, train={"max_length": 32})
+    with pytest.raises(ConfigError, match=r"train\.max_length=32"):
+        train(short, resume=False)
+    assert not Path(short.run_dir).exists()
+    with pytest.raises(ConfigError, match=r"train\.max_length=32"):
+        train_seeds(short, [0, 1], resume=False)
+    assert not Path(short.run_dir).exists() and SeedRuns.find(short.run_dir) is None

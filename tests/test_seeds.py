@@ -38,7 +38,7 @@ from tests.test_loop import config
 @pytest.mark.parametrize(
     ("text", "message"),
     [("0,1,1", "seed 1 is given twice"), ("0,a", "'a' is not a whole number"), ("1.5", "not a whole number"),
-     (" , ", "no seed given")],
+     (" , ", "no seed given"), ("0,-1", "-1 is negative")],
 )  # fmt: skip
 def test_bad_seeds_option_is_named(text, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as exc:
@@ -49,7 +49,7 @@ def test_bad_seeds_option_is_named(text, message):
 @pytest.mark.parametrize(
     ("seeds", "message"),
     [([0, 2, 2], "seeds: seed 2 is listed twice"), ([], "seeds: give at least one seed"),
-     ([0, "x"], "seeds.1"), ([0, 1.5], "seeds.1")],
+     ([0, "x"], "seeds.1"), ([0, 1.5], "seeds.1"), ([0, -1], "seeds.1")],
 )  # fmt: skip
 def test_bad_seeds_key_is_named(seeds, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -70,6 +70,8 @@ def test_cli_refuses_bad_seeds_before_anything_runs(tmp_path):
     for args, message in [
         (["--seeds", "0,0"], "--seeds: seed 0 is given twice"),
         (["--seeds", "0,1", "--resume"], "no run over seeds here to resume"),
+        (["--seeds", "-1"], "--seeds: -1 is negative"),  # numpy's SeedSequence takes no negative seed
+        (["--set", "seed=-1"], "seed: Input should be greater"),
     ]:
         r = run("train", "--config", str(c), *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -209,6 +211,22 @@ def test_a_seed_folder_from_another_config_is_refused(bot_seeds, tmp_path):
     cfg_file.write_text(yaml.safe_dump(data | {"seed": 7}))
     with pytest.raises(ConfigError, match="seed: 7 in a folder named seed-1"):
         load_seeds(other)
+
+
+def test_a_single_run_is_not_started_over_a_run_over_seeds(bot_seeds):
+    """``parlay train`` without --seeds into a folder of seed runs would write a config.yaml that
+    hides them (the folder would then read as one single run): refused, with or without --resume,
+    and nothing is written."""
+    from parlay.loop import train
+
+    parent, _ = bot_seeds
+    before = sorted(p.relative_to(parent) for p in parent.rglob("*"))
+    cfg = parse_config({"runs_dir": str(parent.parent), "name": parent.name, "rounds": 1}, "test")
+    for resume, hint in [(False, "choose another name"), (True, "resume it with --seeds 0,1,2 --resume")]:
+        with pytest.raises(ConfigError, match=rf"holds a run over seeds \(seed-0, seed-1, seed-2\); {hint}"):
+            train(cfg, resume)
+    assert sorted(p.relative_to(parent) for p in parent.rglob("*")) == before
+    assert SeedRuns.find(parent) is not None
 
 
 def test_run_specs_pick_a_seed_and_eval_expands_every_seed(bot_seeds):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -621,3 +622,6 @@ def test_training_progress_reaches_a_log_as_plain_lines(monkeypatch):
     hooks.end_stage()
     bot_lines = log.getvalue().splitlines()[4:]
     assert "deals 1" in bot_lines[1] and all("tok/s" not in line for line in bot_lines)
+    hooks.stage("warm start: bot:conceder vs bot:conceder", 2)  # games not reported one by one (proxy build)
+    hooks.end_stage()
+    assert re.fullmatch(r"  done in \d+ s", log.getvalue().splitlines()[-1])  # no dangling "; "

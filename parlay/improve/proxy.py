@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from parlay import __version__
-from parlay.config import FilterConfig, RunConfig, WarmStartConfig, WeightConfig
+from parlay.config import FilterConfig, RunConfig, WarmStartConfig, WeightConfig, parse_config
 from parlay.episode import Episode, EpisodeFileError, ReadReport, read_episodes, write_episodes
 from parlay.errors import UserError
 from parlay.games.dond import objective
@@ -51,14 +51,16 @@ DEFAULT_WARM_START = WarmStartConfig(bots=["bot:conceder", "bot:conceder"], game
 between two conceding bots, one epoch)."""
 
 
-def default_config() -> RunConfig:
+def default_config(overrides: list[str] | None = None) -> RunConfig:
     """The default recipe's settings when no run config is given: the embedded model, and the
-    quickstart's training (LoRA r 16, lr 5e-4, two epochs, at least 8 steps)."""
-    return RunConfig(
-        model="smollm2-135m",
-        train={"lora_r": 16, "lora_alpha": 32, "lr": 5e-4, "epochs": 2, "min_steps": 8},
-        warm_start=DEFAULT_WARM_START,
-    )
+    quickstart's training (LoRA r 16, lr 5e-4, two epochs, at least 8 steps) and warm start, with
+    ``key=value`` ``overrides`` (``--set``) applied on top of them, not on the bare defaults."""
+    data = {
+        "model": "smollm2-135m",
+        "train": {"lora_r": 16, "lora_alpha": 32, "lr": 5e-4, "epochs": 2, "min_steps": 8},
+        "warm_start": DEFAULT_WARM_START.model_dump(mode="json", exclude_unset=True),
+    }
+    return parse_config(data, "the proxy's default recipe", overrides)
 
 
 def read_human_games(path: str | Path) -> list[Episode]:
