@@ -30,7 +30,7 @@ def test_the_machine_is_described_from_the_kernel_and_torch():
     assert machine.threads == torch.get_num_threads()
     assert machine.auto_dtype == hf_layer.pick_dtype("auto", hf_layer.default_device())
     line = machine.summary()
-    assert str(machine.auto_dtype).removeprefix("torch.") in line and f"{machine.threads} threads" in line
+    assert str(machine.auto_dtype).removeprefix("torch.") in line and f"{machine.threads} thread" in line
 
 
 def test_more_threads_than_cores_is_named_with_the_setting_to_change():

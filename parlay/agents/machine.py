@@ -33,8 +33,12 @@ class Reference:
     commit: str
 
 
-QUICKSTART = Reference(minutes=0.0, gflops=107.0, dtype="float32", machine="AMD EPYC, AVX2+FMA, 2 cores", commit="")
-"""The README's main job as last measured (docs/RESULTS.md, bench/RESULTS.md)."""
+QUICKSTART = Reference(
+    minutes=32.0, gflops=107.0, dtype="float32", machine="AMD EPYC, AVX2+FMA, 2 cores", commit="704fe2e"
+)
+"""The README's main job as last measured (docs/RESULTS.md): the sum of its stages timed with
+nothing else running (warm start, round 0's play, three rounds of training and play) plus model
+loading, on a machine whose float32 matmul rate was 107 GFLOP/s (bench/RESULTS.md, 2026-11-30)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class Machine:
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
         where = f"GPU {self.gpu}" if self.gpu else f"{self.cpu}, {sets}, {bf16}"
         dtype = str(self.auto_dtype).removeprefix("torch.")
-        return f"{where}: dtype auto = {dtype}; {self.threads} threads on {self.cores} cores"
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return f"{where}: dtype auto = {dtype}; {threads} on {self.cores} core{'s' if self.cores != 1 else ''}"
 
     def warnings(self) -> list[str]:
         """What will make a run slower than it need be, each naming the setting to change."""
