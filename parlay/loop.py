@@ -379,7 +379,8 @@ def train(cfg: RunConfig, resume: bool, hooks: Hooks | None = None, steal_lock: 
         run.load_config()
     elif run.config_file.exists():
         run.create(cfg)  # refuses, saying why
-    check_max_length(cfg)  # before the folder is made: a refused setting leaves nothing to resume
+    if not resume:  # a resumed run keeps the settings checked when it began
+        check_max_length(cfg)  # before the folder is made: a refused setting leaves nothing to resume
     with FolderLock(run.path, steal=steal_lock):
         cfg = prepare_run(cfg, resume)
         return Loop(cfg, hooks).run()

@@ -247,6 +247,13 @@ def partner_kind(spec: str) -> str:
     return "person" if spec == "human" else "model"
 
 
+def partner_label(spec: str) -> str:
+    """A partner's name in reports: its spec, with its kind added where the text does not already
+    say it (``bot:hard`` stays, ``hf:my-model`` → ``hf:my-model (model)``, ``human (person)``)."""
+    kind = partner_kind(spec)
+    return spec if spec == "self" or spec.startswith(f"{kind}:") else f"{spec} ({kind})"
+
+
 def parse_partner(text: str) -> Partner:
     """A round's partner: ``self``, ``checkpoint:PICK`` or any agent spec; ``SpecError`` else."""
     if text == "self":

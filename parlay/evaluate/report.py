@@ -39,7 +39,7 @@ from parlay.games.dond import ITEMS
 from parlay.locking import REPORT_LOCK, REPORT_WAIT, FolderLock
 from parlay.run import SAMPLER_KL_TOLERANCE, RunDir, RunDirError, TrainStats
 from parlay.seeds import SeedRuns, seed_folder
-from parlay.specs import partner_kind
+from parlay.specs import partner_label
 
 CURVES = [
     ("mean_reward", "mean reward"),
@@ -248,9 +248,9 @@ def _ci(ci: list[float] | None) -> str:
 
 
 def _partner_cells(row: dict[str, Any]) -> dict[str, Any]:
-    """One row of the partners table, formatted, with the partner's kind (bot, proxy, person, model)."""
+    """One row of the partners table, formatted, the partner named with its kind (``specs.partner_label``)."""
     return row | {
-        "kind": partner_kind(row["partner"]),
+        "label": partner_label(row["partner"]),
         "reward": _fmt(row["mean_reward"], "{:.2f}"),
         "ci": _ci(row.get("ci95")),
         "vs": format_change(row.get("vs_round0")),

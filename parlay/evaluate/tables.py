@@ -13,7 +13,7 @@ from rich.table import Table
 from parlay.evaluate.metrics import LABELS, format_change
 from parlay.proxy import ProxyCheck
 from parlay.run import RoundRecord
-from parlay.specs import partner_kind
+from parlay.specs import partner_kind, partner_label
 
 
 def _table(title: str, **options: Any) -> Table:
@@ -106,10 +106,10 @@ def tournament_tables(result: dict[str, Any]) -> list[Table]:
 
 def partners_table(records: list[RoundRecord]) -> Table | None:
     """Per round, the trained model with each training partner and each held-out partner (*),
-    each labelled with its kind (bot, proxy, person, model; ``specs.partner_kind``):
-    its own reward with the interval, the paired change from round 0, agreement and the distance
-    to the Nash point of agreed deals (the report adds the share of the ceiling: the terminal's
-    table keeps to 80 columns). None for a self-play-only run."""
+    each named with its kind where its spec does not say it (``specs.partner_label``):
+    its own reward with the interval, the paired change from round 0 and agreement (the report
+    adds the share of the ceiling and the distance to the Nash point: the terminal's table keeps
+    to 80 columns whatever the intervals' widths). None for a self-play-only run."""
     rows = [
         (r.round, name, figures, held)
         for r in records
@@ -119,19 +119,16 @@ def partners_table(records: list[RoundRecord]) -> Table | None:
     if not any(held or name != "self" for _, name, _, held in rows):
         return None
     table = _table("the model with each partner (* held out: never trained with)")
-    for col in ("round", "partner", "games", "reward\n[95% CI]", "vs round 0\n[95% CI]", "agree", "Nash"):
+    for col in ("round", "partner", "games", "reward\n[95% CI]", "vs round 0\n[95% CI]", "agree"):
         table.add_column(col, justify="left" if col == "partner" else "right", no_wrap=True)
     for k, name, f, held in rows:
-        kind = partner_kind(name)
-        label = name if name.startswith(f"{kind}:") or name == "self" else f"{name} ({kind})"
         table.add_row(
             str(k),
-            label + (" *" if held else ""),
+            partner_label(name) + (" *" if held else ""),
             str(f["games"]),
             _interval(f["mean_reward"], f.get("ci95"), "{:.2f}"),
             format_change(f.get("vs_round0")),
             f"{f['agreement_rate']:.0%}",
-            f"{f['nash_distance_agreed']:.2f}",
         )
     return table
 
