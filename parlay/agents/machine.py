@@ -12,6 +12,7 @@ play are matmul-bound on a CPU, bench/RESULTS.md).
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -94,6 +95,7 @@ def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
 
 
+@functools.cache
 def _cpuinfo() -> tuple[str, frozenset[str]]:
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -371,11 +371,7 @@ def render(
         if picked:
             dialogues.append({"k": r.k, "best": dialogue_html(picked[0]), "worst": dialogue_html(picked[1])})
     cfg = view.config or {}
-    settings = {
-        "model": cfg.get("model"),
-        "objective": cfg.get("objective"),
-        "rounds planned": cfg.get("rounds"),
-        "games per round": (cfg.get("rollout") or {}).get("games"),
+    settings = _settings(cfg) | {
         "filter": (cfg.get("filter") or {}).get("rule"),
         "weights": (cfg.get("weights") or {}).get("scheme"),
     }
@@ -485,6 +481,16 @@ def _change_cells(c: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     }
 
 
+def _settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings every report's header shows, from a run's config as stored."""
+    return {
+        "model": cfg.get("model"),
+        "objective": cfg.get("objective"),
+        "rounds planned": cfg.get("rounds"),
+        "games per round": (cfg.get("rollout") or {}).get("games"),
+    }
+
+
 def _write_seeds_report(run_dir: Path, seed: int) -> tuple[Path, SeedsView]:
     """``report.html`` and ``plots/`` of a run over seeds (see ``write_report``)."""
     view = load_seeds(run_dir, seed=seed)
@@ -494,14 +500,7 @@ def _write_seeds_report(run_dir: Path, seed: int) -> tuple[Path, SeedsView]:
     changes = plot_seed_changes(view)
     if changes is not None:
         images["changes"] = _save(changes, plots_dir, "changes")
-    cfg = view.config or {}
-    settings = {
-        "model": cfg.get("model"),
-        "objective": cfg.get("objective"),
-        "rounds planned": cfg.get("rounds"),
-        "games per round": (cfg.get("rollout") or {}).get("games"),
-        "seeds": ", ".join(map(str, view.seeds)),
-    }
+    settings = _settings(view.config or {}) | {"seeds": ", ".join(map(str, view.seeds))}
     links = [
         {"name": seed_folder(s), "href": f"{seed_folder(s)}/report.html", "rounds": ", ".join(map(str, sorted(t)))}
         for s, t in view.tables.items()
