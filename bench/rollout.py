@@ -1,7 +1,7 @@
 """Rollout throughput on the embedded model: one game at a time vs batched vs batched + prefix reuse
 vs batched + prefix reuse + one shared system-prompt prefix, and the last in bf16.
 
-    .venv/bin/python bench/rollout.py [--games 24] [--serial-games 4] [--dtype float32]
+    .venv/bin/python bench/rollout.py [--games 24] [--serial-games 4] [--dtype float32] [--modes acd]
 
 (a) plays games one at a time and re-sends the whole conversation every turn (how the paper's
 code plays); (b) batches every pending turn of all games, recomputing each prompt; (c) does the
@@ -12,14 +12,16 @@ games; (a)-(d) in ``--dtype``. Reported per mode:
 games/min, generated tokens/s, tokens processed per game (prefilled + generated) against the
 unique tokens per game (the longest sequence each conversation reached), and the share of the
 hardware limit: 2·params·tokens processed per second over the measured peak matmul FLOP/s at the
-mode's dtype. Figures are appended to bench/RESULTS.md.
+mode's dtype. ``--games 64`` batches as many conversations as the main job does (its default batch,
+``DEFAULT_BATCH``); ``--modes`` leaves out modes (``b`` alone takes longer than the others together
+at 64 games). Figures are appended to bench/RESULTS.md with the CPU class and the commit.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch
 from parlay.agents.base import Sampling
 from parlay.agents.hf import HFAgent, load_model
 from parlay.agents.hf_layer import cpu_has_bf16, pick_dtype
-from parlay.agents.machine import calibrate
+from parlay.agents.machine import MMAP_THRESHOLD, calibrate, describe, release_large_blocks
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 
@@ -75,7 +77,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default="abcde", help="modes to run, e.g. acd (ratios to (a) need a)")
+    parser.add_argument("--malloc", choices=("release", "default"), default="release", help="glibc's mmap threshold")
     args = parser.parse_args()
+    if args.malloc == "release":  # as parlay does at start-up
+        release_large_blocks()
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     params = sum(p.numel() for p in model.parameters())
@@ -93,27 +99,37 @@ def main() -> None:
         bf16_model, _ = load_model(args.model, dtype="bfloat16", device="cpu")
         bf16_peak = peak_matmul_flops(torch.bfloat16)
         modes.append(("(e) = (d) in bf16", bf16_model, bf16_peak, games, True, False, True))
-    rows = [
-        run_mode(name, m, tokenizer, planned, sampling, reuse, serial, args.max_messages, params, p, share)
+    modes = [m for m in modes if m[0][1] in args.modes]
+    rows = {
+        name[1]: run_mode(name, m, tokenizer, planned, sampling, reuse, serial, args.max_messages, params, p, share)
         for name, m, p, planned, reuse, serial, share in modes
-    ]
-    texts = [r.pop("turn_texts") for r in rows]
-    same = sum(c == d for c, d in zip(texts[2], texts[3], strict=True))
+    }
+    texts = {k: r.pop("turn_texts") for k, r in rows.items()}
     header = (
         "| mode | games | s | games/min | gen tok/s | processed tok/game | unique tok/game | processed/unique "
         "| share of peak |"
     )
     lines = [header, "|" + "---|" * 9]
-    for r in rows:
+    for r in rows.values():
         lines.append(
             f"| {r['mode']} | {r['games']} | {r['seconds']:.0f} | {r['games_per_min']:.2f} | {r['gen_tok_s']:.1f} "
             f"| {r['processed_per_game']:.0f} | {r['unique_per_game']:.0f} "
             f"| {r['processed_per_game'] / r['unique_per_game']:.2f} | {r['hw_share']:.1%} |"
         )
-    last = rows[-1]
-    machine = (
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
+    malloc = f"{MMAP_THRESHOLD >> 10} KiB" if args.malloc == "release" else "glibc's default"
+    machine = f"{describe().summary()}; torch {torch.__version__}; commit {commit.stdout.strip()}"
+    machine += f"; glibc's mmap threshold: {malloc}"
+    gain = {k: r["games_per_min"] for k, r in rows.items()}
+    ratios = [f"({k}) vs (a): {gain[k] / gain['a']:.1f}×" for k in gain if k != "a" and "a" in gain]
+    if "b" in gain and "c" in gain:
+        ratios.append(f"(c) vs (b): {gain['c'] / gain['b']:.1f}×")
+    if "c" in gain and "d" in gain:
+        same = sum(c == d for c, d in zip(texts["c"], texts["d"], strict=True))
+        n = len(texts["c"])
+        ratios.append(f"(d) vs (c): {gain['d'] / gain['c']:.2f}×, {same} of {n} games the same, turn for turn")
+    if "d" in gain and "e" in gain:
+        ratios.append(f"(e) vs (d): {gain['e'] / gain['d']:.2f}×")
     text = "\n".join(
         [
             f"\n## rollout — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
@@ -124,11 +140,7 @@ def main() -> None:
             "",
             *lines,
             "",
-            f"{last['mode'][:3]} vs (a): {last['games_per_min'] / rows[0]['games_per_min']:.1f}× games/min; "
-            f"(c) vs (b): {rows[2]['games_per_min'] / rows[1]['games_per_min']:.1f}×; (d) vs (c): "
-            f"{rows[3]['games_per_min'] / rows[2]['games_per_min']:.2f}×, "
-            f"{same} of {len(texts[2])} games the same, turn for turn"
-            + (f"; (e) vs (d): {last['games_per_min'] / rows[3]['games_per_min']:.2f}×." if bf16_peak else "."),
+            ("Games/min: " + "; ".join(ratios) + ".") if ratios else "",
         ]
     )
     print(text)

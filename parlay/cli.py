@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from parlay import __version__
 from parlay.agents import Agent, AgentError, Sampling, load_agent, load_judge
 from parlay.agents.base import TemplateError
+from parlay.agents.machine import release_large_blocks
 from parlay.agents.resolve import expand_rounds
 from parlay.config import RolloutConfig, load_config
 from parlay.distributed import DistributedError
@@ -121,6 +122,7 @@ class RichHooks:
         self.info = ""
         self.deals = 0
         self.tokens = 0
+        self.training = False
         self.started = time.perf_counter()
 
     def stage(self, description: str, total: int, started: float | None = None) -> None:
@@ -136,7 +138,7 @@ class RichHooks:
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, info="")
-        self.deals, self.tokens = 0, 0
+        self.deals, self.tokens, self.training = 0, 0, False
         self.started = time.perf_counter() if started is None else started
         self.info = ""
         self.description, self.total, self.done, self.last_line = description, total, 0, self.started
@@ -150,7 +152,8 @@ class RichHooks:
         self.tokens += info.get("tokens", 0)
         self.done += n
         now = time.perf_counter()
-        self.info = f"loss {info['loss']:.3f}" if "loss" in info else f"deals {self.deals}"
+        self.training = "loss" in info
+        self.info = f"loss {info['loss']:.3f}" if self.training else f"deals {self.deals}"
         self.progress.update(self.task, advance=n, info=f"{self.info}{self.rate(now)}")
         if not err.is_terminal and now - self.last_line >= PROGRESS_EVERY:  # a log file: a plain line now and then
             err.print(self.progress_line(now), highlight=False)
@@ -161,10 +164,16 @@ class RichHooks:
         return f", {self.tokens / max(1e-9, now - self.started):.0f} tok/s" if self.tokens else ""
 
     def progress_line(self, now: float) -> str:
-        """``  round 1: training: 12/32, loss 1.234, 41 tok/s, ETA 6m10s`` (for logs, where no bar is drawn)."""
+        """``  round 1: training: 12/32, loss 1.234, 41 tok/s, ETA 6m10s`` (for logs, where no bar is drawn).
+
+        Games are played together and most of them end near the stage's end, so before half of
+        them are done neither an ETA nor a token rate drawn from the finished ones means anything
+        (at 1 of 160 it read 559 minutes for a 4-minute stage): the line gives the time so far."""
         elapsed = now - self.started
+        if not self.training and self.done < self.total / 2:
+            return f"  {self.description}: {self.done}/{self.total}, {self.info}, {_minutes(elapsed)} so far"
         left = (self.total - self.done) * elapsed / self.done if self.done else None
-        eta = f"{int(left // 60)}m{int(left % 60):02d}s" if left is not None else "unknown"
+        eta = _minutes(left) if left is not None else "unknown"
         return f"  {self.description}: {self.done}/{self.total}, {self.info}{self.rate(now)}, ETA {eta}"
 
     def end_stage(self) -> None:
@@ -188,6 +197,11 @@ class RichHooks:
 
     def note(self, text: str) -> None:
         err.print(f"[yellow]{text}[/]", highlight=False)
+
+
+def _minutes(seconds: float) -> str:
+    """``6m10s``."""
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 # ---------------------------------------------------------------------- options
@@ -1050,7 +1064,8 @@ def proxy_check(
 
 
 def run() -> None:
-    """Entry point; keeps a Ctrl-C quiet."""
+    """Entry point; keeps a Ctrl-C quiet and freed tensors out of the resident memory."""
+    release_large_blocks()
     try:
         app()
     except KeyboardInterrupt:

@@ -622,6 +622,16 @@ def test_training_progress_reaches_a_log_as_plain_lines(monkeypatch):
     hooks.end_stage()
     bot_lines = log.getvalue().splitlines()[4:]
     assert "deals 1" in bot_lines[1] and all("tok/s" not in line for line in bot_lines)
+    # Games end together near a stage's end: before half are done, the time so far, no ETA or rate.
+    hooks.stage("round 0: play", 160)
+    hooks.advance(deals=1, tokens=400)
+    hooks.advance(n=79, deals=50, tokens=40000)
+    hooks.advance(deals=1, tokens=400)
+    hooks.end_stage()
+    play = log.getvalue().splitlines()[-4:]
+    assert re.fullmatch(r"  round 0: play: 1/160, deals 1, 0m\d\ds so far", play[0])
+    assert "80/160" in play[1] and "tok/s" in play[1] and "ETA " in play[1] and "so far" not in play[1]
+    assert play[3].startswith("  done in ") and "tok/s" in play[3]
     hooks.stage("warm start: bot:conceder vs bot:conceder", 2)  # games not reported one by one (proxy build)
     hooks.end_stage()
     assert re.fullmatch(r"  done in \d+ s", log.getvalue().splitlines()[-1])  # no dangling "; "
