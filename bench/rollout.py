@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from parlay.agents.base import Sampling
 from parlay.agents.hf import HFAgent, load_model
 from parlay.agents.hf_layer import cpu_has_bf16, pick_dtype
-from parlay.agents.machine import MMAP_THRESHOLD, calibrate, describe, release_large_blocks
+from parlay.agents.machine import calibrate, describe
 from parlay.games import objective
 from parlay.rollout import plan_games, play_games
 
@@ -78,10 +79,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="abcde", help="modes to run, e.g. acd (ratios to (a) need a)")
-    parser.add_argument("--malloc", choices=("release", "default"), default="release", help="glibc's mmap threshold")
     args = parser.parse_args()
-    if args.malloc == "release":  # as parlay does at start-up
-        release_large_blocks()
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     params = sum(p.numel() for p in model.parameters())
@@ -117,7 +115,7 @@ def main() -> None:
             f"| {r['processed_per_game'] / r['unique_per_game']:.2f} | {r['hw_share']:.1%} |"
         )
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
-    malloc = f"{MMAP_THRESHOLD >> 10} KiB" if args.malloc == "release" else "glibc's default"
+    malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_") or "glibc's default"
     machine = f"{describe().summary()}; torch {torch.__version__}; commit {commit.stdout.strip()}"
     machine += f"; glibc's mmap threshold: {malloc}"
     gain = {k: r["games_per_min"] for k, r in rows.items()}

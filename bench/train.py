@@ -1,6 +1,6 @@
 """Training throughput and memory of the quickstart's warm start, per way of cutting the work.
 
-    .venv/bin/python bench/train.py [--steps 3] [--full] [--dtype float32] [--malloc default]
+    .venv/bin/python bench/train.py [--steps 3] [--full] [--dtype float32]
 
 The data is the warm start of ``configs/cpu-quickstart.yaml``, made with parlay's own functions
 (128 games between two bot:conceder, the sides of valid deals: ~254 examples), trained as the
@@ -24,9 +24,8 @@ parameters (forward, and backward to the activations; frozen weights get no grad
 parameters + 4 × head parameters × (targets / tokens) + causal attention (3 × 4 × layers × width ×
 mean context / 2). A shared head can beat it: it computes fewer than the examples' tokens.
 
-Each child process first fixes glibc's mmap threshold as ``parlay`` does at start-up
-(``machine.release_large_blocks``); ``--malloc default`` leaves glibc's default, to measure what
-the setting changes.
+glibc's ``MALLOC_MMAP_THRESHOLD_``, when set, reaches the children (and the report names it):
+``MALLOC_MMAP_THRESHOLD_=1048576`` trades training time for a lower peak (bench/RESULTS.md).
 
 ``--full`` also runs the whole warm start through ``sft.train`` (what ``parlay train`` runs) and
 reports its time, tokens/s and peak RSS. Figures are appended to bench/RESULTS.md.
@@ -37,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import random
 import resource
@@ -203,7 +203,7 @@ def _peak_rss_gb() -> float:
 def child(args, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--data", args.data, "--train", args.train]
     cmd += ["--steps", str(args.steps), "--dtype", args.dtype, "--model", args.model, "--seed", str(args.seed)]
-    cmd += ["--epochs", str(args.epochs), "--lr", str(args.lr), "--malloc", args.malloc]
+    cmd += ["--epochs", str(args.epochs), "--lr", str(args.lr)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -217,7 +217,6 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="also the whole warm start through sft.train")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--only", default="abcde", help="candidates to run, e.g. 'ae'")
-    parser.add_argument("--malloc", choices=("release", "default"), default="release", help="glibc's mmap threshold")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
@@ -227,10 +226,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        if args.malloc == "release":
-            from parlay.agents.machine import release_large_blocks
-
-            release_large_blocks()
         result = run_trainer(args) if args.child == "trainer" else run_candidate(args, **CANDIDATES[args.child][1])
         print(json.dumps(result))
         return
@@ -280,7 +275,7 @@ def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
         f"{' '.join(load_after)} after. Model {cfg.model}, LoRA r{cfg.train.lora_r}, batch {cfg.train.batch_size} × "
         f"accumulation {cfg.train.grad_accum}; the quickstart's warm start: {len(examples)} examples; "
         f"each candidate the same first {first['steps']} steps ({tokens:.0f} real tokens a step); "
-        f"glibc's mmap threshold: {_malloc(args)}.",
+        f"glibc's mmap threshold: {_malloc()}.",
         f"Compute limit: peak fp32 matmul {peak / 1e9:.0f} GFLOP/s over {first['flops_per_token'] / 1e6:.0f} "
         f"MFLOP per training token = **{limit:.0f} tokens/s**.",
         "",
@@ -302,10 +297,10 @@ def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
     return report
 
 
-def _malloc(args) -> str:
-    from parlay.agents.machine import MMAP_THRESHOLD
-
-    return f"{MMAP_THRESHOLD >> 10} KiB (release_large_blocks)" if args.malloc == "release" else "glibc's default"
+def _malloc() -> str:
+    """glibc's mmap threshold as the environment sets it."""
+    value = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    return f"MALLOC_MMAP_THRESHOLD_={value}" if value else "glibc's default"
 
 
 def _cpu_name() -> str:

@@ -19,7 +19,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from parlay import __version__
 from parlay.agents import Agent, AgentError, Sampling, load_agent, load_judge
 from parlay.agents.base import TemplateError
-from parlay.agents.machine import release_large_blocks
 from parlay.agents.resolve import expand_rounds
 from parlay.config import RolloutConfig, load_config
 from parlay.distributed import DistributedError
@@ -1064,8 +1063,7 @@ def proxy_check(
 
 
 def run() -> None:
-    """Entry point; keeps a Ctrl-C quiet and freed tensors out of the resident memory."""
-    release_large_blocks()
+    """Entry point; keeps a Ctrl-C quiet."""
     try:
         app()
     except KeyboardInterrupt:

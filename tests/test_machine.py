@@ -1,7 +1,6 @@
 """What the machine computes with (``parlay doctor`` and the first line of ``parlay train``)."""
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -67,37 +66,3 @@ def test_doctor_says_what_train_will_use_and_warns_of_crowded_threads():
     assert "dtype auto = " in done.stdout and "GFLOP/s" in done.stdout
     assert f"{cores + 2} threads on {cores} usable cores" in done.stderr.replace("\n", " ")
     assert f"OMP_NUM_THREADS={cores}" in done.stderr.replace("\n", " ")
-
-
-HEAP_SLACK = """
-import sys, torch
-from parlay.agents.machine import release_large_blocks
-if sys.argv[1] == "release":
-    assert release_large_blocks()
-def rss_mib():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-torch.ones(1 << 22)  # a 16 MiB block, freed at once: glibc's dynamic threshold rises above 4 MiB
-big, small = [], []
-for _ in range(64):
-    big.append(torch.ones(1 << 20))  # 4 MiB, written (resident)
-    small.append(torch.ones(1 << 16))  # 256 KiB after each, kept: activations sit among smaller tensors
-before = rss_mib()
-del big
-print(before - rss_mib())
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc malloc setting")
-def test_freed_activation_sized_blocks_go_back_to_the_system():
-    """256 MiB of 4 MiB tensors, each followed by a kept 256 KiB one, then freed: under glibc's default
-    (the threshold raised by an earlier free) they were carved from the heap and stay resident;
-    after ``release_large_blocks`` each had its own mapping and RSS falls by about all of it."""
-
-    def freed(mode: str) -> float:
-        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-        done = subprocess.run([sys.executable, "-c", HEAP_SLACK, mode], capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr
-        return float(done.stdout.split()[-1])
-
-    assert freed("default") < 64  # the setup shows the slack: most of the 256 MiB stays resident
-    assert freed("release") > 230

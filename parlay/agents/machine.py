@@ -12,20 +12,14 @@ play are matmul-bound on a CPU, bench/RESULTS.md).
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
 import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-
-log = logging.getLogger(__name__)
+import torch
 
 
 @dataclass(frozen=True)
@@ -130,8 +124,6 @@ def usable_cores() -> int:
 
 
 def describe() -> Machine:
-    import torch  # here, not at the top: the face imports this module for ``release_large_blocks``
-
     cpu, flags = _cpuinfo()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return Machine(cpu=cpu, flags=flags, cores=usable_cores(), threads=torch.get_num_threads(), gpu=gpu)
@@ -142,8 +134,6 @@ def calibrate(dtype: torch.dtype, seconds: float = 10.0, n: int = 2048) -> float
 
     On a CPU, bf16 without native support measures its emulation (a fraction of a GFLOP/s),
     which is why ``auto`` avoids it there."""
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
@@ -166,32 +156,3 @@ def expected_minutes(flops: float, reference: Reference = QUICKSTART) -> float |
     if reference.minutes <= 0 or flops <= 0:
         return None
     return reference.minutes * reference.gflops * 1e9 / flops
-
-
-# --------------------------------------------------------------------------- memory
-
-MMAP_THRESHOLD = 1 << 20
-"""Blocks of this many bytes or more (1 MiB) get their own mapping from glibc's malloc
-(``release_large_blocks``): training's activations and the KV caches, not small objects."""
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
-
-
-def release_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Have glibc's malloc serve blocks of ``threshold`` bytes or more with their own mappings,
-    unmapped when freed. Returns whether the setting was made.
-
-    By default glibc raises this threshold as large blocks are freed (up to 32 MiB), after which
-    activations and caches are carved from the heap; freed in another order than allocated, they
-    leave holes the heap keeps resident. Measured on the quickstart's warm start (bench/RESULTS.md,
-    "train"): the heap then held about 1.8 GB more than was live. With the threshold fixed, freed
-    tensors go back to the system at once, at the cost of zero-filled pages on the next
-    allocation. Nothing is done on another C library (musl, macOS: ``False``) or when the user set
-    ``MALLOC_MMAP_THRESHOLD_``, which glibc then reads itself (``False``)."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(threshold)))
-    except (OSError, AttributeError) as exc:  # pragma: no cover - a glibc without mallopt
-        log.debug("mallopt unavailable: %s", exc)
-        return False
