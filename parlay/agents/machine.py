@@ -35,11 +35,12 @@ class Reference:
 
 
 QUICKSTART = Reference(
-    minutes=32.0, gflops=107.0, dtype="float32", machine="AMD EPYC, AVX2+FMA, 2 cores", commit="704fe2e"
+    minutes=30.0, gflops=136.0, dtype="float32", machine="AMD EPYC, AVX2+FMA, 2 cores", commit="36521b7"
 )
-"""The README's main job as last measured (docs/RESULTS.md): the sum of its stages timed with
-nothing else running (warm start, round 0's play, three rounds of training and play) plus model
-loading, on a machine whose float32 matmul rate was 107 GFLOP/s (bench/RESULTS.md, 2026-11-30)."""
+"""The README's main job as last measured (docs/RESULTS.md): seed 2 of the three-seed run, end to
+end with nothing else running, on a machine whose float32 matmul rate by ``parlay doctor`` was
+130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median taken). That machine's
+rate drifts by tens of per cent within an hour (bench/RESULTS.md): read the estimate as ±25 %."""
 
 
 @dataclass(frozen=True)
