@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,6 +124,8 @@ class RichHooks:
         self.tokens = 0
         self.training = False
         self.started = time.perf_counter()
+        self.ticker: threading.Event | None = None
+        self.ticker_lock = threading.Lock()  # no ticker line after the stage's last line
 
     def stage(self, description: str, total: int, started: float | None = None) -> None:
         self.end_stage()
@@ -143,6 +146,7 @@ class RichHooks:
         self.description, self.total, self.done, self.last_line = description, total, 0, self.started
         if not err.is_terminal:  # a log file gets one line per stage instead of a bar
             err.print(f"{description} ({total})", highlight=False)
+            self.ticker = self._tick(PROGRESS_EVERY) if PROGRESS_EVERY > 0 else None
 
     def advance(self, n: int = 1, **info: Any) -> None:
         if self.progress is None:
@@ -158,6 +162,22 @@ class RichHooks:
             err.print(self.progress_line(now), highlight=False)
             self.last_line = now
 
+    def _tick(self, every: float) -> threading.Event:
+        """A line every ``every`` seconds in which nothing else was written (a stage's first
+        games can take minutes to end), until the returned event is set."""
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(every):
+                with self.ticker_lock:
+                    now = time.perf_counter()
+                    if now - self.last_line >= every and not stop.is_set():
+                        err.print(self.progress_line(now), highlight=False)
+                        self.last_line = now
+
+        threading.Thread(target=tick, name="progress-lines", daemon=True).start()
+        return stop
+
     def rate(self, now: float) -> str:
         """``, 41 tok/s`` since the stage began; nothing where no model tokens were counted (bots)."""
         return f", {self.tokens / max(1e-9, now - self.started):.0f} tok/s" if self.tokens else ""
@@ -169,13 +189,18 @@ class RichHooks:
         them are done neither an ETA nor a token rate drawn from the finished ones means anything
         (at 1 of 160 it read 559 minutes for a 4-minute stage): the line gives the time so far."""
         elapsed = now - self.started
+        head = f"  {self.description}: {self.done}/{self.total}" + (f", {self.info}" if self.info else "")
         if not self.training and self.done < self.total / 2:
-            return f"  {self.description}: {self.done}/{self.total}, {self.info}, {_minutes(elapsed)} so far"
+            return f"{head}, {_minutes(elapsed)} so far"
         left = (self.total - self.done) * elapsed / self.done if self.done else None
         eta = _minutes(left) if left is not None else "unknown"
-        return f"  {self.description}: {self.done}/{self.total}, {self.info}{self.rate(now)}, ETA {eta}"
+        return f"{head}{self.rate(now)}, ETA {eta}"
 
     def end_stage(self) -> None:
+        if self.ticker is not None:
+            with self.ticker_lock:
+                self.ticker.set()
+            self.ticker = None
         if self.progress is not None:
             self.progress.stop()
             if not err.is_terminal:

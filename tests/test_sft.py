@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import time
 
 import pytest
 import torch
@@ -632,6 +633,29 @@ def test_training_progress_reaches_a_log_as_plain_lines(monkeypatch):
     assert re.fullmatch(r"  round 0: play: 1/160, deals 1, 0m\d\ds so far", play[0])
     assert "80/160" in play[1] and "tok/s" in play[1] and "ETA " in play[1] and "so far" not in play[1]
     assert play[3].startswith("  done in ") and "tok/s" in play[3]
+
+
+def test_a_log_hears_from_a_stage_whose_first_games_take_minutes(monkeypatch):
+    """No game ends for a while (they are played together): a line still comes every
+    ``PROGRESS_EVERY`` seconds, and none after the stage ends."""
+    import io
+
+    from rich.console import Console
+
+    from parlay import cli
+
+    log = io.StringIO()
+    monkeypatch.setattr(cli, "err", Console(file=log, force_terminal=False, width=200))
+    monkeypatch.setattr(cli, "PROGRESS_EVERY", 0.2)
+    hooks = cli.RichHooks()
+    hooks.stage("round 0: play", 160)
+    time.sleep(0.9)
+    hooks.end_stage()
+    lines = log.getvalue().splitlines()
+    waiting = [line for line in lines if re.fullmatch(r"  round 0: play: 0/160, 0m00s so far", line)]
+    assert lines[0] == "round 0: play (160)" and len(waiting) >= 2 and lines[-1].startswith("  done in ")
+    time.sleep(0.5)
+    assert log.getvalue().splitlines() == lines  # the ticker stopped with the stage
     hooks.stage("warm start: bot:conceder vs bot:conceder", 2)  # games not reported one by one (proxy build)
     hooks.end_stage()
     assert re.fullmatch(r"  done in \d+ s", log.getvalue().splitlines()[-1])  # no dangling "; "
