@@ -13,8 +13,8 @@ games/min, generated tokens/s, tokens processed per game (prefilled + generated)
 unique tokens per game (the longest sequence each conversation reached), and the share of the
 hardware limit: 2·params·tokens processed per second over the measured peak matmul FLOP/s at the
 mode's dtype. ``--games 64`` batches as many conversations as the main job does (its default batch,
-``DEFAULT_BATCH``); ``--modes`` leaves out modes (``b`` alone takes longer than the others together
-at 64 games). Figures are appended to bench/RESULTS.md with the CPU class and the commit.
+``DEFAULT_BATCH``); ``--modes`` runs only the modes named (``b``, recomputing every prompt, is
+expected to be the slowest at 64 games). Figures are appended to bench/RESULTS.md with the CPU class and the commit.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from parlay.agents.hf import HFAgent, load_model
 from parlay.agents.hf_layer import cpu_has_bf16, pick_dtype
 from parlay.agents.machine import calibrate, describe
 from parlay.games import objective
+from parlay.proxy import source_commit
 from parlay.rollout import plan_games, play_games
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -41,6 +41,12 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 def peak_matmul_flops(dtype: torch.dtype) -> float:
     """The machine's matmul rate in ``dtype`` (FLOP/s), the calibration ``parlay doctor`` uses."""
     return calibrate(dtype, seconds=3.0)
+
+
+def commit_label() -> str:
+    """``1064ab2``, ``1064ab2+`` with uncommitted changes to parlay/, or ``unknown`` outside git."""
+    full = source_commit()
+    return "unknown" if full is None else full[:7] + ("+" if full.endswith("+") else "")
 
 
 def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak, share=False):
@@ -80,6 +86,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default="abcde", help="modes to run, e.g. acd (ratios to (a) need a)")
     args = parser.parse_args()
+    bf16 = cpu_has_bf16() and pick_dtype(args.dtype, "cpu") != torch.bfloat16
+    unknown = set(args.modes) - set("abcd" + ("e" if bf16 else ""))
+    if unknown or not args.modes:
+        runs = "a-d" + (", e" if bf16 else "")
+        parser.error(f"--modes: {''.join(sorted(unknown)) or 'none given'}; this machine runs {runs}")
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
     params = sum(p.numel() for p in model.parameters())
@@ -93,7 +104,7 @@ def main() -> None:
         ("(d) batched + prefix reuse + shared prefix", model, peak, games, True, False, True),
     ]
     bf16_peak = None
-    if cpu_has_bf16() and pick_dtype(args.dtype, "cpu") != torch.bfloat16:
+    if bf16 and "e" in args.modes:
         bf16_model, _ = load_model(args.model, dtype="bfloat16", device="cpu")
         bf16_peak = peak_matmul_flops(torch.bfloat16)
         modes.append(("(e) = (d) in bf16", bf16_model, bf16_peak, games, True, False, True))
@@ -114,9 +125,8 @@ def main() -> None:
             f"| {r['processed_per_game']:.0f} | {r['unique_per_game']:.0f} "
             f"| {r['processed_per_game'] / r['unique_per_game']:.2f} | {r['hw_share']:.1%} |"
         )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent)
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_") or "glibc's default"
-    machine = f"{describe().summary()}; torch {torch.__version__}; commit {commit.stdout.strip()}"
+    machine = f"{describe().summary()}; torch {torch.__version__}; commit {commit_label()}"
     machine += f"; glibc's mmap threshold: {malloc}"
     gain = {k: r["games_per_min"] for k, r in rows.items()}
     ratios = [f"({k}) vs (a): {gain[k] / gain['a']:.1f}×" for k in gain if k != "a" and "a" in gain]

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from rollout import peak_matmul_flops  # bench/ is on the path when a bench script runs
+from rollout import commit_label, peak_matmul_flops  # bench/ is on the path when a bench script runs
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,20 +256,23 @@ def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
         "|" + "---|" * 10,
     ]
     base = results.get("a")
+
+    def ratio(r: dict) -> str:
+        return f"{r['tok_s'] / base['tok_s']:.2f}×" if base else "—"
+
     for key, r in results.items():
         ps = r["per_step"]
         lines.append(
             f"| {CANDIDATES[key][0]} | {r['seconds'] / r['steps']:.1f} | {ps['forward']:.1f} | {ps['backward']:.1f} "
             f"| {ps['optimiser']:.2f} | {r['positions'] / r['tokens']:.2f} | {r['tok_s']:.0f} "
-            f"| {r['tok_s'] / limit:.0%} | {r['tok_s'] / base['tok_s'] if base else float('nan'):.2f}× "
+            f"| {r['tok_s'] / limit:.0%} | {ratio(r)} "
             f"| {r['rss_gb']:.2f} |"
         )
     same = [max(abs(x - y) for x, y in zip(r["losses"], base["losses"], strict=True)) for r in results.values() if base]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     cpu = _cpu_name()
     tokens = first["tokens"] / first["steps"]
     text = [
-        f"\n## train — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit.stdout.strip()}",
+        f"\n## train — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit_label()}",
         f"Machine: {cpu} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"native bf16: {'yes' if _has_bf16() else 'no'}; dtype {args.dtype}; load average {' '.join(load)} before, "
         f"{' '.join(load_after)} after. Model {cfg.model}, LoRA r{cfg.train.lora_r}, batch {cfg.train.batch_size} × "

@@ -151,16 +151,17 @@ class RichHooks:
     def advance(self, n: int = 1, **info: Any) -> None:
         if self.progress is None:
             return
-        self.deals += info.get("deals", 0)
-        self.tokens += info.get("tokens", 0)
-        self.done += n
-        now = time.perf_counter()
-        self.training = "loss" in info
-        self.info = f"loss {info['loss']:.3f}" if self.training else f"deals {self.deals}"
-        self.progress.update(self.task, advance=n, info=f"{self.info}{self.rate(now)}")
-        if not err.is_terminal and now - self.last_line >= PROGRESS_EVERY:  # a log file: a plain line now and then
-            err.print(self.progress_line(now), highlight=False)
-            self.last_line = now
+        with self.ticker_lock:  # the ticker reads these figures
+            self.deals += info.get("deals", 0)
+            self.tokens += info.get("tokens", 0)
+            self.done += n
+            now = time.perf_counter()
+            self.training = "loss" in info
+            self.info = f"loss {info['loss']:.3f}" if self.training else f"deals {self.deals}"
+            self.progress.update(self.task, advance=n, info=f"{self.info}{self.rate(now)}")
+            if not err.is_terminal and now - self.last_line >= PROGRESS_EVERY:  # a log: a plain line now and then
+                err.print(self.progress_line(now), highlight=False)
+                self.last_line = now
 
     def _tick(self, every: float) -> threading.Event:
         """A line every ``every`` seconds in which nothing else was written (a stage's first
@@ -168,12 +169,16 @@ class RichHooks:
         stop = threading.Event()
 
         def tick() -> None:
-            while not stop.wait(every):
+            wait = every
+            while not stop.wait(wait):
                 with self.ticker_lock:
                     now = time.perf_counter()
-                    if now - self.last_line >= every and not stop.is_set():
+                    if stop.is_set():
+                        return
+                    if now - self.last_line >= every:
                         err.print(self.progress_line(now), highlight=False)
                         self.last_line = now
+                    wait = max(0.0, every - (now - self.last_line))  # from the last line, whoever wrote it
 
         threading.Thread(target=tick, name="progress-lines", daemon=True).start()
         return stop

@@ -148,10 +148,12 @@ class Loop:
             episodes = _read(Path(ws.episodes))
         else:
             r = self.cfg.rollout
-            episodes = bot_demonstrations(
-                ws, self.obj, self.cfg.seed, r.max_messages, self.hooks.stage, self._advance_game
-            )
-            self.hooks.end_stage()
+            try:
+                episodes = bot_demonstrations(
+                    ws, self.obj, self.cfg.seed, r.max_messages, self.hooks.stage, self._advance_game
+                )
+            finally:
+                self.hooks.end_stage()
             write_episodes(stage.episodes, episodes)
         selected = warm_examples(episodes, ws)
         return self.fit(stage, start, selected, "warm start", key=0, epochs=ws.epochs, lr=ws.lr).model

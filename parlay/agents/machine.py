@@ -3,7 +3,8 @@
 The quickstart's time depends above all on one fact: whether the CPU computes bf16 natively
 (AVX512-BF16 or AMX). Where it does, ``dtype: auto`` trains and plays in bf16; where it does not
 (AVX2-only CPUs: most laptops, many cloud machines), bf16 is a slow emulation and ``auto`` picks
-float32, which costs several times more. ``describe`` gathers the facts (CPU model, instruction
+float32, which costs more (play 1.65× slower in bench/RESULTS.md). ``describe`` gathers the
+facts (CPU model, instruction
 sets, usable cores, torch's threads, the dtype ``auto`` picks) and ``calibrate`` measures the
 matmul rate in that dtype for a few seconds; ``expected_minutes`` scales the main job's measured
 time on a reference machine by the ratio of the two rates (a first-order estimate: training and
@@ -40,7 +41,8 @@ QUICKSTART = Reference(
 """The README's main job as last measured (docs/RESULTS.md): seed 2 of the three-seed run, end to
 end with nothing else running, on a machine whose float32 matmul rate by ``parlay doctor`` was
 130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median taken). That machine's
-rate drifts by tens of per cent within an hour (bench/RESULTS.md): read the estimate as ±25 %."""
+rate drifts: one 3-step training measurement read 16.0-20.7 s/step within 40 minutes (bench/RESULTS.md),
+so read the estimate as rough."""
 
 
 @dataclass(frozen=True)
