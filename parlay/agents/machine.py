@@ -3,12 +3,11 @@
 The quickstart's time depends above all on one fact: whether the CPU computes bf16 natively
 (AVX512-BF16 or AMX). Where it does, ``dtype: auto`` trains and plays in bf16; where it does not
 (AVX2-only CPUs: most laptops, many cloud machines), bf16 is a slow emulation and ``auto`` picks
-float32, which costs more (play 1.65× slower in bench/RESULTS.md). ``describe`` gathers the
-facts (CPU model, instruction
-sets, usable cores, torch's threads, the dtype ``auto`` picks) and ``calibrate`` measures the
-matmul rate in that dtype for a few seconds; ``expected_minutes`` scales the main job's measured
-time on a reference machine by the ratio of the two rates (a first-order estimate: training and
-play are matmul-bound on a CPU, bench/RESULTS.md).
+float32, which costs more (play 1.65× slower in bench/RESULTS.md). ``describe`` gathers the facts
+(CPU model, instruction sets, usable cores, torch's threads, the dtype ``auto`` picks) and
+``calibrate`` measures the matmul rate in that dtype for a few seconds; ``expected_minutes`` scales
+the main job's measured time on a reference machine by the ratio of the two rates (a first-order
+estimate: training and play are matmul-bound on a CPU, bench/RESULTS.md).
 """
 
 from __future__ import annotations
