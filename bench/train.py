@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,8 @@ from pathlib import Path
 
 import torch
 from rollout import commit_label, peak_matmul_flops  # bench/ is on the path when a bench script runs
+
+from parlay.agents.machine import peak_rss_gb
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def run_candidate(args, targets: bool, sort: bool, share: bool) -> dict:
         "positions": positions,
         "targets": targets_n,
         "tok_s": tokens / seconds,
-        "rss_gb": _peak_rss_gb(),
+        "rss_gb": peak_rss_gb(),
         "losses": losses,
         "flops_per_token": _flops_per_token(model, rows),
         "steps": len(steps),
@@ -180,7 +181,7 @@ def run_trainer(args) -> dict:
     examples = read_examples(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         stats = train(examples, args.model, Path(tmp) / "model", cfg, seed=args.seed, epochs=args.epochs, lr=args.lr)
-    return {"stats": stats.model_dump(exclude={"losses", "grad_norms"}), "rss_gb": _peak_rss_gb()}
+    return {"stats": stats.model_dump(exclude={"losses", "grad_norms"}), "rss_gb": peak_rss_gb()}
 
 
 def _config(args):
@@ -191,10 +192,6 @@ def _config(args):
 
 def _gen(args) -> torch.Generator:
     return torch.Generator().manual_seed(args.seed)
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 # --------------------------------------------------------------------------- the parent

@@ -98,11 +98,17 @@ def main(
     if version:
         console.print(f"parlay {__version__}")
         raise typer.Exit()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[_log_handler()])
+
+
+def _log_handler() -> logging.Handler:
+    """Rich's handler at a terminal; in a log (stderr not a terminal) one plain line per record,
+    never wrapped into columns, so that grep finds a warning whole."""
+    if err.is_terminal:
+        return RichHandler(console=err, show_path=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    return handler
 
 
 # ---------------------------------------------------------------------- progress
@@ -210,7 +216,7 @@ class RichHooks:
             self.progress.stop()
             if not err.is_terminal:
                 now = time.perf_counter()
-                figures = f"{self.info}{self.rate(now)}".removeprefix(", ")
+                figures = f"{self.info}{self.rate(now)}{_peak_memory()}".removeprefix(", ")
                 done = f"  done in {now - self.started:.0f} s"
                 err.print(f"{done}; {figures}" if figures else done, highlight=False)
             self.progress = None
@@ -226,6 +232,14 @@ class RichHooks:
 
     def note(self, text: str) -> None:
         err.print(f"[yellow]{text}[/]", highlight=False)
+
+
+def _peak_memory() -> str:
+    """``, peak memory so far 4.3 GB``: the process's peak, so a log shows which stage set it."""
+    from parlay.agents.machine import peak_rss_gb
+
+    peak = peak_rss_gb()
+    return f", peak memory so far {peak:.1f} GB" if peak is not None else ""
 
 
 def _minutes(seconds: float) -> str:
@@ -672,7 +686,8 @@ def _machine_line(cfg) -> None:
         str(pick_dtype(d, default_device())).removeprefix("torch.") for d in (cfg.rollout.dtype, cfg.train.dtype)
     )
     dtypes = f"dtype {play}" if play == train else f"dtype {play} for play, {train} for training"
-    err.print(f"machine: {machine.summary()}; this run: {dtypes} (parlay doctor: expected time)", highlight=False)
+    estimate = "parlay doctor estimates the main job's time here"
+    err.print(f"machine: {machine.summary()}; this run: {dtypes} ({estimate})", highlight=False)
     for line in machine.warnings():
         err.print(f"[yellow]{line}[/]", highlight=False)
 
@@ -812,12 +827,13 @@ def doctor(
         console.print("bf16 would be emulated on this CPU (slow): runs train and play in float32", highlight=False)
     flops = calibrate(dtype, seconds)
     console.print(f"matmul {flops / 1e9:.0f} GFLOP/s in {str(dtype).removeprefix('torch.')} ({seconds:g} s)")
-    minutes = expected_minutes(flops)
-    if minutes is not None:
+    reference = QUICKSTART.get(str(dtype).removeprefix("torch."))
+    minutes = expected_minutes(flops, reference)
+    if reference is not None and minutes is not None:
         console.print(
             f"main job (configs/cpu-quickstart.yaml): about {minutes:.0f} min here, scaled from "
-            f"{QUICKSTART.minutes:.0f} min at {QUICKSTART.gflops:.0f} GFLOP/s {QUICKSTART.dtype} "
-            f"({QUICKSTART.machine}, commit {QUICKSTART.commit})",
+            f"{reference.minutes:.0f} min at {reference.gflops:.0f} GFLOP/s {reference.dtype} "
+            f"({reference.machine}, commit {reference.commit})",
             highlight=False,
         )
     for line in machine.warnings():

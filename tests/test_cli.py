@@ -170,3 +170,19 @@ def test_a_log_keeps_each_line_whole_and_a_run_over_seeds_names_its_machine(tmp_
     (error,) = [line for line in lines if line.startswith("error: ")]
     assert error.endswith("no run over seeds here to resume (no seeds.json, no seed-<s>/ folder)"), r.stderr
     assert len(lines) == 3  # run directory, machine, error
+
+
+def test_a_warning_in_a_log_is_one_plain_line(tmp_path):
+    """Logging's records in a piped log: one line each with time and level, whatever COLUMNS
+    says (Rich's handler wraps a long record into columns, which grep then cuts apart)."""
+    out = tmp_path / "a-folder-with-a-name-long-enough-to-pass-eighty-columns" / "eps.jsonl"
+    out.parent.mkdir()
+    assert run("play", "-n", "3", "--seed", "2", "-o", str(out)).returncode == 0
+    out.write_text(out.read_text()[:-40])  # the last game's line cut short by an interrupted write
+    env = {**os.environ, "COLUMNS": "80"}
+    r = subprocess.run([*BIN, "eval", str(out), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (warning,) = [line for line in r.stderr.splitlines() if "WARNING" in line]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING .*", warning), warning
+    assert f"{out}:3: last line is truncated (interrupted write); skipped" in warning
+    assert json.loads(r.stdout)["games"] == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from parlay.agents import hf_layer
-from parlay.agents.machine import Reference, calibrate, describe, expected_minutes
+from parlay.agents.machine import QUICKSTART, Reference, calibrate, describe, expected_minutes
 
 
 def _cpuinfo_field(key: str) -> str | None:
@@ -46,6 +46,15 @@ def test_the_expected_time_scales_the_reference_by_the_matmul_rates():
     assert expected_minutes(50e9, ref) == pytest.approx(60.0)  # half the rate, twice the time
     assert expected_minutes(200e9, ref) == pytest.approx(15.0)
     assert expected_minutes(100e9, Reference(0.0, 100.0, "float32", "m", "c")) is None  # nothing measured yet
+    assert expected_minutes(100e9, None) is None  # no reference in this dtype
+
+
+def test_each_dtype_auto_picks_has_a_reference_of_its_own():
+    """A bf16 machine's time is scaled from a bf16 run, not from a float32 one: the job is not
+    matmul-bound to the same degree in both (bf16 play is bound by attention)."""
+    for dtype, ref in QUICKSTART.items():
+        assert ref.dtype == dtype and ref.minutes > 0 and ref.gflops > 0
+    assert {"float32", "bfloat16"} <= set(QUICKSTART)
 
 
 def test_calibration_counts_two_flops_per_multiply_add():
@@ -64,5 +73,8 @@ def test_doctor_says_what_train_will_use_and_warns_of_crowded_threads():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "dtype auto = " in done.stdout and "GFLOP/s" in done.stdout
+    reference = QUICKSTART[str(describe().auto_dtype).removeprefix("torch.")]
+    said = " ".join(done.stdout.split())  # however the console wrapped it
+    assert f"GFLOP/s {reference.dtype} ({reference.machine}, commit {reference.commit})" in said
     assert f"{cores + 2} threads on {cores} usable cores" in done.stderr.replace("\n", " ")
     assert f"OMP_NUM_THREADS={cores}" in done.stderr.replace("\n", " ")

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import resource
 import time
 
 import pytest
@@ -633,9 +634,12 @@ def test_training_progress_reaches_a_log_as_plain_lines(monkeypatch):
     assert re.fullmatch(r"  round 0: play: 1/160, deals 1, 0m\d\ds so far", play[0])
     assert "80/160" in play[1] and "tok/s" in play[1] and "ETA " in play[1] and "so far" not in play[1]
     assert play[3].startswith("  done in ") and "tok/s" in play[3]
+    # the process's peak so far, as the kernel counts it (kB on Linux): the stage that set it shows
+    peak = float(re.search(r", peak memory so far (\d+\.\d) GB$", play[3]).group(1))
+    assert peak == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, abs=0.06)
     hooks.stage("warm start: bot:conceder vs bot:conceder", 2)  # games not reported one by one (proxy build)
     hooks.end_stage()
-    assert re.fullmatch(r"  done in \d+ s", log.getvalue().splitlines()[-1])  # no dangling "; "
+    assert re.fullmatch(r"  done in \d+ s; peak memory so far \d+\.\d GB", log.getvalue().splitlines()[-1])
 
 
 def test_a_log_hears_from_a_stage_whose_first_games_take_minutes(monkeypatch):

@@ -6,8 +6,8 @@ The quickstart's time depends above all on one fact: whether the CPU computes bf
 float32, which costs more (play 1.65× slower in bench/RESULTS.md). ``describe`` gathers the facts
 (CPU model, instruction sets, usable cores, torch's threads, the dtype ``auto`` picks) and
 ``calibrate`` measures the matmul rate in that dtype for a few seconds; ``expected_minutes`` scales
-the main job's measured time on a reference machine by the ratio of the two rates (a first-order
-estimate: training and play are matmul-bound on a CPU, bench/RESULTS.md).
+the main job's measured time on a reference machine of the same dtype by the ratio of the two
+rates (a first-order estimate: the bulk of training and play is matmuls, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -34,14 +34,23 @@ class Reference:
     commit: str
 
 
-QUICKSTART = Reference(
-    minutes=30.0, gflops=136.0, dtype="float32", machine="AMD EPYC, AVX2+FMA, 2 cores", commit="36521b7"
-)
-"""The README's main job as last measured (docs/RESULTS.md): seed 2 of the three-seed run, end to
-end with nothing else running, on a machine whose float32 matmul rate by ``parlay doctor`` was
-130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median taken). That machine's
-rate drifts: one 3-step training measurement read 16.0-20.7 s/step within 40 minutes (bench/RESULTS.md),
-so read the estimate as rough."""
+QUICKSTART = {
+    "float32": Reference(
+        minutes=30.0, gflops=136.0, dtype="float32", machine="AMD EPYC, AVX2+FMA, 2 cores", commit="36521b7"
+    ),
+    "bfloat16": Reference(
+        minutes=17.0, gflops=418.0, dtype="bfloat16", machine="AMD EPYC, AVX-512+AVX512-BF16, 2 cores", commit="92ca224"
+    ),
+}
+"""The README's main job as last measured end to end with nothing else running (docs/RESULTS.md),
+per dtype ``auto`` picks: a machine's time is scaled from the reference of its own dtype, since
+the job is not matmul-bound to the same degree in both (in bf16, play is half the job and its
+attention is not a matmul). float32: seed 2 of the three-seed run on an AVX2 machine, whose rate
+by ``parlay doctor`` was 130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median
+taken); that machine's rate drifts (one 3-step training measurement read 16.0-20.7 s/step within
+40 minutes, bench/RESULTS.md). bfloat16: seed 0 on a machine with AVX512-BF16, 418-434 GFLOP/s
+(one calibration before the run, two after; the median taken), 2026-12-01. Read the estimate as
+rough."""
 
 
 @dataclass(frozen=True)
@@ -151,10 +160,22 @@ def calibrate(dtype: torch.dtype, seconds: float = 10.0, n: int = 2048) -> float
             return 2 * n**3 / best
 
 
-def expected_minutes(flops: float, reference: Reference = QUICKSTART) -> float | None:
+def peak_rss_gb() -> float | None:
+    """The most resident memory this process has held so far, in GB (2**30 bytes); None where
+    the OS does not say (``resource`` is POSIX-only; Linux counts kB, macOS bytes)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if platform.system() == "Darwin" else peak / 2**20
+
+
+def expected_minutes(flops: float, reference: Reference | None) -> float | None:
     """The main job's expected wall time here, in minutes: the reference time scaled by the
-    reference's matmul rate over ``flops`` (this machine's, in the dtype ``auto`` picks). None
-    while no reference measurement is recorded."""
-    if reference.minutes <= 0 or flops <= 0:
+    reference's matmul rate over ``flops`` (this machine's, in the dtype ``auto`` picks; the
+    reference is ``QUICKSTART``'s of that dtype). None while no reference measurement is
+    recorded (``reference`` None, or no minutes)."""
+    if reference is None or reference.minutes <= 0 or flops <= 0:
         return None
     return reference.minutes * reference.gflops * 1e9 / flops

@@ -58,15 +58,23 @@ def _gguf_path(model: EmbeddedModel) -> Path:
 
 @contextlib.contextmanager
 def _quiet_bar_off_terminal():
-    """transformers draws a bar per GGUF tensor with its own tqdm and no switch; in a log (stderr
-    not a terminal) each redraw would be kept, hundreds of them, so the bar is off there."""
+    """transformers draws a bar per GGUF tensor with its own tqdm and no switch, and bars of its
+    own for loading and writing the weights; in a log (stderr not a terminal) each redraw would
+    be kept, hundreds of them, so the bars are off there."""
     if sys.stderr.isatty():
         yield
         return
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
-    with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
-        yield
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)):
+            yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def resolve(name: str, cache: Path | None = None) -> str:
@@ -91,7 +99,8 @@ def resolve(name: str, cache: Path | None = None) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
     try:
-        model.save_pretrained(tmp)
+        with _quiet_bar_off_terminal():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists():  # another process finished first
             shutil.rmtree(tmp)
