@@ -44,7 +44,7 @@ from parlay.locking import LockError
 from parlay.rollout import plan_games, play_games
 from parlay.run import RoundRecord, RunDir, RunDirError
 from parlay.seeds import SeedRuns, parse_seeds, pick_seed, seed_folder, seeds_of
-from parlay.specs import AgentSpec, parse_spec
+from parlay.specs import AgentSpec, RunSpec, parse_spec
 from parlay.tracking import TrackingError, track_eval
 
 app = typer.Typer(
@@ -253,6 +253,14 @@ ROLLOUT = RolloutConfig()
 ObjectiveOpt = Annotated[
     str, typer.Option("--objective", help="cooperative, semi-competitive, competitive, or λ in [-1, 1].")
 ]
+RunObjectiveOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--objective",
+        help="cooperative, semi-competitive, competitive, or λ in [-1, 1] (default: the objective the runs "
+        "among the agents trained under, when they agree; else semi-competitive).",
+    ),
+]
 GamesOpt = Annotated[int, typer.Option("-n", "--games", min=1, help="Number of games.")]
 SeedOpt = Annotated[int, typer.Option(min=0, help="Seed for contexts, first speakers and sampling.")]
 OutputOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Write episodes to this JSONL file.")]
@@ -317,7 +325,7 @@ def play(
         "bot:conceder"
     ),
     n: GamesOpt = 100,
-    objective_spec: ObjectiveOpt = "semi-competitive",
+    objective_spec: RunObjectiveOpt = None,
     seed: SeedOpt = 0,
     output: OutputOpt = None,
     contexts: ContextsOpt = None,
@@ -329,7 +337,8 @@ def play(
     as_json: JsonOpt = False,
 ) -> None:
     """Play games between two agents and print their metrics (one agent on both sides when A = B)."""
-    obj = objective(objective_spec)
+    runs = [parse_spec(spec) for spec in dict.fromkeys([a, b]) if spec.startswith("run:")]
+    obj = _objective_for(objective_spec, runs)
     sampling = Sampling(temperature, top_p, max_new_tokens, seed)
     agent_a = load_agent("human" if human else a, sampling)
     agent_b = agent_a if b == a and not human else load_agent(b, sampling)
@@ -345,7 +354,7 @@ def play(
 def selfplay(
     model: Annotated[str, typer.Option("--model", help="Agent spec that plays both sides.")] = "hf:smollm2-135m",
     n: GamesOpt = 32,
-    objective_spec: ObjectiveOpt = "semi-competitive",
+    objective_spec: RunObjectiveOpt = None,
     seed: SeedOpt = 0,
     output: OutputOpt = None,
     contexts: ContextsOpt = None,
@@ -414,7 +423,35 @@ def _specs(text: str | None, option: str = "--agents") -> list[AgentSpec]:
         raise ConfigError(f"{option}: {exc}") from None
     if not specs:
         raise ConfigError(f"{option}: no agent spec given")
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.render() in seen:
+            raise ConfigError(f"{option}: {spec.render()} given twice; name each agent once")
+        seen.add(spec.render())
     return specs
+
+
+def _objective_for(given: str | None, specs: list[AgentSpec]) -> Objective:
+    """``--objective`` when given; else the objective the runs among ``specs`` (``run:DIR@K``, a
+    run over seeds included) trained under, when they agree, said on stderr; else semi-competitive
+    (the Lewis et al. game's), with a warning when the runs disagree."""
+    if given is not None:
+        return objective(given)
+    trained: dict[float, Objective] = {}
+    for spec in specs:
+        for one in expand_rounds(spec):
+            if isinstance(one, RunSpec):
+                obj = objective(RunDir(one.path).load_config().objective)
+                trained[obj.lam] = obj
+    if len(trained) == 1:
+        (obj,) = trained.values()
+        err.print(f"objective: {obj.name}, the runs' own (--objective to choose another)", highlight=False)
+        return obj
+    if trained:
+        names = ", ".join(sorted(o.name for o in trained.values()))
+        err.print(f"[yellow]the runs trained under different objectives ({names}): playing semi-competitive; "
+                  "--objective to choose[/]", highlight=False)  # fmt: skip
+    return objective("semi-competitive")
 
 
 @app.command("eval")
@@ -439,7 +476,7 @@ def eval_(
         ),
     ] = None,
     n: GamesOpt = 64,
-    objective_spec: ObjectiveOpt = "semi-competitive",
+    objective_spec: RunObjectiveOpt = None,
     seed: SeedOpt = 0,
     max_messages: CapOpt = ROLLOUT.max_messages,
     temperature: TempOpt = ROLLOUT.temperature,
@@ -483,11 +520,13 @@ def eval_(
     if partners is not None:
         if lambdas is not None or judge:
             raise ConfigError("--partners: not with --lambdas or --judge")
-        _eval_partners(_specs(agents), _specs(partners, "--partners"), n, objective(objective_spec), seed, out,
-                       max_messages, Sampling(temperature, top_p, max_new_tokens, seed), as_json, steal_lock,
-                       workers, ray_address)  # fmt: skip
+        agent_specs, partner_specs = _specs(agents), _specs(partners, "--partners")
+        obj = _objective_for(objective_spec, agent_specs + partner_specs)
+        _eval_partners(agent_specs, partner_specs, n, obj, seed, out, max_messages,
+                       Sampling(temperature, top_p, max_new_tokens, seed), as_json, steal_lock, workers,
+                       ray_address)  # fmt: skip
         return
-    obj = objective(objective_spec)
+    obj = _objective_for(objective_spec, _specs(agents) if agents and lambdas is None else [])
     judge_agent = load_judge(judge, seed) if judge else None  # a bad judge spec fails before any game
     sampling = Sampling(temperature, top_p, max_new_tokens, seed)
     if files:

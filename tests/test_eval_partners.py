@@ -156,6 +156,25 @@ def test_bad_input_names_the_option(seed_run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_objective_is_the_runs_own_unless_given(bot_models, tmp_path):
+    """A cooperative run's model is measured in cooperative games unless --objective says
+    otherwise (it used to be semi-competitive whatever the run); an agent given twice is refused."""
+    from typer.testing import CliRunner
+
+    from parlay import cli
+
+    run_dir = _bot_seed_run(tmp_path / "runs", 0, "bot:cooperative", games=4, lam=1.0).path
+    for given, lam in [([], 1.0), (["--objective", "competitive"], -1.0)]:
+        out = tmp_path / f"eval{lam}"
+        args = ["eval", "--agents", f"run:{run_dir}@1", "--partners", "bot:conceder", "-n", "4", "--out", str(out)]
+        done = CliRunner().invoke(cli.app, [*args, *given, "--json"])
+        assert done.exit_code == 0, done.output
+        assert json.loads((out / "setup.json").read_text())["objective"]["lam"] == lam
+        assert all(ep.objective["lam"] == lam for ep in read_episodes(next(out.rglob("*.jsonl"))))
+    twice = CliRunner().invoke(cli.app, ["eval", "--agents", "bot:hard,bot:hard", "--partners", "bot:conceder"])
+    assert twice.exit_code == 2 and "--agents: bot:hard given twice" in twice.output
+
+
 def test_cli_prints_tables_and_json(tmp_path):
     out = tmp_path / "eval"
     args = ["eval", "--agents", "bot:hard,bot:cooperative", "--partners", "bot:conceder", "-n", "6", "--out", str(out)]

@@ -215,7 +215,7 @@ def test_eval_agents_writes_tables_csv_and_json(tmp_path):
     r = run("eval", "--agents", "bot:hard,hf:/no/such/model", "-n", "2", "--out", str(tmp_path / "u"))
     assert r.returncode == 2 and "hf:/no/such/model" in r.stderr and "Traceback" not in r.stderr
     r = run("eval", "--agents", "bot:hard,run:" + str(tmp_path / "nowhere"), "--out", str(tmp_path / "v"))
-    assert r.returncode == 2 and "no complete round" in r.stderr
+    assert r.returncode == 2 and "nowhere: no run here (config.yaml is missing)" in r.stderr
     r = run("eval", str(out / "pairs" / "0-1.jsonl"), "--agents", "bot:hard")
     assert r.returncode == 2 and "either" in r.stderr
 

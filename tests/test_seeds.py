@@ -119,10 +119,11 @@ def test_interquartile_mean_and_probability_of_improvement_by_hand():
 # --------------------------------------------------------------------------- a multi-seed run read back
 
 
-def _bot_seed_run(parent: Path, seed: int, later: str, games: int = 10) -> RunDir:
+def _bot_seed_run(parent: Path, seed: int, later: str, games: int = 10, lam: float = 0.0) -> RunDir:
     """Seed ``seed``'s run as a plain run makes it with --set runs_dir=PARENT --set name=seed-S:
-    round 0 plays bot:hard with itself, round 1 ``later`` with itself; bot:random is held out."""
-    data = {"runs_dir": str(parent), "name": f"seed-{seed}", "seed": seed, "rounds": 1, "objective": 0}
+    round 0 plays bot:hard with itself, round 1 ``later`` with itself; bot:random is held out.
+    ``lam``: the objective the run's config names (its games are played under λ = 0 all the same)."""
+    data = {"runs_dir": str(parent), "name": f"seed-{seed}", "seed": seed, "rounds": 1, "objective": lam}
     data |= {"rollout": {"games": games, "max_messages": 8}, "heldout": {"partners": ["bot:random"], "games": 6}}
     cfg = parse_config(data, "test")
     run = RunDir(cfg.run_dir)
