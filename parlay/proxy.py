@@ -122,6 +122,14 @@ class ProxyCheck(_Record):
     """accepted / attempts."""
     max_messages: int | None
     seed: int
+    close_games: int | None = None
+    """The held games the people agreed in, which the proxy carried on from their messages
+    (None in a check written before this figure existed)."""
+    close_agreement: float | None = None
+    """Share of those the proxy, with itself, brought to a deal within ``close_messages`` more messages."""
+    close_same_split: float | None = None
+    """Share of those whose deal was the people's own split."""
+    close_messages: int | None = None
 
 
 def file_sha256(path: str | Path) -> str:

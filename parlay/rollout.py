@@ -19,7 +19,7 @@ import numpy as np
 from parlay.agents.base import Agent, Reply, TurnRequest
 from parlay.episode import Episode, EpisodeWriter, ReadReport, read_episodes
 from parlay.games.contexts import sample_contexts
-from parlay.games.dond import DEFAULT_MAX_MESSAGES, MAX_REPLY_CHARS, Context, Objective
+from parlay.games.dond import DEFAULT_MAX_MESSAGES, MAX_REPLY_CHARS, Context, Objective, RuleError
 from parlay.protocol import Game
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ class GameSpec:
     context: Context
     first_speaker: str
     seed: int
+    opening: tuple[str, ...] = ()
+    """Replies replayed before any agent moves (a recorded game's messages, for agents to carry
+    on from; ``evaluate/proxy.py``), each of which the protocol must accept. The game's message
+    cap counts the agents' messages only: it is raised by the opening's."""
 
 
 def derive_seed(*keys: int) -> int:
@@ -113,10 +117,7 @@ def play_matches(
     """Play every match to the end, all at once: an agent that sits in several matches (a model
     playing itself, a bot and an earlier checkpoint) answers all its pending turns in one ``act``
     call. Returns the episodes in the order of ``matches``."""
-    live = {
-        i: Game(m.game.context, objective, m.game.first_speaker, max_messages, max_reply_chars=max_reply_chars)
-        for i, m in enumerate(matches)
-    }
+    live = {i: start_game(m.game, objective, max_messages, max_reply_chars) for i, m in enumerate(matches)}
     done: dict[int, Episode] = {}
 
     def finish(i: int, game: Game) -> None:
@@ -149,6 +150,21 @@ def play_matches(
                 if game.is_terminal:
                     finish(i, game)
     return [done[i] for i in range(len(matches))]
+
+
+def start_game(
+    spec: GameSpec, objective: Objective, max_messages: int | None, max_reply_chars: int | None = MAX_REPLY_CHARS
+) -> Game:
+    """The game of ``spec`` with its opening replayed. ``RuleError`` naming the game when the
+    protocol refuses a reply of the opening, or when the opening ends the game."""
+    cap = None if max_messages is None else max_messages + len(spec.opening)
+    game = Game(spec.context, objective, spec.first_speaker, cap, max_reply_chars=max_reply_chars)
+    for i, text in enumerate(spec.opening):
+        turn = game.step(text)
+        if not turn.accepted or game.is_terminal:
+            why = f"rejected ({turn.error}: {turn.detail})" if not turn.accepted else "ends the game"
+            raise RuleError(f"game {spec.id}: reply {i + 1} of its opening {why}: {text[:60]!r}")
+    return game
 
 
 def turn_request(game: Game, game_id: str, game_seed: int) -> TurnRequest:

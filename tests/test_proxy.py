@@ -11,10 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from parlay.agents import load_agent
-from parlay.config import RunConfig
+from parlay.agents.base import Agent, Reply
+from parlay.config import RunConfig, TrainConfig
 from parlay.episode import Episode, read_episodes, write_episodes
 from parlay.errors import UserError
-from parlay.games import all_contexts, objective
+from parlay.games import RuleError, all_contexts, objective
 from parlay.improve.proxy import build_proxy
 from parlay.protocol import Game, message_reply, proposal_reply
 from parlay.proxy import ProxyDir, ProxyError
@@ -146,7 +147,9 @@ def test_check_against_references(built, human_files, tiny_lm, tmp_path):
     out = tmp_path / "p"
     shutil.copytree(built[0], out)  # the check's record would refuse the shared proxy as a partner
     held = read_episodes(human_files[1])
-    check = check_proxy(out, human_files[1], sampling=Sampling(max_new_tokens=8), max_messages=4)
+    # float32, as the references below (dtype auto would pick bf16 on a CPU with native bf16)
+    train = TrainConfig(dtype="float32")
+    check = check_proxy(out, human_files[1], sampling=Sampling(max_new_tokens=8), max_messages=4, train=train)
 
     base = AutoModelForCausalLM.from_pretrained(base_path).eval()
     assert check.loglik_base == pytest.approx(_reference_logliks(base, tokenizer, held)[0], abs=1e-4)
@@ -169,6 +172,68 @@ def test_check_against_references(built, human_files, tiny_lm, tmp_path):
     assert check.acceptance < 0.5
     with pytest.raises(ProxyError, match="rejected"):
         load_agent(f"proxy:{out}")
+
+
+class _Closer(Agent):
+    """Carries on from the people's talk by the rules of ``how``: ``"split"`` proposes what its
+    seat kept in the people's game (known here by game id), ``"extremes"`` proposes nothing first
+    and everything second (a deal, not the people's), ``"talk"`` only ever sends a message."""
+
+    spec = "closer"
+
+    def __init__(self, how: str, people: list[Episode]) -> None:
+        self.how, self.kept = how, {ep.id: ep.outcome.proposals for ep in people if ep.agreed}
+
+    def act(self, requests):
+        replies = []
+        for r in requests:
+            people_id = r.game_id.split("-", 2)[-1]
+            if self.how == "talk" or people_id not in self.kept or not r.game_id.startswith("close-"):
+                replies.append(Reply(message_reply("what do you think")))
+            elif self.how == "split":
+                replies.append(Reply(proposal_reply(tuple(self.kept[people_id][r.player]))))
+            else:
+                keep = r.context.counts if r.proposal_owed else (0, 0, 0)
+                replies.append(Reply(proposal_reply(tuple(keep))))
+        return replies
+
+
+CLOSERS = [("split", 1.0, 1.0), ("extremes", 1.0, 0.0), ("talk", 0.0, 0.0)]
+
+
+@pytest.mark.parametrize(("how", "agreement", "same"), CLOSERS)
+def test_closing_the_peoples_deals(built, human_files, tmp_path, how, agreement, same):
+    """The proxy carries on from each agreed held game's own messages: the figures are what the
+    rules make of three scripted closers (the people's split, a deal of extremes, talk only)."""
+    from parlay.evaluate.proxy import CLOSE_MESSAGES, check_proxy
+
+    out = tmp_path / "p"
+    shutil.copytree(built[0], out)
+    held = read_episodes(human_files[1])
+    check = check_proxy(out, human_files[1], max_messages=4, load=lambda spec, sampling: _Closer(how, held))
+    agreed = [ep for ep in held if ep.agreed]
+    assert check.close_games == len(agreed) == 3 and check.close_messages == CLOSE_MESSAGES
+    assert (check.close_agreement, check.close_same_split) == (agreement, same)
+    closed = read_episodes(out / "check_closing.jsonl")
+    for game, people in zip(closed, agreed, strict=True):
+        talk = [t.text for t in people.turns if t.kind == "message"]
+        assert [t.text for t in game.turns[: len(talk)]] == talk  # the people's own messages first
+        assert game.game_context() == people.game_context() and game.first_speaker == people.first_speaker
+        if how == "talk":  # the cap counts the proxy's own messages only
+            messages = sum(t.accepted and t.kind == "message" for t in game.turns)
+            assert messages == game.max_messages == len(talk) + CLOSE_MESSAGES and not game.agreed
+    assert len(read_episodes(out / "check_games.jsonl")) == len(held)  # the games with itself, apart
+
+
+def test_an_opening_the_protocol_refuses_is_named():
+    from parlay.rollout import GameSpec, start_game
+
+    ctx = all_contexts()[5]
+    spec = GameSpec("g1", ctx, "A", 0, opening=(message_reply("hi"), "no tag here"))
+    with pytest.raises(RuleError, match=r"game g1: reply 2 of its opening rejected"):
+        start_game(spec, objective(0), 4)
+    game = start_game(GameSpec("g2", ctx, "A", 0, opening=(message_reply("hi"),) * 3), objective(0), 2)
+    assert game.n_messages == 3 and game.max_messages == 5 and game.current_player == "B"
 
 
 def test_cli_check_prints_the_table_and_fails_a_proxy_the_protocol_rejects(built, human_files, tmp_path):

@@ -11,9 +11,17 @@ perplexity on held-out dialogues. On held human games this gives, beside each ot
 - **play**: the proxy with itself on the held games' contexts, first speakers and objectives:
   its agreement rate and mean reward per player beside the people's own on the same games;
 - **protocol acceptance**: the share of the proxy's replies in those games that the protocol
-  accepted (rejected attempts count as replies).
+  accepted (rejected attempts count as replies);
+- **closing the people's deals**: on each held game the people agreed in, the proxy carries on
+  from the people's own messages (``GameSpec.opening``: every accepted message before their
+  selections) with itself, for at most ``CLOSE_MESSAGES`` more messages: the share of those games
+  it brings to a deal, and the share whose deal is the people's split. The people's talk has
+  already settled what to do there, so this isolates turning an agreed dialogue into the two
+  proposals that must divide the items exactly (the selections of Lewis et al., hidden from each
+  other) from reaching an agreement at all.
 
-The result is written to the proxy's ``check.json`` and its games to ``check_games.jsonl``; a
+The result is written to the proxy's ``check.json``, its games with itself to ``check_games.jsonl``
+and those carried on from the people's messages to ``check_closing.jsonl``; a
 proxy whose replies are rejected on most turns (acceptance below ``proxy.MIN_ACCEPTED``) is then
 refused as a partner (``ProxyDir.playable``).
 """
@@ -50,9 +58,27 @@ def mean_reward(episodes: list[Episode]) -> float:
     return sum(sum(ep.rewards) / 2 for ep in episodes) / len(episodes)
 
 
-def play_itself(agent: Agent, episodes: list[Episode], seed: int, max_messages: int | None) -> list[Episode]:
-    """``agent`` with itself on each held game's context, first speaker and objective, in order."""
-    games = held_games(episodes, seed)
+CLOSE_MESSAGES = 4
+"""Messages the proxy may add to the people's own before their deal counts as not closed."""
+
+
+def opening(episode: Episode) -> tuple[str, ...]:
+    """The replies of ``episode``'s accepted messages before its first proposal, as sent."""
+    out = []
+    for turn in episode.turns:
+        if not turn.accepted:
+            continue
+        if turn.kind != "message":
+            break
+        out.append(turn.text)
+    return tuple(out)
+
+
+def play_itself(
+    agent: Agent, episodes: list[Episode], games: list[GameSpec], max_messages: int | None
+) -> list[Episode]:
+    """``agent`` with itself on ``games`` (one per episode, in order), each under its episode's
+    objective; the episodes played, in order."""
     by_objective: dict[float, list[int]] = {}
     for i, ep in enumerate(episodes):
         by_objective.setdefault(ep.objective["lam"], []).append(i)
@@ -61,6 +87,22 @@ def play_itself(agent: Agent, episodes: list[Episode], seed: int, max_messages: 
         out = play_games(agent, agent, [games[i] for i in idx], objective(lam), max_messages)
         played |= dict(zip(idx, out, strict=True))
     return [played[i] for i in range(len(episodes))]
+
+
+def closing_games(episodes: list[Episode], seed: int) -> tuple[list[Episode], list[GameSpec]]:
+    """The held games the people agreed in, each as a game opening with their messages."""
+    agreed = [ep for ep in episodes if ep.agreed]
+    games = [
+        GameSpec(id=f"close-{i:05d}-{ep.id}", context=ep.game_context(), first_speaker=ep.first_speaker,
+                 seed=derive_seed(seed, 1, i), opening=opening(ep))
+        for i, ep in enumerate(agreed)
+    ]  # fmt: skip
+    return agreed, games
+
+
+def same_split(played: Episode, people: Episode) -> bool:
+    """Whether ``played`` ended in the deal ``people`` made (each seat keeping what it kept)."""
+    return played.agreed and played.outcome.proposals == people.outcome.proposals
 
 
 def acceptance(played: list[Episode]) -> tuple[int, int]:
@@ -105,11 +147,14 @@ def check_proxy(
 
     agent = load(model_spec(model.base, model.adapter, "auto", 64, "hf"), sampling or Sampling(seed=seed))
     agent.spec = f"proxy:{proxy_path}"
+    agreed, closing = closing_games(episodes, seed)
     try:
-        played = play_itself(agent, episodes, seed, max_messages)
+        played = play_itself(agent, episodes, held_games(episodes, seed), max_messages)
+        closed = play_itself(agent, agreed, closing, CLOSE_MESSAGES)
     finally:
         agent.close()
     write_episodes(proxy.path / "check_games.jsonl", played)
+    write_episodes(proxy.path / "check_closing.jsonl", closed)
     attempts, accepted = acceptance(played)
     tokens = [t for ex in under_proxy for t in ex]
     check = ProxyCheck(
@@ -133,6 +178,10 @@ def check_proxy(
         acceptance=accepted / attempts if attempts else 0.0,
         max_messages=max_messages,
         seed=seed,
+        close_games=len(closed),
+        close_agreement=sum(ep.agreed for ep in closed) / len(closed),
+        close_same_split=sum(same_split(p, h) for p, h in zip(closed, agreed, strict=True)) / len(closed),
+        close_messages=CLOSE_MESSAGES,
     )
     proxy.write_check(check)
     return check

@@ -200,6 +200,13 @@ def proxy_check_table(check: ProxyCheck, name: str) -> Table:
     table.add_row("agreement (with itself)", f"{check.proxy_agreement:.0%}", "", f"{check.human_agreement:.0%}")
     table.add_row("mean reward", f"{check.proxy_reward:.2f}", "", f"{check.human_reward:.2f}")
     table.add_row("replies accepted", f"{check.acceptance:.0%} ({check.accepted}/{check.attempts})", "", "")
+    if check.close_games:
+        n = check.close_games
+        table.add_row(
+            f"deals closed from the people's talk (≤ {check.close_messages} more messages)",
+            f"{check.close_agreement:.0%} of {n}", "", "100%",
+        )  # fmt: skip
+        table.add_row("  of which the people's split", f"{check.close_same_split:.0%} of {n}", "", "100%")
     return table
 
 
