@@ -18,8 +18,8 @@ its own) and is measured on its own against (a):
 Per candidate: seconds per optimiser step split into forward (with head and loss), backward and
 the optimiser (clipping included); positions computed (padding and shared heads counted as run);
 training tokens/s (the examples' real tokens); the share of this machine's compute limit for a
-training token; peak RSS. The limit: measured peak fp32 matmul FLOP/s over the FLOPs a LoRA step
-needs per real token when every row is run whole and the head only at targets — 4 × body
+training token; peak RSS. The limit: measured peak matmul FLOP/s in the dtype trained over the
+FLOPs a LoRA step needs per real token when every row is run whole and the head only at targets — 4 × body
 parameters (forward, and backward to the activations; frozen weights get no gradient) + 6 × LoRA
 parameters + 4 × head parameters × (targets / tokens) + causal attention (3 × 4 × layers × width ×
 mean context / 2). A shared head can beat it: it computes fewer than the examples' tokens.
@@ -237,11 +237,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.data = str(Path(tmp) / "warm.jsonl")
         write_examples(args.data, examples)
-        peak = peak_matmul_flops(torch.float32)
+        peak = peak_matmul_flops(_dtype(args.dtype))
         results = {k: child(args, k) for k in args.only}
         full = child(args, "trainer") if args.full else None
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     print(_report(args, cfg, examples, peak, results, full, load, load_after))
+
+
+def _dtype(name: str) -> torch.dtype:
+    """The dtype ``name`` trains in here (``auto``: what the trainer picks on this machine)."""
+    from parlay.agents.hf_layer import pick_dtype
+
+    return pick_dtype(name, "cpu")
 
 
 def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
@@ -267,16 +274,18 @@ def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
         )
     same = [max(abs(x - y) for x, y in zip(r["losses"], base["losses"], strict=True)) for r in results.values() if base]
     cpu = _cpu_name()
+    n = torch.get_num_threads()
+    threads, dtype = f"{n} thread{'s' if n != 1 else ''}", str(_dtype(args.dtype)).removeprefix("torch.")
     tokens = first["tokens"] / first["steps"]
     text = [
         f"\n## train — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit_label()}",
-        f"Machine: {cpu} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Machine: {cpu} ({platform.machine()}), {threads}, torch {torch.__version__}, "
         f"native bf16: {'yes' if _has_bf16() else 'no'}; dtype {args.dtype}; load average {' '.join(load)} before, "
         f"{' '.join(load_after)} after. Model {cfg.model}, LoRA r{cfg.train.lora_r}, batch {cfg.train.batch_size} × "
         f"accumulation {cfg.train.grad_accum}; the quickstart's warm start: {len(examples)} examples; "
         f"each candidate the same first {first['steps']} steps ({tokens:.0f} real tokens a step); "
         f"glibc's mmap threshold: {_malloc()}.",
-        f"Compute limit: peak fp32 matmul {peak / 1e9:.0f} GFLOP/s over {first['flops_per_token'] / 1e6:.0f} "
+        f"Compute limit: peak {dtype} matmul {peak / 1e9:.0f} GFLOP/s over {first['flops_per_token'] / 1e6:.0f} "
         f"MFLOP per training token = **{limit:.0f} tokens/s**.",
         "",
         *lines,
