@@ -18,6 +18,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import ExitStack
@@ -349,18 +350,25 @@ def check_max_length(cfg: RunConfig) -> None:
     tokenizer before anything is played or written (``check_room``'s ``ConfigError`` otherwise)."""
     if cfg.train.backend == "openai":
         return
-    from transformers import AutoTokenizer
-
     from parlay.agents.models import resolve
 
     game = plan_games(1, cfg.seed)[0]
     first = game.first_speaker
     opening = Game(game.context, objective(cfg.objective), first, cfg.rollout.max_messages).conversation(first)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg.model))
+        tokenizer = _tokenizer(resolve(cfg.model))
     except (OSError, ValueError):  # not loadable here: loading the model will say why, by name
         return
     check_room(tokenizer, opening, cfg.train.max_length, cfg.rollout.max_new_tokens)
+
+
+@functools.cache
+def _tokenizer(path: str):
+    """The tokenizer of the model in ``path``, loaded once per process (a run checks its room
+    before its folder is made and again as it starts, and a run over seeds once per seed)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def train(cfg: RunConfig, resume: bool, hooks: Hooks | None = None, steal_lock: bool = False) -> list[RoundRecord]:
