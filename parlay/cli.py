@@ -337,7 +337,8 @@ def play(
     as_json: JsonOpt = False,
 ) -> None:
     """Play games between two agents and print their metrics (one agent on both sides when A = B)."""
-    runs = [parse_spec(spec) for spec in dict.fromkeys([a, b]) if spec.startswith("run:")]
+    seats = [b] if human else [a, b]  # with --human, seat A is the person, whatever --a says
+    runs = [parse_spec(spec) for spec in dict.fromkeys(seats) if spec.startswith("run:")]
     obj = _objective_for(objective_spec, runs)
     sampling = Sampling(temperature, top_p, max_new_tokens, seed)
     agent_a = load_agent("human" if human else a, sampling)
@@ -868,6 +869,8 @@ def doctor(
     console.print(f"matmul {flops / 1e9:.0f} GFLOP/s in {str(dtype).removeprefix('torch.')} ({seconds:g} s)")
     # The references are CPU runs: a GPU's time does not scale from them.
     reference = None if machine.gpu else QUICKSTART.get(str(dtype).removeprefix("torch."))
+    if machine.gpu:
+        console.print("main job: no estimate on a GPU (its measured references are CPU runs)", highlight=False)
     minutes = expected_minutes(flops, reference)
     if reference is not None and minutes is not None:
         console.print(

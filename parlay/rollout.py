@@ -35,8 +35,9 @@ class GameSpec:
     seed: int
     opening: tuple[str, ...] = ()
     """Replies replayed before any agent moves (a recorded game's messages, for agents to carry
-    on from; ``evaluate/proxy.py``), each of which the protocol must accept. The game's message
-    cap counts the agents' messages only: it is raised by the opening's."""
+    on from; ``evaluate/proxy.py``), each of which the protocol must accept; the episode's
+    ``meta["opening"]`` says how many of its turns they are. The game's message cap counts the
+    agents' messages only: it is raised by the opening's."""
 
 
 def derive_seed(*keys: int) -> int:
@@ -123,6 +124,8 @@ def play_matches(
     def finish(i: int, game: Game) -> None:
         m = matches[i]
         meta = {"agents": {"A": m.a.spec, "B": m.b.spec}} | m.meta | {"seed": m.game.seed}
+        if m.game.opening:  # its first turns were replayed, not played by the agents
+            meta["opening"] = len(m.game.opening)
         episode = Episode.from_game(game, m.game.id, meta)
         done[i] = episode
         del live[i]

@@ -84,7 +84,8 @@ def test_human_play_in_the_terminal(tmp_path):
 
 def test_human_leaving_is_recorded_as_failed(tmp_path):
     out = tmp_path / "human.jsonl"
-    r = run("play", "--human", "-n", "1", "--seed", "2", "-o", str(out), input="")
+    nowhere = f"run:{tmp_path / 'nowhere'}"  # with --human, seat A is the person: --a is not read
+    r = run("play", "--human", "--a", nowhere, "-n", "1", "--seed", "2", "-o", str(out), input="")
     assert r.returncode == 0, r.stderr
     episode = json.loads(out.read_text())
     assert episode["outcome"]["status"] in ("failed",) and "left" in episode["outcome"]["reason"]

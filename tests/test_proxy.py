@@ -219,6 +219,7 @@ def test_closing_the_peoples_deals(built, human_files, tmp_path, how, agreement,
         talk = [t.text for t in people.turns if t.kind == "message"]
         assert [t.text for t in game.turns[: len(talk)]] == talk  # the people's own messages first
         assert game.game_context() == people.game_context() and game.first_speaker == people.first_speaker
+        assert game.meta["opening"] == len(talk)  # the replayed turns are marked as not the proxy's
         if how == "talk":  # the cap counts the proxy's own messages only
             messages = sum(t.accepted and t.kind == "message" for t in game.turns)
             assert messages == game.max_messages == len(talk) + CLOSE_MESSAGES and not game.agreed
