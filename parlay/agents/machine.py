@@ -35,12 +35,11 @@ class Reference:
 
 
 QUICKSTART = {
-    "float32": Reference(
-        minutes=30.0, gflops=136.0, dtype="float32", machine="AMD EPYC, AVX2+FMA, 2 cores", commit="36521b7"
-    ),
-    "bfloat16": Reference(
-        minutes=17.0, gflops=418.0, dtype="bfloat16", machine="AMD EPYC, AVX-512+AVX512-BF16, 2 cores", commit="92ca224"
-    ),
+    ref.dtype: ref
+    for ref in (
+        Reference(30.0, 136.0, "float32", "AMD EPYC, AVX2+FMA, 2 cores", "36521b7"),
+        Reference(17.0, 418.0, "bfloat16", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores", "92ca224"),
+    )
 }
 """The README's main job as last measured end to end with nothing else running (docs/RESULTS.md),
 per dtype ``auto`` picks: a machine's time is scaled from the reference of its own dtype, since
