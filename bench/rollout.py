@@ -1,7 +1,7 @@
 """Rollout throughput on the embedded model: one game at a time vs batched vs batched + prefix reuse
 vs batched + prefix reuse + one shared system-prompt prefix, and the last in bf16.
 
-    .venv/bin/python bench/rollout.py [--games 24] [--serial-games 4] [--dtype float32] [--modes acd]
+    .venv/bin/python bench/rollout.py [--games 24] [--serial-games 4] [--dtype float32] [--modes acdf]
 
 (a) plays games one at a time and re-sends the whole conversation every turn (how the paper's
 code plays); (b) batches every pending turn of all games, recomputing each prompt; (c) does the
@@ -12,7 +12,9 @@ games; (a)-(d) in ``--dtype``. Reported per mode:
 games/min, generated tokens/s, tokens processed per game (prefilled + generated) against the
 unique tokens per game (the longest sequence each conversation reached), and the share of the
 hardware limit: 2·params·tokens processed per second over the measured peak matmul FLOP/s at the
-mode's dtype. ``--games 64`` batches as many conversations as the main job does (its default batch,
+mode's dtype. (f) is (d) with the shared prefix copied into every row's cache, as the decoder
+did before it kept the prefix once (``hf_attention``): (d) vs (f) is that change alone.
+``--games 64`` batches as many conversations as the main job does (its default batch,
 ``DEFAULT_BATCH``); ``--modes`` runs only the modes named (``b``, recomputing every prompt, is
 expected to be the slowest at 64 games). Figures are appended to bench/RESULTS.md with the CPU class and the commit.
 """
@@ -51,6 +53,7 @@ def commit_label() -> str:
 
 def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak, share=False):
     agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse, share_prefix=share)
+    agent.engine.cascade = agent.engine.cascade and not name.startswith("(f)")
     obj = objective("semi-competitive")
     start = time.perf_counter()
     if serial:
@@ -84,12 +87,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--modes", default="abcde", help="modes to run, e.g. acd (ratios to (a) need a)")
+    parser.add_argument("--modes", default="abcdef", help="modes to run, e.g. acd (ratios to (a) need a)")
     args = parser.parse_args()
     bf16 = cpu_has_bf16() and pick_dtype(args.dtype, "cpu") != torch.bfloat16
-    unknown = set(args.modes) - set("abcd" + ("e" if bf16 else ""))
+    unknown = set(args.modes) - set("abcdf" + ("e" if bf16 else ""))
     if unknown or not args.modes:
-        runs = "a-d" + (", e" if bf16 else "")
+        runs = "a-d, f" + (", e" if bf16 else "")
         parser.error(f"--modes: {''.join(sorted(unknown)) or 'none given'}; this machine runs {runs}")
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
@@ -102,6 +105,7 @@ def main() -> None:
         ("(b) batched, no reuse", model, peak, games, False, False, False),
         ("(c) batched + prefix reuse", model, peak, games, True, False, False),
         ("(d) batched + prefix reuse + shared prefix", model, peak, games, True, False, True),
+        ("(f) = (d), the shared prefix copied into every row", model, peak, games, True, False, True),
     ]
     bf16_peak = None
     if bf16 and "e" in args.modes:
@@ -136,6 +140,9 @@ def main() -> None:
         same = sum(c == d for c, d in zip(texts["c"], texts["d"], strict=True))
         n = len(texts["c"])
         ratios.append(f"(d) vs (c): {gain['d'] / gain['c']:.2f}×, {same} of {n} games the same, turn for turn")
+    if "d" in gain and "f" in gain:
+        same = sum(d == f for d, f in zip(texts["d"], texts["f"], strict=True))
+        ratios.append(f"(d) vs (f): {gain['d'] / gain['f']:.2f}×, {same} of {len(texts['d'])} games the same")
     if "d" in gain and "e" in gain:
         ratios.append(f"(e) vs (d): {gain['e'] / gain['d']:.2f}×")
     text = "\n".join(

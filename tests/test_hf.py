@@ -285,3 +285,73 @@ def test_the_engine_decodes_what_transformers_generate_gives_with_and_without_it
     second = [p + t + extra for p, t in zip(first, out.tokens, strict=True)]
     again = engine.decode(second, out.kv, [0, 1], [False, False])
     assert again.tokens == [reference(ids) for ids in second] and again.kv == [None, None]
+
+
+def _prefixed_prompts(tokenizer, n):
+    system = {"role": "system", "content": "You negotiate over books, hats and balls. " * 3}
+    return [render(tokenizer, [system, {"role": "user", "content": "hi " * (2 + 5 * i)}], True) for i in range(n)]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_prefix_kept_once_gives_the_logits_of_a_whole_forward(model64, rows):
+    """The shared prefix's keys and values apart from the rows' (cascade attention): every step's
+    logits are transformers' own for the whole sequence, with one row (no padding) or several."""
+    from parlay.agents.hf_engine import DecodeEngine
+
+    model, tokenizer = model64
+    engine = DecodeEngine(
+        model, tokenizer.pad_token_id, stop_ids(tokenizer), Sampling(temperature=1.0, max_new_tokens=6)
+    )
+    assert engine.cascade  # the tiny Llama runs SDPA attention, so it was switched
+    prompts = _prefixed_prompts(tokenizer, rows)
+    prefix = engine.prefill(prompts[0][:20])
+    seen: list[torch.Tensor] = []
+    sample = engine.sample
+    engine.sample = lambda logits, gens: (seen.append(logits.clone()), sample(logits, gens))[1]
+    # Row 0 continues from 4 cached tokens of its own after the prefix; the others start at it.
+    own = engine.prefill(prompts[0][:24])
+    past = [[(k[:, 20:], v[:, 20:]) for k, v in own]] + [None] * (rows - 1)
+    out = engine.decode(prompts, past, list(range(rows)), [True] * rows, prefix)
+    assert out.offset == 20
+    together = min(min(len(t) for t in out.tokens) + 1, 6)  # steps before any row left the batch
+    for i, (ids, toks) in enumerate(zip(prompts, out.tokens, strict=True)):
+        whole = model(torch.tensor([ids + toks])).logits[0, len(ids) - 1 :]
+        steps = torch.stack([s[i] for s in seen[:together]])
+        # float64 unless an earlier test moved the shared tiny model (test_sampling_is_seeded: float32)
+        atol = 1e-9 if model.dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(steps[: len(whole)], whole[: len(steps)], rtol=0, atol=atol)
+        # Kept: the row's own keys and values after the prefix, those of a whole forward.
+        kv = out.kv[i]
+        assert kv is not None and kv[0][0].shape[1] == len(ids) + min(len(toks), 5) - 20
+
+
+def test_a_model_whose_layers_do_not_take_the_prefix_gets_copies_of_it(model64, caplog):
+    """A family that does not hand the keyword down to its attention is caught after one step:
+    the decoder says so and gives its rows copies of the prefix, with the same replies."""
+    from parlay.agents import hf_attention
+    from parlay.agents.hf_engine import DecodeEngine
+
+    model, tokenizer = model64
+    prompts = _prefixed_prompts(tokenizer, 2)
+    engine = DecodeEngine(model, tokenizer.pad_token_id, stop_ids(tokenizer), GREEDY)
+    prefix = engine.prefill(prompts[0][:20])
+    expected = engine.decode(prompts, [None, None], [0, 1], [False, False], prefix).tokens
+    model.set_attn_implementation("sdpa")  # transformers' own attention: the keyword is ignored
+    try:
+        engine.cascade = True
+        with caplog.at_level("WARNING"):
+            got = engine.decode(prompts, [None, None], [0, 1], [False, False], prefix)
+        assert got.tokens == expected and got.offset == 0 and not engine.cascade
+        assert "did not reach 2 of 2 layers" in caplog.text
+    finally:
+        model.set_attn_implementation(hf_attention.NAME)
+
+
+def test_conversations_keep_only_their_own_keys_after_the_shared_prefix(model64):
+    model, tokenizer = model64
+    agent = HFAgent(model, tokenizer, GREEDY)
+    _play(agent, n=4)
+    head = agent._shared[0]
+    entries = list(agent._cache.values())
+    assert entries and all(e.base is head for e in entries)
+    assert all(e.kv[0][0].shape[1] == len(e.tokens) - len(head.tokens) for e in entries)

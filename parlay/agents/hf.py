@@ -32,9 +32,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Entry:
+    """Cached keys and values of ``tokens``: those of the first ``len(base.tokens)`` in the shared
+    prefix ``base`` (kept once for every conversation that begins with it), the rest in ``kv``."""
+
     tokens: list[int]
     kv: KV
     last_used: int
+    base: _Entry | None = None
+
+    def kv_of(self, start: int, end: int) -> KV | None:
+        """Keys and values of tokens ``start``..``end`` (not past this entry's), None when empty."""
+        offset = len(self.base.tokens) if self.base else 0
+        if end <= start:
+            return None
+        if start < offset:
+            head = self.base.kv_of(start, min(end, offset))  # type: ignore[union-attr]
+            tail = self.kv_of(offset, end)
+            if tail is None:
+                return head
+            return [(torch.cat([hk, k], 1), torch.cat([hv, v], 1)) for (hk, hv), (k, v) in zip(head, tail, strict=True)]  # type: ignore[arg-type]
+        return [(k[:, start - offset : end - offset], v[:, start - offset : end - offset]) for k, v in self.kv]
 
 
 def load_model(name: str, adapter: str | None = None, dtype: str = "auto", device: str | None = None):
@@ -142,29 +159,31 @@ class HFAgent(ModelAgent):
         ``keys`` name each prompt's conversation (None: no reuse)."""
         batch = len(prompts)
         keys = keys or [None] * batch  # type: ignore[list-item]
-        reuse, past = self._lookup(prompts, keys)
+        reuse, base, past = self._lookup(prompts, keys)
         self.stats["reused_tokens"] += sum(reuse)
         self.stats["prefill_tokens"] += sum(len(ids) - n for ids, n in zip(prompts, reuse, strict=True))
         keep = [self.prefix_reuse and key is not None for key in keys]
-        out = self.engine.decode(prompts, past, seeds, keep)
+        out = self.engine.decode(prompts, past, seeds, keep, base.kv if base else None)
         self.stats["generated_tokens"] += sum(len(t) for t in out.tokens)
         for key, ids, toks, kv in zip(keys, prompts, out.tokens, out.kv, strict=True):
             if key is None:
                 continue
             self.conversation_tokens[key] = max(self.conversation_tokens.get(key, 0), len(ids) + len(toks))
             if kv is not None:  # the tokens fed: all but a cut reply's last token, which was drawn, never fed
-                self._cache[key] = _Entry(tokens=(ids + toks)[: kv[0][0].shape[1]], kv=kv, last_used=self._calls)
+                fed = (ids + toks)[: out.offset + kv[0][0].shape[1]]
+                self._cache[key] = _Entry(fed, kv, self._calls, base if out.offset else None)
         return out.tokens, out.logprobs
 
-    def _lookup(self, prompts: list[list[int]], keys: list) -> tuple[list[int], list[KV | None]]:
+    def _lookup(self, prompts: list[list[int]], keys: list) -> tuple[list[int], _Entry | None, list[KV | None]]:
         """Per prompt, how many of its first tokens come from its conversation's cache or a shared
-        prefix (never all: the last token is fed to get the next one's logits), and their keys and
-        values."""
+        prefix (never all: the last token is fed to get the next one's logits); the shared prefix
+        that every prompt's reused tokens begin with, if one does (its keys and values are kept
+        once, ``hf_attention``); and per prompt the keys and values of the reused tokens after it."""
         own = [self._cache.get(key) if (self.prefix_reuse and key is not None) else None for key in keys]
         if self.share_prefix:
             self._add_shared_prefix([ids for ids, entry in zip(prompts, own, strict=True) if entry is None])
         reuse: list[int] = []
-        past: list[KV | None] = []
+        chosen: list[_Entry | None] = []
         for entry, ids in zip(own, prompts, strict=True):
             candidates = ([entry] if entry else []) + (self._shared if self.share_prefix else [])
             n, best = max(
@@ -173,15 +192,21 @@ class HFAgent(ModelAgent):
             if best is not None and n:
                 best.last_used = self._calls
             reuse.append(n)
-            past.append([(k[:, :n], v[:, :n]) for k, v in best.kv] if best is not None and n else None)
+            chosen.append(best if n else None)
         if not self.engine.fits_window(prompts, reuse):
             log.info("%s: a conversation outgrows the model's sliding window of %d tokens: cache reuse turned off",
                      self.spec, self.engine.window)  # fmt: skip
             self.prefix_reuse = self.share_prefix = False
             self._cache.clear()
             self._shared.clear()
-            return [0] * len(prompts), [None] * len(prompts)
-        return reuse, past
+            return [0] * len(prompts), None, [None] * len(prompts)
+        # The batch's shared prefix: the one every row's reused tokens begin with (a fresh row's
+        # candidate is the shared entry itself; a conversation's, the shared entry it began from).
+        roots = {id(e.base or e): e.base or e for e in chosen if e is not None}  # never chained: a base has no base
+        base = next(iter(roots.values())) if len(roots) == 1 and all(chosen) else None
+        start = len(base.tokens) if base is not None and all(n >= len(base.tokens) for n in reuse) else 0
+        past = [e.kv_of(start, n) if e is not None else None for e, n in zip(chosen, reuse, strict=True)]
+        return reuse, base if start else None, past
 
     def _add_shared_prefix(self, fresh: list[list[int]]) -> None:
         """Prefill, once, the token prefix that the new conversations ``fresh`` share, unless a

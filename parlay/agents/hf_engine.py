@@ -9,6 +9,12 @@ explicit position ids keep every row's positions right. Keys and values are writ
 into room reserved for the reply (``RoomyLayer``). Rows whose reply has ended leave the batch in
 bulk, once they are a quarter of it (each removal copies the cache).
 
+A batch whose rows all begin with the same cached prefix (the system prompt's head) can keep
+that prefix once: ``decode(..., prefix=...)`` takes its keys and values apart from the rows' own,
+which then hold only what follows it, and attends over it with ``hf_attention`` (cascade
+attention); a model that cannot (not on SDPA attention) gets the prefix copied into each row, as
+the rows' own keys, with the same results up to rounding.
+
 Sliding-window models (Mistral, Gemma 2/3, Phi-3, Qwen2 with sliding layers): every layer keeps
 all its keys and values here and transformers' own mask applies the window, which it measures
 in cache columns. That is exact when each row's columns are its positions (no ``past``: left
@@ -21,11 +27,15 @@ transformers 5.24 (the bounds in pyproject.toml: ``RoomyLayer`` builds on ``Dyna
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from parlay.agents import hf_attention
 from parlay.agents.base import AgentError, Sampling
+
+log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 """Per layer (keys, values), each [heads, tokens, head_dim] for one conversation."""
@@ -59,9 +69,11 @@ def _roomy_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class RoomyLayer(DynamicLayer):
-        """One layer's keys and values for a batch, with room for the whole reply: a new token is
-        written in place. (``DynamicLayer`` concatenates, copying the whole cache at every step of
-        every layer.)"""
+        """One layer's keys and values for a batch, with room for the new tokens and the whole
+        reply, written in place. Like transformers' ``StaticLayer``, attention reads the whole
+        buffer (contiguous: a slice of it would be copied by every matrix product that reads it)
+        and the mask covers it, its unfilled columns masked. (``DynamicLayer`` concatenates,
+        copying the whole cache at every step of every layer.)"""
 
         def __init__(self, room: int) -> None:
             super().__init__()
@@ -83,16 +95,19 @@ def _roomy_layer_class():
                 batch, heads, _, dim = key_states.shape
                 self.reserve(batch, heads, 0, dim, key_states.dtype, key_states.device)
             end = self.length + key_states.shape[-2]
-            if end > self._k.shape[-2]:  # more than planned: grow once more
-                extra = torch.zeros_like(self._k[:, :, : end - self._k.shape[-2]])
-                self._k, self._v = torch.cat([self._k, extra], -2), torch.cat([self._v, extra], -2)
+            if end > self._k.shape[-2]:
+                raise AgentError(f"decoder: {end} cache positions needed, {self._k.shape[-2]} reserved")
             self._k[:, :, self.length : end] = key_states
             self._v[:, :, self.length : end] = value_states
             self._set_length(end)
-            return self.keys, self.values
+            return self._k, self._v
 
         def get_seq_length(self) -> int:
             return self.length
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            """The whole buffer's width (its size once reserved), from column 0."""
+            return (self._k.shape[-2] if self.is_initialized else self.room), 0
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             if self.is_initialized:
@@ -100,6 +115,13 @@ def _roomy_layer_class():
                 self._set_length(self.length)
 
     return RoomyLayer
+
+
+def _joined(prefix: KV, kv: KV | None) -> KV:
+    """A prefix's keys and values followed by a row's own (None: the prefix alone)."""
+    if kv is None:
+        return prefix
+    return [(torch.cat([pk, k], 1), torch.cat([pv, v], 1)) for (pk, pv), (k, v) in zip(prefix, kv, strict=True)]
 
 
 def _right_align(past: list[KV | None], p_len: int, dest: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -115,11 +137,13 @@ def _right_align(past: list[KV | None], p_len: int, dest: list[tuple[torch.Tenso
 class Decoded:
     """One batch's replies: per row the sampled token ids [n_i] (stop token excluded), their
     log-probabilities under the model's own distribution [n_i] (temperature 1, no top-p; natural
-    log), and, where asked, the keys and values of the prompt and the reply before its stop token."""
+    log), and, where asked, the keys and values of the prompt and the reply before its stop token,
+    from token ``offset`` on (the shared prefix's length when it was kept apart, else 0)."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
     kv: list[KV | None]
+    offset: int = 0
 
 
 class DecodeEngine:
@@ -127,6 +151,7 @@ class DecodeEngine:
 
     def __init__(self, model, pad_id: int, stop_ids: set[int], sampling: Sampling, name: str = "model") -> None:
         self.model = model
+        self.name = name
         self.pad_id = pad_id
         self.stop_ids = stop_ids
         self.sampling = sampling
@@ -135,6 +160,9 @@ class DecodeEngine:
         self.roomy = True
         """Write new keys and values in place (False: transformers' own ``DynamicCache``, kept to
         check the in-place cache against it)."""
+        self.cascade = hf_attention.enable(model)
+        """Keep a batch's shared prefix once and attend over it apart (``hf_attention``); False:
+        copy it into every row."""
 
     def fits_window(self, prompts: list[list[int]], reuse: list[int]) -> bool:
         """Whether a batch whose rows take ``reuse`` tokens from caches decodes exactly under the
@@ -157,35 +185,51 @@ class DecodeEngine:
         return None if any(k.shape[1] != len(tokens) for k, _ in kv) else kv
 
     @torch.inference_mode()
-    def decode(self, prompts: list[list[int]], past: list[KV | None], seeds: list[int], keep: list[bool]) -> Decoded:
-        """Sample one reply per prompt. ``past[i]``: keys and values of the first tokens of
-        ``prompts[i]`` (at most all but its last), or None; ``seeds[i]`` seeds row i's draws alone,
-        so a reply does not depend on the batch; ``keep[i]``: return row i's keys and values."""
+    def decode(
+        self,
+        prompts: list[list[int]],
+        past: list[KV | None],
+        seeds: list[int],
+        keep: list[bool],
+        prefix: KV | None = None,
+    ) -> Decoded:
+        """Sample one reply per prompt. ``prefix``: keys and values of the first P tokens of every
+        prompt (per layer [kv_heads, P, head_dim]), or None (P = 0). ``past[i]``: keys and values
+        of the tokens of ``prompts[i]`` after those P (together, at most all but its last), or
+        None; ``seeds[i]`` seeds row i's draws alone, so a reply does not depend on the batch;
+        ``keep[i]``: return row i's keys and values (``Decoded.offset`` says from which token)."""
+        if prefix is not None and not self.cascade:  # copies of the prefix in every row
+            past = [_joined(prefix, kv) for kv in past]
+            prefix = None
+        shared = hf_attention.SharedPrefix(prefix) if prefix is not None else None
+        start = shared.length if shared else 0
         s = self.sampling
         batch = len(prompts)
-        reuse = [kv[0][0].shape[1] if kv else 0 for kv in past]
+        reuse = [start + (kv[0][0].shape[1] if kv else 0) for kv in past]
         new = [ids[n:] for ids, n in zip(prompts, reuse, strict=True)]
         # 1. One left-padded batch: [cached | new], masks and positions per row; the mask has room
         #    for the reply, so a step marks one more column instead of growing it.
-        p_len, n_len = max(reuse), max(len(x) for x in new)
+        #    Columns hold each row's own keys only; positions count the shared prefix too.
+        p_len, n_len = max(reuse) - start, max(len(x) for x in new)
         width = p_len + n_len
         input_ids = torch.full((batch, n_len), self.pad_id, dtype=torch.long)
         full_mask = torch.zeros((batch, width + s.max_new_tokens), dtype=torch.long)
         positions = torch.zeros((batch, n_len), dtype=torch.long)
         for i, (ids, n) in enumerate(zip(new, reuse, strict=True)):
             input_ids[i, n_len - len(ids) :] = torch.tensor(ids)
-            full_mask[i, p_len - n : p_len] = 1
+            full_mask[i, p_len - (n - start) : p_len] = 1
             full_mask[i, width - len(ids) : width] = 1
             positions[i, n_len - len(ids) :] = torch.arange(n, n + len(ids))
         cache = self._batch_cache(past, p_len, n_len + s.max_new_tokens)
         input_ids, full_mask, positions = (x.to(self.device) for x in (input_ids, full_mask, positions))
         gens = [torch.Generator(device="cpu").manual_seed(int(seed) % (2**63)) for seed in seeds]
-        out = Decoded([[] for _ in range(batch)], [[] for _ in range(batch)], [None] * batch)
+        out = Decoded([[] for _ in range(batch)], [[] for _ in range(batch)], [None] * batch, start)
+        extra = {"shared_prefix": shared} if shared else {}
         rows: list[int | None] = list(range(batch))  # each batch row's prompt; None once its reply ended
         step_ids = input_ids
         # 2. Decode: one token per live row per step.
         for step in range(s.max_new_tokens):
-            mask = full_mask[:, :width]
+            mask = full_mask if self.roomy else full_mask[:, :width]  # the in-place cache's whole buffer
             logits = self.model(
                 input_ids=step_ids,
                 attention_mask=mask,
@@ -193,7 +237,15 @@ class DecodeEngine:
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,  # the next token's only: a prefill needs no logits for its other positions
+                **extra,
             ).logits[:, -1, :]
+            if shared and step == 0 and len(shared.served) != len(prefix):  # type: ignore[arg-type]
+                # A family whose layers do not hand the keyword down never saw the prefix: its
+                # logits are wrong. Copy the prefix into the rows from now on, and decode again.
+                log.warning("%s: the shared prefix did not reach %d of %d layers; copying it into every row instead",
+                            self.name, len(prefix) - len(shared.served), len(prefix))  # type: ignore[arg-type]  # fmt: skip
+                self.cascade = False
+                return self.decode(prompts, past, seeds, keep, prefix)
             live = [j for j, r in enumerate(rows) if r is not None]
             drawn = self.sample(logits[live], [gens[rows[j]] for j in live])  # type: ignore[index]
             logps = torch.log_softmax(logits[live].float(), -1).gather(-1, drawn[:, None])[:, 0].tolist()
@@ -205,7 +257,9 @@ class DecodeEngine:
                 if stopped or step == s.max_new_tokens - 1:
                     rows[j] = None
                     if keep[r]:  # the cache holds every token fed so far: the prompt and the reply before `tok`
-                        out.kv[r] = self._row_kv(cache, mask, j, len(prompts[r]) + len(out.tokens[r]))
+                        out.kv[r] = self._row_kv(
+                            cache, full_mask[:, :width], j, len(prompts[r]) + len(out.tokens[r]) - start
+                        )
                 if not stopped:
                     out.tokens[r].append(tok)
                     out.logprobs[r].append(logp)
