@@ -4,7 +4,7 @@
 
 The data is the warm start of ``configs/cpu-quickstart.yaml``, made with parlay's own functions
 (128 games between two bot:conceder, the sides of valid deals: ~254 examples), trained as the
-config trains it (LoRA r16 on every linear layer, batch 2 × accumulation 4). Each candidate runs
+config trains it (LoRA r16 on every linear layer, batch 4 × accumulation 2). Each candidate runs
 the same first ``--steps`` optimiser steps of the same plan in a fresh process (so its peak RSS is
 its own) and is measured on its own against (a):
 
