@@ -15,7 +15,9 @@ hardware limit: 2·params·tokens processed per second over the measured peak ma
 mode's dtype. (f) is (d) with the shared prefix copied into every row's cache, as the decoder
 did before it kept the prefix once (``hf_attention``): (d) vs (f) is that change alone.
 ``--games 64`` batches as many conversations as the main job does (its default batch,
-``DEFAULT_BATCH``); ``--modes`` runs only the modes named (``b``, recomputing every prompt, is
+``DEFAULT_BATCH``); ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``
+run an AVX2 CPU's kernels on an AVX-512 one (named in the report; an approximation of that class,
+whose clocks and memory differ); ``--modes`` runs only the modes named (``b``, recomputing every prompt, is
 expected to be the slowest at 64 games). Figures are appended to bench/RESULTS.md with the CPU class and the commit.
 """
 
@@ -38,6 +40,9 @@ from parlay.proxy import source_commit
 from parlay.rollout import plan_games, play_games
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment variables that keep torch, oneDNN and MKL to an older instruction set (``avx2``,
+``AVX2``, ``AVX2``): an AVX-512 machine then runs an AVX2 machine's kernels; named in the report."""
 
 
 def peak_matmul_flops(dtype: torch.dtype) -> float:
@@ -132,6 +137,9 @@ def main() -> None:
     malloc = os.environ.get("MALLOC_MMAP_THRESHOLD_") or "glibc's default"
     machine = f"{describe().summary()}; torch {torch.__version__}; commit {commit_label()}"
     machine += f"; glibc's mmap threshold: {malloc}"
+    isa = [f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k)]
+    if isa:  # the kernels of an older CPU class, on this one: an approximation of that class, not a measurement of it
+        machine += f"; kernels limited by {' '.join(isa)} (torch reports {torch.backends.cpu.get_cpu_capability()})"
     gain = {k: r["games_per_min"] for k, r in rows.items()}
     ratios = [f"({k}) vs (a): {gain[k] / gain['a']:.1f}×" for k in gain if k != "a" and "a" in gain]
     if "b" in gain and "c" in gain:

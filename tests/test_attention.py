@@ -50,10 +50,17 @@ def test_a_decode_step_attends_over_the_prefix_and_each_rows_unmasked_keys(group
     mask = torch.ones((3, 1, 1, 9), dtype=torch.bool)
     mask[0, ..., :4] = False  # row 0 left-padded
     mask[2, ..., -2:] = False  # row 2 with unfilled room at the end
-    for m in (mask, None):
-        got, weights = attention(Layer(groups), q, k, v, m, shared_prefix=SharedPrefix([prefix]), scaling=0.3)
-        assert weights is None
-        torch.testing.assert_close(got, _reference(q, prefix, k, v, m, groups), rtol=0, atol=1e-12)
+    got, weights = attention(Layer(groups), q, k, v, mask, shared_prefix=SharedPrefix([prefix]), scaling=0.3)
+    assert weights is None
+    torch.testing.assert_close(got, _reference(q, prefix, k, v, mask, groups), rtol=0, atol=1e-12)
+    # No mask (transformers' sign that no filled column is masked): every column, when all are
+    # filled; only the filled ones when the decoder says fewer are (its cache's room after them:
+    # the first step of rows whose whole prompt but its last token is the shared prefix).
+    for filled in (None, 9, 1, 4):
+        seen = torch.arange(9) < (filled or 9)
+        got = attention(Layer(groups), q, k, v, None, shared_prefix=SharedPrefix([prefix], filled=filled), scaling=0.3)
+        expected = _reference(q, prefix, k, v, seen.expand(3, 1, 1, 9), groups)
+        torch.testing.assert_close(got[0], expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("groups", [1, 3])
@@ -65,11 +72,13 @@ def test_a_prefill_is_causal_over_the_rows_keys_with_or_without_a_mask(groups):
     mask[1, ..., :2] = False
     got = attention(Layer(groups), q, k, v, mask, shared_prefix=SharedPrefix([prefix]), scaling=0.3)[0]
     torch.testing.assert_close(got, _reference(q, prefix, k, v, mask, groups), rtol=0, atol=1e-12)
-    # No mask: transformers' sign that SDPA's own causal mask (top-left aligned) is right; the 4
-    # queries are the first columns and the 5 after them unfilled room.
-    upper_left = (torch.arange(9)[None, :] <= torch.arange(4)[:, None]).expand(3, 1, 4, 9)
-    got = attention(Layer(groups), q, k, v, None, shared_prefix=SharedPrefix([prefix]), scaling=0.3)[0]
-    torch.testing.assert_close(got, _reference(q, prefix, k, v, upper_left, groups), rtol=0, atol=1e-12)
+    # No mask: transformers' sign that SDPA's own causal mask is right. The 4 queries are the
+    # first columns and the 5 after them unfilled room (filled=4), or the last of 9 filled ones.
+    for filled, last in ((4, 3), (None, 8)):
+        causal = (torch.arange(9)[None, :] <= torch.arange(last - 3, last + 1)[:, None]).expand(3, 1, 4, 9)
+        shared = SharedPrefix([prefix], filled=filled)
+        got = attention(Layer(groups), q, k, v, None, shared_prefix=shared, scaling=0.3)[0]
+        torch.testing.assert_close(got, _reference(q, prefix, k, v, causal, groups), rtol=0, atol=1e-12)
 
 
 def test_without_a_prefix_it_is_transformers_sdpa_attention():

@@ -355,3 +355,20 @@ def test_conversations_keep_only_their_own_keys_after_the_shared_prefix(model64)
     entries = list(agent._cache.values())
     assert entries and all(e.base is head for e in entries)
     assert all(e.kv[0][0].shape[1] == len(e.tokens) - len(head.tokens) for e in entries)
+
+
+def test_rows_whose_whole_prompt_but_its_last_token_is_shared_see_only_their_filled_keys(model64):
+    """Identical new prompts (a group's first turn): the shared prefix is all but the last token,
+    so the first step has one query per row and no key of the row's own before it; the reply's
+    room after it must stay masked."""
+    model, tokenizer = model64
+    agent = HFAgent(model, tokenizer, Sampling(temperature=1.0, max_new_tokens=16))
+    prompt = _prefixed_prompts(tokenizer, 1)[0]
+    seen: list[torch.Tensor] = []
+    sample = agent.engine.sample
+    agent.engine.sample = lambda logits, gens: (seen.append(logits.clone()), sample(logits, gens))[1]
+    agent.sample([prompt, prompt], [("g0", "A"), ("g1", "A")], [0, 1])
+    assert len(agent._shared[0].tokens) == len(prompt) - 1
+    whole = model(torch.tensor([prompt])).logits[0, -1]
+    atol = 1e-9 if model.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(seen[0], whole.expand(2, -1), rtol=0, atol=atol)

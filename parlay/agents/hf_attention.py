@@ -38,6 +38,9 @@ class SharedPrefix:
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     served: set[int] = field(default_factory=set)
+    filled: int | None = None
+    """How many of the rows' own key columns hold keys in this forward pass, its new ones
+    included: the decoder's in-place cache has unfilled room after them. None: all of them."""
 
     @property
     def length(self) -> int:
@@ -90,18 +93,20 @@ def attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     shared_prefix.served.add(module.layer_idx)
     prefix_k, prefix_v = shared_prefix.layers[module.layer_idx]
-    plain = all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))
-    if query.shape[2] == 1 and plain and (attention_mask is None or attention_mask.dtype == torch.bool):
-        return _decode_step(query, key, value, attention_mask, prefix_k, prefix_v, kwargs.get("scaling")), None
-    # A prefill: the prefix joined to each row's keys for this layer only, then SDPA.
     batch, _, queries, _ = query.shape
     own = key.shape[2]
     if attention_mask is None:
-        # transformers leaves a prefill unmasked when SDPA's own causal mask is right: aligned to
-        # the top left (the queries are the first columns; any after them are unfilled room).
+        # transformers leaves the mask out where SDPA's own causal flag would be right: no padding
+        # among the filled columns, none filled before the queries, or all filled. Either way the
+        # queries are the last filled columns, causal, and the unfilled room after them is masked.
+        filled = own if shared_prefix.filled is None else shared_prefix.filled
         cols = torch.arange(own, device=query.device)
-        rows = torch.arange(queries, device=query.device)
+        rows = torch.arange(filled - queries, filled, device=query.device)
         attention_mask = (cols[None, :] <= rows[:, None]).expand(batch, 1, queries, own)
+    plain = all(kwargs.get(k) is None for k in ("softcap", "s_aux", "sinks", "position_bias"))
+    if queries == 1 and plain and attention_mask.dtype == torch.bool:
+        return _decode_step(query, key, value, attention_mask, prefix_k, prefix_v, kwargs.get("scaling")), None
+    # A prefill: the prefix joined to each row's keys for this layer only, then SDPA.
     seen = torch.ones((batch, 1, queries, prefix_k.shape[1]), dtype=torch.bool, device=query.device)
     if attention_mask.dtype != torch.bool:
         seen = torch.zeros_like(seen, dtype=attention_mask.dtype)
@@ -127,8 +132,7 @@ def _decode_step(query, key, value, mask, prefix_k, prefix_v, scaling) -> torch.
     scores[..., :length] = (by_head @ prefix_k.transpose(1, 2)).view(kv_heads, batch, groups, length).transpose(0, 1)
     scores[..., length:] = q @ key.transpose(2, 3)
     scores.mul_(scaling)
-    if mask is not None:
-        scores[..., length:].masked_fill_(~mask.reshape(batch, 1, 1, own), float("-inf"))
+    scores[..., length:].masked_fill_(~mask.reshape(batch, 1, 1, own), float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = probs[..., length:] @ value  # [batch, kv_heads, groups, d]
     shared = probs[..., :length].transpose(0, 1).reshape(kv_heads, batch * groups, length) @ prefix_v

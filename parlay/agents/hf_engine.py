@@ -230,6 +230,8 @@ class DecodeEngine:
         # 2. Decode: one token per live row per step.
         for step in range(s.max_new_tokens):
             mask = full_mask if self.roomy else full_mask[:, :width]  # the in-place cache's whole buffer
+            if shared:
+                shared.filled = width
             logits = self.model(
                 input_ids=step_ids,
                 attention_mask=mask,
