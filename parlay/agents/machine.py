@@ -38,7 +38,7 @@ QUICKSTART = {
     ref.dtype: ref
     for ref in (
         Reference(30.0, 136.0, "float32", "AMD EPYC, AVX2+FMA, 2 cores", "36521b7"),
-        Reference(17.0, 418.0, "bfloat16", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores", "92ca224"),
+        Reference(15.6, 429.0, "bfloat16", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores", "bbe35b9"),
     )
 }
 """The README's main job as last measured end to end with nothing else running (docs/RESULTS.md),
@@ -47,9 +47,10 @@ the job is not matmul-bound to the same degree in both (in bf16, play is half th
 attention is not a matmul). float32: seed 2 of the three-seed run on an AVX2 machine, whose rate
 by ``parlay doctor`` was 130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median
 taken); that machine's rate drifts (one 3-step training measurement read 16.0-20.7 s/step within
-40 minutes, bench/RESULTS.md). bfloat16: seed 0 on a machine with AVX512-BF16, 418-434 GFLOP/s
-(one calibration before the run, two after; the median taken), 2026-12-01. Read the estimate as
-rough."""
+40 minutes, bench/RESULTS.md). It predates the decoder's shared-prefix attention (0371d23), which
+plays faster, so the float32 estimate errs long. bfloat16: seed 0 of `parlay train` on a machine
+with AVX512-BF16 (the install not counted), 429 GFLOP/s by one calibration after the run,
+2026-12-01. Read the estimate as rough."""
 
 
 @dataclass(frozen=True)
