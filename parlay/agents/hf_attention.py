@@ -12,10 +12,10 @@ The idea is that of Hydragen (Juravsky et al. 2024) and of cascade inference in 
 al. 2024); this is a plain-PyTorch form of it for CPUs (measured in bench/RESULTS.md).
 
 Exact up to rounding: every query's position follows all of the prefix's, so no query is masked
-from a prefix key, and the rows' own masks (padding, causality) apply to their own keys as
-transformers builds them. A model is switched to this attention (``enable``) only where it uses
-transformers' SDPA attention; with no prefix passed, the function is transformers' SDPA attention
-itself, so training and every other call are unchanged.
+from a prefix key, and the rows' own masks (padding, causality, the decoder's unfilled room)
+apply to their own keys as transformers builds them. A model is switched to this attention
+(``enable``) only where it uses transformers' SDPA attention; with no prefix passed, the function
+is transformers' SDPA attention itself, so training and every other call are unchanged.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class SharedPrefix:
 @functools.cache
 def register() -> str:
     """Register the attention and its mask (transformers' SDPA mask: a boolean [batch, 1, queries,
-    keys] over each row's own keys, or None when no key is masked) once per process; returns
-    ``NAME``."""
+    keys] over each row's own keys, or None where SDPA's own causal flag would serve, which
+    ``attention`` resolves with ``SharedPrefix.filled``) once per process; returns ``NAME``."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
