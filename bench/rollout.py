@@ -56,9 +56,10 @@ def commit_label() -> str:
     return "unknown" if full is None else full[:7] + ("+" if full.endswith("+") else "")
 
 
-def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak, share=False):
-    agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse, share_prefix=share)
-    agent.engine.cascade = agent.engine.cascade and not name.startswith("(f)")
+def run_mode(name, model, tokenizer, games, sampling, reuse, serial, max_messages, params, peak, share=None):
+    """``share``: None (no shared prefix), "once" (kept once, ``hf_attention``) or "copied" (into every row)."""
+    agent = HFAgent(model, tokenizer, sampling, prefix_reuse=reuse, share_prefix=share is not None)
+    agent.engine.cascade = agent.engine.cascade and share != "copied"
     obj = objective("semi-competitive")
     start = time.perf_counter()
     if serial:
@@ -106,17 +107,17 @@ def main() -> None:
     sampling = Sampling(temperature=0.7, max_new_tokens=args.max_new_tokens)
     games = plan_games(args.games, args.seed)
     modes = [  # name, model, peak, games, prefix reuse, one game at a time, shared prefix
-        ("(a) one game at a time, no reuse", model, peak, games[: args.serial_games], False, True, False),
-        ("(b) batched, no reuse", model, peak, games, False, False, False),
-        ("(c) batched + prefix reuse", model, peak, games, True, False, False),
-        ("(d) batched + prefix reuse + shared prefix", model, peak, games, True, False, True),
-        ("(f) = (d), the shared prefix copied into every row", model, peak, games, True, False, True),
+        ("(a) one game at a time, no reuse", model, peak, games[: args.serial_games], False, True, None),
+        ("(b) batched, no reuse", model, peak, games, False, False, None),
+        ("(c) batched + prefix reuse", model, peak, games, True, False, None),
+        ("(d) batched + prefix reuse + shared prefix", model, peak, games, True, False, "once"),
+        ("(f) = (d), the shared prefix copied into every row", model, peak, games, True, False, "copied"),
     ]
     bf16_peak = None
     if bf16 and "e" in args.modes:
         bf16_model, _ = load_model(args.model, dtype="bfloat16", device="cpu")
         bf16_peak = peak_matmul_flops(torch.bfloat16)
-        modes.append(("(e) = (d) in bf16", bf16_model, bf16_peak, games, True, False, True))
+        modes.append(("(e) = (d) in bf16", bf16_model, bf16_peak, games, True, False, "once"))
     modes = [m for m in modes if m[0][1] in args.modes]
     rows = {
         name[1]: run_mode(name, m, tokenizer, planned, sampling, reuse, serial, args.max_messages, params, p, share)

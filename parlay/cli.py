@@ -867,10 +867,10 @@ def doctor(
         console.print("bf16 would be emulated on this CPU (slow): runs train and play in float32", highlight=False)
     flops = calibrate(dtype, seconds)
     console.print(f"matmul {flops / 1e9:.0f} GFLOP/s in {str(dtype).removeprefix('torch.')} ({seconds:g} s)")
-    # The references are CPU runs: a GPU's time does not scale from them.
-    reference = None if machine.gpu else QUICKSTART.get(str(dtype).removeprefix("torch."))
-    if machine.gpu:
+    reference = QUICKSTART.get(str(dtype).removeprefix("torch."))
+    if machine.gpu:  # the references are CPU runs: a GPU's time does not scale from them
         console.print("main job: no estimate on a GPU (its measured references are CPU runs)", highlight=False)
+        reference = None
     minutes = expected_minutes(flops, reference)
     if reference is not None and minutes is not None:
         console.print(

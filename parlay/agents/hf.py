@@ -23,7 +23,7 @@ import torch
 
 from parlay.agents import hf_layer
 from parlay.agents.base import ModelAgent, Prompt, Reply, Sampling
-from parlay.agents.hf_engine import KV, DecodeEngine
+from parlay.agents.hf_engine import KV, DecodeEngine, join_kv
 from parlay.agents.hf_layer import default_device, pick_dtype
 from parlay.specs import DEFAULT_BATCH
 
@@ -47,10 +47,7 @@ class _Entry:
             return None
         if start < offset:
             head = self.base.kv_of(start, min(end, offset))  # type: ignore[union-attr]
-            tail = self.kv_of(offset, end)
-            if tail is None:
-                return head
-            return [(torch.cat([hk, k], 1), torch.cat([hv, v], 1)) for (hk, hv), (k, v) in zip(head, tail, strict=True)]  # type: ignore[arg-type]
+            return join_kv(head, self.kv_of(offset, end))  # type: ignore[arg-type]
         return [(k[:, start - offset : end - offset], v[:, start - offset : end - offset]) for k, v in self.kv]
 
 

@@ -117,11 +117,11 @@ def _roomy_layer_class():
     return RoomyLayer
 
 
-def _joined(prefix: KV, kv: KV | None) -> KV:
-    """A prefix's keys and values followed by a row's own (None: the prefix alone)."""
-    if kv is None:
-        return prefix
-    return [(torch.cat([pk, k], 1), torch.cat([pv, v], 1)) for (pk, pv), (k, v) in zip(prefix, kv, strict=True)]
+def join_kv(head: KV, tail: KV | None) -> KV:
+    """Keys and values of ``head``'s tokens followed by ``tail``'s, per layer (None: ``head`` alone)."""
+    if tail is None:
+        return head
+    return [(torch.cat([hk, k], 1), torch.cat([hv, v], 1)) for (hk, hv), (k, v) in zip(head, tail, strict=True)]
 
 
 def _right_align(past: list[KV | None], p_len: int, dest: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -199,7 +199,7 @@ class DecodeEngine:
         None; ``seeds[i]`` seeds row i's draws alone, so a reply does not depend on the batch;
         ``keep[i]``: return row i's keys and values (``Decoded.offset`` says from which token)."""
         if prefix is not None and not self.cascade:  # copies of the prefix in every row
-            past = [_joined(prefix, kv) for kv in past]
+            past = [join_kv(prefix, kv) for kv in past]
             prefix = None
         shared = hf_attention.SharedPrefix(prefix) if prefix is not None else None
         start = shared.length if shared else 0

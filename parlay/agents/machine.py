@@ -48,7 +48,7 @@ attention is not a matmul). float32: seed 2 of the three-seed run on an AVX2 mac
 by ``parlay doctor`` was 130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median
 taken); that machine's rate drifts (one 3-step training measurement read 16.0-20.7 s/step within
 40 minutes, bench/RESULTS.md). It predates the decoder's shared-prefix attention (0371d23), which
-plays faster, so the float32 estimate errs long. bfloat16: seed 0 of `parlay train` on a machine
+plays faster, so the float32 estimate errs long. bfloat16: seed 0 of ``parlay train`` on a machine
 with AVX512-BF16 (the install not counted), 429 GFLOP/s by one calibration after the run,
 2026-12-01. Read the estimate as rough."""
 
