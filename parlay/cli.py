@@ -1094,6 +1094,10 @@ def proxy_build(
         float | None, typer.Option(help="Passes over the people's games (default: train.epochs).")
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: train.lr).")] = None,
+    select: Annotated[
+        bool,
+        typer.Option("--select/--no-select", help="Propose the likeliest legal split (selection step), or as sampled."),
+    ] = True,
 ) -> None:
     """Fine-tune a human proxy by behaviour cloning on people's games, and record what it learned from."""
     from parlay.improve.proxy import DEFAULT_WARM_START, build_proxy, default_config
@@ -1105,7 +1109,7 @@ def proxy_build(
     try:
         manifest = build_proxy(
             episodes, out, cfg, base=model, init=init, sides=sides, keep=keep, warm_start=ws if warm else None,
-            epochs=epochs, lr=lr, on_stage=progress.stage, on_step=progress.step,
+            epochs=epochs, lr=lr, select=select, on_stage=progress.stage, on_step=progress.step,
         )  # fmt: skip
     finally:
         hooks.end_stage()
@@ -1130,6 +1134,10 @@ def proxy_check(
     temperature: TempOpt = 0.7,
     max_new_tokens: MaxTokOpt = ROLLOUT.max_new_tokens,
     seed: SeedOpt = 0,
+    select: Annotated[
+        bool | None,
+        typer.Option("--select/--no-select", help="Play with the selection step or without (default: as built)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """How human-like a proxy is: likelihood of people's turns, deals with itself, replies accepted."""
@@ -1138,7 +1146,9 @@ def proxy_check(
     from parlay.proxy import MIN_ACCEPTED
 
     sampling = Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-    check = check_proxy(proxy, episodes, sampling=sampling, max_messages=max_messages, games=games, seed=seed)
+    check = check_proxy(
+        proxy, episodes, sampling=sampling, max_messages=max_messages, games=games, seed=seed, select=select
+    )
     if as_json:
         console.print_json(check.model_dump_json())
     else:

@@ -85,6 +85,10 @@ class ProxyManifest(_Record):
     """The source's git commit, None when parlay was not run from a git checkout."""
     train_stats: dict[str, Any] = {}
     """The trainer's summary (steps, examples, own tokens, first and last loss)."""
+    select: bool = True
+    """Whether it plays with the selection step (``agents/hf.py``): each proposal the likeliest
+    legal split given the dialogue, as people state theirs on a selection screen; False: its
+    proposals sampled as text. A manifest written before this setting existed plays with it."""
 
 
 class ProxyCheck(_Record):
@@ -130,6 +134,8 @@ class ProxyCheck(_Record):
     close_same_split: float | None = None
     """Share of those whose deal was the people's own split."""
     close_messages: int | None = None
+    select: bool | None = None
+    """Whether the proxy played with the selection step (None in a check written before it existed)."""
 
 
 def file_sha256(path: str | Path) -> str:

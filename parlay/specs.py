@@ -10,7 +10,8 @@ there (``parse_spec``) into one of the types below; the code passes the typed va
     hf:MODEL[+KEY=VALUE…]      a transformers model (name, hub id or path); options adapter=PATH,
                                dtype=auto|float32|bf16…, device=cpu|cuda…, reuse=0|1 (prefix
                                reuse), share=0|1 (the prompts' common head computed once),
-                               batch=N (most conversations decoded together)
+                               batch=N (most conversations decoded together), select=0|1
+                               (every proposal the likeliest legal split: ``agents/hf.py``)
     openai:MODEL[@BASE_URL]    an OpenAI-compatible endpoint (no URL: the official API)
     vllm:MODEL[+KEY=VALUE…]    vLLM's offline engine; its options go to the engine as they are
     run:DIR[@K|@all]           round K's model of the run in DIR (no K: its last complete round;
@@ -41,7 +42,7 @@ DEFAULT_BATCH = 64
 """Most conversations an hf agent decodes together (``hf:…+batch=N``, ``rollout.batch``)."""
 DEFAULT_DTYPE = "auto"
 """Weights' dtype of a model agent: bf16 on a GPU or a CPU with native bf16, else fp32."""
-HF_OPTIONS = ("adapter", "dtype", "device", "reuse", "share", "batch")
+HF_OPTIONS = ("adapter", "dtype", "device", "reuse", "share", "batch", "select")
 CHECKPOINT_PICKS = ("latest", "uniform", "prioritised")
 
 
@@ -91,6 +92,8 @@ class HFSpec(_Spec):
     """None: True."""
     batch: int | None = None
     """None: ``DEFAULT_BATCH``."""
+    select: bool | None = None
+    """None: False (proposals sampled as text, like the rest of the reply)."""
 
     def render(self) -> str:
         options = [(name, getattr(self, name)) for name in HF_OPTIONS]
@@ -200,6 +203,7 @@ def _hf(text: str, rest: str) -> HFSpec:
         reuse=_flag(text, "reuse", given["reuse"]) if "reuse" in given else None,
         share=_flag(text, "share", given["share"]) if "share" in given else None,
         batch=int(batch) if batch is not None else None,
+        select=_flag(text, "select", given["select"]) if "select" in given else None,
         text=text,
     )
 
@@ -271,10 +275,14 @@ def as_spec(spec: AgentSpec | str) -> AgentSpec:
     return parse_spec(spec) if isinstance(spec, str) else spec
 
 
-def model_spec(base: str, adapter: str | None, dtype: str, batch: int, backend: str) -> AgentSpec:
+def model_spec(base: str, adapter: str | None, dtype: str, batch: int, backend: str, select: bool = False) -> AgentSpec:
     """The agent that plays a model (``run.ModelRef``: ``base`` plus an ``adapter``) with a
     run's rollout settings: ``openai:…`` as it is; otherwise the transformers backend, or vLLM
-    (full weights only: ``SpecError`` for an adapter). A setting at its default is left out."""
+    (full weights only: ``SpecError`` for an adapter). ``select``: the transformers agent's
+    selection step (``agents/hf.py``; ``SpecError`` for another backend). A setting at its
+    default is left out."""
+    if select and (base.startswith("openai:") or backend == "vllm"):
+        raise SpecError(f"{base}: the selection step scores replies with a transformers model; play it with hf")
     if base.startswith("openai:"):
         return parse_spec(base)
     chosen_dtype = None if dtype == DEFAULT_DTYPE else dtype
@@ -282,7 +290,8 @@ def model_spec(base: str, adapter: str | None, dtype: str, batch: int, backend: 
         if adapter:
             raise SpecError(f"rollout.backend vllm plays full weights, not the adapter {adapter}")
         return VLLMSpec(base, (("dtype", dtype),) if chosen_dtype else ())
-    return HFSpec(base, adapter=adapter, dtype=chosen_dtype, batch=None if batch == DEFAULT_BATCH else batch)
+    batch_set = None if batch == DEFAULT_BATCH else batch
+    return HFSpec(base, adapter=adapter, dtype=chosen_dtype, batch=batch_set, select=select or None)
 
 
 def with_round(spec: RunSpec, k: int) -> RunSpec:

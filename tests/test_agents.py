@@ -90,6 +90,27 @@ def test_bots_read_stated_values_and_offers():
     assert not language.is_acceptance("No deal, sorry.")
 
 
+def test_the_split_last_stated_in_a_conversation_is_read_from_the_readers_side():
+    """Of (2 books, 2 hats, 1 ball): the latest message that states a split decides, turned to the
+    reader's side; talk without counts, proposals and the game's own lines are skipped."""
+    from parlay.protocol import message_reply, proposal_reply
+
+    counts = (2, 2, 1)
+    convo = [
+        {"role": "system", "content": "rules"},
+        {"role": "user", "content": "The negotiation starts now."},
+        {"role": "assistant", "content": message_reply("I would like the books, you can have the rest")},
+        {"role": "user", "content": message_reply("no, give me the ball and one book")},
+        {"role": "assistant", "content": message_reply("ok, deal")},
+        {"role": "user", "content": proposal_reply((2, 2, 1))},
+    ]
+    # The partner's "give me the ball and one book": the partner keeps (1, 0, 1), so the reader keeps (1, 2, 0).
+    assert language.last_stated_split(convo, counts) == (1, 2, 0)
+    # The reader's own message counts from its side: it keeps the books.
+    assert language.last_stated_split(convo[:3], counts) == (2, 0, 0)
+    assert language.last_stated_split(convo[:2], counts) is None
+
+
 def test_unknown_agent_spec_is_a_clear_error():
     with pytest.raises(AgentError, match=r"unknown agent 'bot:nice'.*bot:hard"):
         load_agent("bot:nice")
@@ -149,7 +170,13 @@ def test_agent_specs_parse_once_and_render_for_records():
     assert str(model_spec("m", None, "bf16", 8, "hf")) == "hf:m+dtype=bf16+batch=8"
     assert str(model_spec("m", None, "bf16", 8, "vllm")) == "vllm:m+dtype=bf16"
     assert str(model_spec("openai:gpt@http://h", None, "auto", 64, "hf")) == "openai:gpt@http://h"
+    assert str(model_spec("m", None, "auto", 64, "hf", select=True)) == "hf:m+select=1"
+    assert parse_spec("hf:m+select=1") == HFSpec("m", select=True) and parse_spec("hf:m+select=0").select is False
+    for backend, base in [("vllm", "m"), ("hf", "openai:gpt")]:
+        with pytest.raises(SpecError, match="selection step"):
+            model_spec(base, None, "auto", 64, backend, select=True)
     for text, message in [
+        ("hf:m+select=yes", "expected 0 or 1"),
         ("hf:m+batch=0", "bad batch size"),
         ("hf:m+reuse=yes", "expected 0 or 1"),
         ("hf:m+colour=red", "unknown option"),

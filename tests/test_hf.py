@@ -1,5 +1,7 @@
 """The transformers backend on a tiny model built in code: batching, prefix reuse, specs."""
 
+import copy
+
 import pytest
 import torch
 
@@ -16,9 +18,10 @@ GREEDY = Sampling(temperature=0.0, max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def model64(tiny_lm):
-    """The tiny model in float64, so that padding cannot flip a greedy choice by rounding."""
+    """A float64 copy of the tiny model, so that padding cannot flip a greedy choice by rounding
+    (a copy: the session's tiny model stays float32 for every other test)."""
     model, tokenizer, _ = tiny_lm
-    return model.to(torch.float64), tokenizer
+    return copy.deepcopy(model).to(torch.float64), tokenizer
 
 
 def _play(agent, n=6, cap=4, seed=0):
@@ -117,7 +120,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_gives_the_same_games(mode
 
 def test_sampling_is_seeded(tiny_lm):
     model, tokenizer, _ = tiny_lm
-    agent = HFAgent(model.to(torch.float32), tokenizer, Sampling(temperature=1.0, max_new_tokens=10))
+    agent = HFAgent(model, tokenizer, Sampling(temperature=1.0, max_new_tokens=10))
     prompt = [render(tokenizer, [{"role": "user", "content": "hello"}], True)]
     assert agent.generate(prompt, None, [7]) == agent.generate(prompt, None, [7])
     outs = {tuple(agent.generate(prompt, None, [s])[0]) for s in range(6)}
@@ -173,6 +176,7 @@ def test_spec_options_and_errors(tiny_lm, tmp_path):
     agent = load_agent(f"hf:{path}+reuse=0+dtype=float32")
     assert isinstance(agent, HFAgent) and not agent.prefix_reuse
     assert not load_agent(f"hf:{path}+share=0").share_prefix
+    assert load_agent(f"hf:{path}+select=1").select and not load_agent(f"hf:{path}").select
     with pytest.raises(AgentError, match="unknown option"):
         load_agent(f"hf:{path}+colour=blue")
     with pytest.raises(AgentError, match="cannot load model"):
@@ -372,3 +376,130 @@ def test_rows_whose_whole_prompt_but_its_last_token_is_shared_see_only_their_fil
     whole = model(torch.tensor([prompt])).logits[0, -1]
     atol = 1e-9 if model.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(seen[0], whole.expand(2, -1), rtol=0, atol=atol)
+
+
+# -- the selection step: every proposal the likeliest legal split
+
+
+def _reference_logps(model, prompt: list[int], continuation: list[int]) -> list[float]:
+    """Log-probabilities of ``continuation`` after ``prompt`` from one plain forward pass."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + continuation])).logits[0].double()
+    logps = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
+    return logps.gather(-1, torch.tensor(continuation)[:, None])[:, 0].tolist()
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_scoring_continuations_matches_a_plain_forward_pass(model64, cascade):
+    """With the prompt's head kept apart (cascade attention) and with the whole prompt in every
+    row: continuations of different lengths, left-padded in one batch."""
+    model, tokenizer = model64
+    engine = HFAgent(model, tokenizer, GREEDY).engine
+    engine.cascade = cascade
+    prompt = render(
+        tokenizer, [{"role": "system", "content": "Split 3 books."}, {"role": "user", "content": "hi"}], True
+    )
+    continuations = [tokenizer.encode(t, add_special_tokens=False) for t in ("a", "two books for me", "x y")]
+    assert len({len(c) for c in continuations}) == 3
+    got = engine.score(prompt, continuations)
+    for cont, logps in zip(continuations, got, strict=True):
+        assert logps == pytest.approx(_reference_logps(model, prompt, cont), abs=1e-9)
+
+
+def _proposal_request(counts=(1, 2, 3), owed=False, said="[message] hello, what do you value?"):
+    from parlay import prompts
+    from parlay.agents.base import TurnRequest
+    from parlay.games import Context
+
+    ctx = Context(counts, (2, 1, 1), (1, 1, 1))
+    obj = objective("semi-competitive")
+    messages = [
+        {"role": "system", "content": prompts.system_prompt(ctx, "A", obj, 6)},
+        {"role": "user", "content": said},
+    ]
+    return TurnRequest("g", "A", messages, ctx, obj, owed, 1, 6, 0)
+
+
+def test_the_selection_step_proposes_the_likeliest_legal_split_when_none_was_stated(model64):
+    from parlay.protocol import Proposal, parse_reply, proposal_reply
+
+    model, tokenizer = model64
+    agent = HFAgent(model, tokenizer, GREEDY, select=True)
+    request = _proposal_request(owed=True)
+    (reply,) = agent.act([request])
+    # The reference: every split's reply rendered as the assistant's turn, scored by a plain forward pass.
+    prompt = render(tokenizer, request.messages, True)
+    totals = {}
+    for kept in request.context.allocations:
+        full = render(tokenizer, [*request.messages, {"role": "assistant", "content": proposal_reply(kept)}], False)
+        assert full[: len(prompt)] == prompt
+        end = next(i for i in range(len(prompt), len(full)) if full[i] in stop_ids(tokenizer)) + 1
+        totals[kept] = _reference_logps(model, prompt, full[len(prompt) : end])
+    best = max(totals, key=lambda k: sum(totals[k]))
+    assert len(totals) == 2 * 3 * 4
+    assert reply.text == proposal_reply(best) and parse_reply(reply.text) == Proposal(best)
+    assert reply.logprobs == pytest.approx(totals[best][:-1], abs=1e-5) and reply.tokens == len(totals[best]) - 1
+
+
+def test_the_selection_step_proposes_the_split_last_stated_in_words(model64):
+    from parlay.protocol import proposal_reply
+
+    model, tokenizer = model64
+    agent = HFAgent(model, tokenizer, GREEDY, select=True)
+    # The partner (user) gives this player the book and keeps the rest: of (1 book, 2 hats, 3 balls),
+    # this player keeps (1, 0, 0).
+    request = _proposal_request(owed=True, said="[message] you take the book, I take the rest")
+    (reply,) = agent.act([request])
+    assert reply.text == proposal_reply((1, 0, 0))
+    prompt = render(tokenizer, request.messages, True)
+    full = render(tokenizer, [*request.messages, {"role": "assistant", "content": reply.text}], False)
+    reference = _reference_logps(model, prompt, full[len(prompt) :])
+    assert reply.logprobs == pytest.approx(reference[: reply.tokens], abs=1e-5)
+
+
+def test_the_selection_step_leaves_talk_sampled_and_replaces_sampled_proposals(model64, monkeypatch):
+    from parlay.agents.base import ModelAgent, Reply
+
+    model, tokenizer = model64
+    agent = HFAgent(model, tokenizer, GREEDY, select=True)
+    free, owed = _proposal_request(), _proposal_request(owed=True)
+    sampled = {"g": "[message] hello"}
+    seen = []
+
+    def fake_act(self, requests):
+        seen.append(len(requests))
+        return [Reply(sampled["g"]) for _ in requests]
+
+    monkeypatch.setattr(ModelAgent, "act", fake_act)
+    talk, proposal = agent.act([free, owed])
+    assert seen == [1]  # the owed proposal was never sampled
+    assert talk.text == "[message] hello" and proposal.text.startswith("[propose] (")
+    sampled["g"] = "[PROPOSE] (9 books, 0 hats, 0 balls)"  # out of range as sampled: the counts are chosen instead
+    (chosen,) = agent.act([free])
+    assert chosen.text == proposal.text
+
+
+def test_a_game_closes_on_the_split_stated_in_words(tiny_lm):
+    """Played through the game: the partner states a split in words and proposes it; the model
+    (a random tiny one, which cannot write a proposal) owes a proposal, answers at once with the
+    other side of that split, and the game ends in that deal."""
+    from parlay.agents.base import Agent, Reply
+    from parlay.games import Context
+    from parlay.protocol import message_reply, proposal_reply
+    from parlay.rollout import GameSpec
+
+    class Proposer(Agent):
+        spec = "proposer"
+
+        def act(self, requests):
+            return [Reply(proposal_reply((r.context.counts[0], 0, 0))) for r in requests]
+
+    _, _, path = tiny_lm
+    agent = load_agent(f"hf:{path}+select=1", Sampling(temperature=1.0, max_new_tokens=8))
+    ctx = Context((2, 2, 1), (1, 2, 2), (3, 1, 1))
+    opening = (message_reply("I take the books, you take the rest"), message_reply("ok"))
+    games = [GameSpec(id=f"g{i}", context=ctx, first_speaker="B", seed=i, opening=opening) for i in range(3)]
+    for ep in play_games(agent, Proposer(), games, objective("cooperative"), max_messages=4):
+        a_turns = [t for t in ep.turns[len(opening) :] if t.player == "A"]
+        assert [t.kind for t in a_turns] == ["proposal"] and a_turns[0].accepted  # no sampled attempt first
+        assert ep.agreed and ep.outcome.proposals == {"A": [0, 2, 1], "B": [2, 0, 0]}

@@ -112,6 +112,28 @@ def test_proxy_spec_resolves_and_plays_with_a_bot(built):
     assert all(ep.meta["agents"]["A"] == f"proxy:{out}" for ep in episodes)
 
 
+def test_a_proxy_proposes_with_the_selection_step_unless_built_without(built, tiny_lm, human_files, tmp_path):
+    """``proxy:DIR`` plays with the selection step (``agents/hf.py``) as its manifest says; a
+    manifest written before the setting existed plays with it; ``--no-select`` turns it off."""
+    from parlay.agents.resolve import resolve_proxy
+
+    out, manifest = built
+    assert manifest.select and resolve_proxy(ProxySpec(str(out))).select
+    agent = load_agent(f"proxy:{out}")
+    try:
+        assert agent.select
+    finally:
+        agent.close()
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    record = json.loads((old / "proxy.json").read_text())
+    del record["select"]
+    (old / "proxy.json").write_text(json.dumps(record))
+    assert ProxyDir(old).manifest().select
+    plain = build_proxy(human_files[0], tmp_path / "plain", tiny_cfg(tiny_lm[2]), warm_start=None, select=False)
+    assert not plain.select and not resolve_proxy(ProxySpec(str(tmp_path / "plain"))).select
+
+
 def _reference_logliks(model, tokenizer, episodes: list[Episode]) -> tuple[float, float]:
     """Mean log-lik per token and per turn of every assistant turn (content + <|im_end|>), plain torch."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -246,6 +268,8 @@ def test_cli_check_prints_the_table_and_fails_a_proxy_the_protocol_rejects(built
     result = CliRunner().invoke(app, [*args, "--max-messages", "4"], terminal_width=80)
     assert result.exit_code == 2, result.output
     assert "log-lik per token" in result.output and "replies accepted" in result.output
+    assert "selection step" in result.output  # played with it, as built
+    assert json.loads((out / "check.json").read_text())["select"] is True
     assert max(len(line) for line in result.stdout.splitlines()) <= 80  # the table; a log line stays whole
     assert "rejected" in result.output
 

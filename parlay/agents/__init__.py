@@ -5,7 +5,8 @@
   local path, with options after ``+``: ``hf:smollm2-135m+adapter=runs/x/rounds/1/model+dtype=bf16``
   (``adapter``, ``dtype``, ``device``, ``reuse=0`` to turn prefix reuse off, ``share=0`` to compute
   the prompts' common head per conversation instead of once, ``batch`` for the most
-  conversations decoded together);
+  conversations decoded together, ``select=1`` for every proposal chosen as the likeliest legal
+  split: ``hf.py``);
 - ``openai:MODEL@BASE_URL`` — any OpenAI-compatible endpoint (``openai:gpt-4o-mini`` uses the
   official API and ``$OPENAI_API_KEY``);
 - ``vllm:MODEL`` — vLLM's offline engine (``pip install 'parlay[vllm]'``, GPU);
@@ -112,6 +113,7 @@ def _hf_agent(spec: HFSpec, sampling: Sampling) -> Agent:
         prefix_reuse=spec.reuse is not False,
         share_prefix=spec.share is not False,
         max_batch=spec.batch or DEFAULT_BATCH,
+        select=spec.select is True,
     )
 
 

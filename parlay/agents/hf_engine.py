@@ -185,6 +185,50 @@ class DecodeEngine:
         return None if any(k.shape[1] != len(tokens) for k, _ in kv) else kv
 
     @torch.inference_mode()
+    def score(self, prompt: list[int], continuations: list[list[int]]) -> list[list[float]]:
+        """Per continuation, the log-probability (natural log, temperature 1) of each of its
+        tokens after ``prompt``: ``prompt`` [P] token ids (P ≥ 1), ``continuations`` N lists of
+        token ids (each non-empty) → N lists of as many floats. One batched forward pass, teacher
+        forced. The prompt's tokens but its last are computed once and attended to apart
+        (``hf_attention``) where the model allows and they fit its sliding window; otherwise every
+        row holds the whole prompt (left-padded, the logits kept only for the continuations)."""
+        head = prompt[:-1]
+        longest = max(len(c) for c in continuations)
+        fits = self.window is None or len(prompt) + longest <= self.window
+        prefix = self.prefill(head) if self.cascade and head and fits else None
+        shared = hf_attention.SharedPrefix(prefix) if prefix is not None else None
+        start = len(head) if shared else 0
+        rows = [prompt[start:] + c for c in continuations]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's continuation ends at the last column
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+            positions[i, width - len(row) :] = torch.arange(start, start + len(row))
+        extra = {"shared_prefix": shared} if shared else {}
+        logits = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=False,
+            logits_to_keep=longest + 1,
+            **extra,
+        ).logits[:, :-1]  # [N, longest, V]: column j predicts the token at column j + 1
+        if shared and len(shared.served) != len(prefix):  # type: ignore[arg-type]
+            log.warning("%s: the shared prefix did not reach every layer; scoring with the whole prompt in each row",
+                        self.name)  # fmt: skip
+            self.cascade = False
+            return self.score(prompt, continuations)
+        logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        out = []
+        for i, c in enumerate(continuations):
+            picked = logps[i, longest - len(c) :].gather(-1, torch.tensor(c, device=self.device)[:, None])
+            out.append(picked[:, 0].tolist())
+        return out
+
+    @torch.inference_mode()
     def decode(
         self,
         prompts: list[list[int]],

@@ -3,17 +3,20 @@
 Bots speak the same text protocol a model does, so what they understand of a partner comes
 from the words alone. ``read_offer`` finds who gets what in a message ("I'll take the books,
 you can have the rest"), ``read_values`` finds stated values ("hats are worth 3 to me"),
-``is_acceptance`` spots "deal"/"agreed". The ``say_*`` functions phrase the same facts in
+``is_acceptance`` spots "deal"/"agreed", ``last_stated_split`` finds the split a conversation
+last put into words (the human proxy's selection step, ``hf.py``). The ``say_*`` functions phrase the same facts in
 varied words, chosen with the caller's random generator.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
 from parlay.games.dond import ARTICLES, ITEM_PATTERN, ITEMS, NUMBER_WORDS, Counts, count_phrase
+from parlay.protocol import ChatMessage, message_text
 
 _WORD_NUM = NUMBER_WORDS | ARTICLES
 _MENTION = re.compile(
@@ -92,6 +95,19 @@ def read_offer(text: str, counts: Counts) -> tuple[Counts, Counts] | None:
             return None
     kept = tuple(keep)
     return kept, tuple(c - k for c, k in zip(counts, kept, strict=True))  # type: ignore[return-value]
+
+
+def last_stated_split(messages: Sequence[ChatMessage], counts: Counts) -> Counts | None:
+    """The counts this player keeps under the split that the latest message of ``messages`` (a
+    player's conversation: its own messages as ``assistant``, its partner's as ``user``) stating
+    one gives it (``read_offer``, turned to this player's side), or None when no message states a
+    split. Proposals and the game's own lines are not read."""
+    for msg in reversed(messages):
+        text = message_text(msg["content"]) if msg["role"] in ("user", "assistant") else None
+        offer = read_offer(text, counts) if text is not None else None
+        if offer is not None:
+            return offer[0] if msg["role"] == "assistant" else offer[1]
+    return None
 
 
 def read_values(text: str) -> dict[int, int]:

@@ -36,10 +36,12 @@ def resolve_run(spec: RunSpec) -> tuple[RunSpec, AgentSpec]:
 
 def resolve_proxy(spec: ProxySpec) -> AgentSpec:
     """``proxy:DIR`` → the agent of the proxy's model (its adapter on the manifest's base model,
-    played with the default dtype and batch). ``ProxyError`` (a ``UserError``): DIR is not a
+    played with the default dtype and batch, and with the selection step unless its manifest
+    turns it off). ``ProxyError`` (a ``UserError``): DIR is not a
     proxy, its model is missing, or its last check found most of its replies rejected."""
-    model = ProxyDir(spec.path).playable()
-    return model_spec(model.base, model.adapter, DEFAULT_DTYPE, DEFAULT_BATCH, "hf")
+    proxy = ProxyDir(spec.path)
+    model = proxy.playable()
+    return model_spec(model.base, model.adapter, DEFAULT_DTYPE, DEFAULT_BATCH, "hf", select=proxy.manifest().select)
 
 
 def expand_rounds(spec: AgentSpec) -> list[AgentSpec]:

@@ -10,6 +10,8 @@ perplexity on held-out dialogues. On held human games this gives, beside each ot
   tokens and averaged per turn; tokenised and masked as the trainer does (``sft.turn_logps``);
 - **play**: the proxy with itself on the held games' contexts, first speakers and objectives:
   its agreement rate and mean reward per player beside the people's own on the same games;
+- **the selection step**: the proxy plays as ``proxy:DIR`` does, with the step its manifest
+  names (``ProxyManifest.select``), and the check records which;
 - **protocol acceptance**: the share of the proxy's replies in those games that the protocol
   accepted (rejected attempts count as replies);
 - **closing the people's deals**: on each held game the people agreed in, the proxy carries on
@@ -120,11 +122,13 @@ def check_proxy(
     games: int | None = None,
     seed: int = 0,
     train: TrainConfig | None = None,
+    select: bool | None = None,
     load: Callable[..., Agent] = load_agent,
 ) -> ProxyCheck:
     """Check the proxy in ``proxy_path`` on the human games of ``episodes_path`` (the first
     ``games`` of them, default all) and write its ``check.json``. ``train``: batch size, dtype
-    and cut length of the likelihood pass (default ``TrainConfig()``). ``UserError`` before
+    and cut length of the likelihood pass (default ``TrainConfig()``). ``select``: play with the
+    selection step or without (default: as the manifest says, as ``proxy:DIR`` plays). ``UserError`` before
     anything is scored or played: not a proxy, the file it was trained on, an unreadable or empty
     file, no agreed game or no turn of the imitated sides."""
     from parlay.improve.sft import turn_logps
@@ -145,7 +149,9 @@ def check_proxy(
     under_proxy = turn_logps(examples, model.base, model.adapter, cfg)
     under_base = turn_logps(examples, manifest.base, None, cfg)
 
-    agent = load(model_spec(model.base, model.adapter, "auto", 64, "hf"), sampling or Sampling(seed=seed))
+    select = manifest.select if select is None else select
+    spec = model_spec(model.base, model.adapter, "auto", 64, "hf", select=select)
+    agent = load(spec, sampling or Sampling(seed=seed))
     agent.spec = f"proxy:{proxy_path}"
     agreed, closing = closing_games(episodes, seed)
     try:
@@ -182,6 +188,7 @@ def check_proxy(
         close_agreement=sum(ep.agreed for ep in closed) / len(closed),
         close_same_split=sum(same_split(p, h) for p, h in zip(closed, agreed, strict=True)) / len(closed),
         close_messages=CLOSE_MESSAGES,
+        select=select,
     )
     proxy.write_check(check)
     return check

@@ -200,6 +200,8 @@ def proxy_check_table(check: ProxyCheck, name: str) -> Table:
     table.add_row("agreement (with itself)", f"{check.proxy_agreement:.0%}", "", f"{check.human_agreement:.0%}")
     table.add_row("mean reward", f"{check.proxy_reward:.2f}", "", f"{check.human_reward:.2f}")
     table.add_row("replies accepted", f"{check.acceptance:.0%} ({check.accepted}/{check.attempts})", "", "")
+    if check.select is not None:
+        table.add_row("proposals", "selection step" if check.select else "sampled", "", "")
     if check.close_games:
         n = check.close_games
         table.add_row(

@@ -158,6 +158,7 @@ def build_proxy(
     warm_start: WarmStartConfig | None = DEFAULT_WARM_START,
     epochs: float | None = None,
     lr: float | None = None,
+    select: bool = True,
     on_stage: Callable[[str, int], None] | None = None,
     on_step: Callable[[int, int, float, int], None] | None = None,
 ) -> ProxyManifest:
@@ -167,6 +168,7 @@ def build_proxy(
     ``rollout.max_messages`` for the warm start's bot games. ``base``: the base model (default: the
     run of ``init``'s, else ``cfg.model``). ``warm_start``: bot deals imitated first when there is
     no ``init`` (None: none). ``epochs``/``lr``: for the people's games (default ``cfg.train``'s).
+    ``select``: the proxy plays with the selection step (``ProxyManifest.select``).
     ``on_stage(label, units)`` is told of each stage (games to play, then training); ``on_step``
     of each optimiser step. ``UserError`` (before anything is trained or played): an unreadable or
     empty file, no agreed game, no turn of the imitated sides, a bad ``init``, ``out`` already a proxy."""
@@ -227,6 +229,7 @@ def build_proxy(
         epochs=epochs if epochs is not None else cfg.train.epochs,
         lr=lr if lr is not None else cfg.train.lr,
         seed=cfg.seed,
+        select=select,
         parlay_version=__version__,
         parlay_commit=source_commit(),
         train_stats={
