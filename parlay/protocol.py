@@ -61,6 +61,7 @@ does no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -345,6 +346,26 @@ def parse_reply(text: str) -> Parsed:
             return ProtocolError(ErrorCode.EMPTY_MESSAGE, "no text after [message]")
         return Message(" ".join(body.split()))
     return _parse_proposal_body(body)
+
+
+def is_proposal_attempt(text: str) -> bool:
+    """Whether a reply opens with the proposal tag in any spelling the parser accepts
+    (``[propose]``, ``[Proposal]``, ``[ propose ]``, leading spaces), whatever follows it."""
+    tag = _TAG.match(text.lstrip())
+    return tag is not None and tag[1].lower() != "message"
+
+
+@functools.cache
+def _feedback_patterns() -> re.Pattern[str]:
+    lines = prompts.protocol_lines()["feedback"].values()
+    parts = [".*".join(re.escape(piece) for piece in re.split(r"\{\w+\}", line)) for line in lines]
+    return re.compile("|".join(f"(?:{p})" for p in parts), re.DOTALL)
+
+
+def is_feedback(line: str) -> bool:
+    """Whether a conversation line is the game's feedback on a rejected reply (``Game.feedback``):
+    the player's line before it is an attempt its partner never saw."""
+    return _feedback_patterns().fullmatch(line) is not None
 
 
 def message_text(line: str) -> str | None:

@@ -206,10 +206,13 @@ class ProxyDir:
         write_lines_atomic(self.check_file, [check.model_dump_json(indent=1)])
 
     def playable(self) -> ModelRef:
-        """``model_ref``, refused (``ProxyError``) when the last check found the protocol rejecting
-        most of the proxy's replies: such a partner would abort most games."""
+        """``model_ref``, refused (``ProxyError``) when the last check, played with the proposal
+        setting the proxy plays with (``ProxyManifest.select``), found the protocol rejecting most
+        of the proxy's replies: such a partner would abort most games."""
         ref = self.model_ref()
         check = self.last_check()
+        if check is not None and check.select not in (None, self.manifest().select):
+            check = None  # a check of the other proposal setting (--select/--no-select) says nothing of this one
         if check is not None and check.acceptance < MIN_ACCEPTED:
             raise ProxyError(
                 f"{self.path}: the protocol rejected {1 - check.acceptance:.0%} of this proxy's replies in its "

@@ -109,6 +109,16 @@ def test_the_split_last_stated_in_a_conversation_is_read_from_the_readers_side()
     # The reader's own message counts from its side: it keeps the books.
     assert language.last_stated_split(convo[:3], counts) == (2, 0, 0)
     assert language.last_stated_split(convo[:2], counts) is None
+    # Its own rejected attempt, which the partner never saw, is not read: the game's feedback follows it.
+    from parlay import prompts
+    from parlay.games import Context
+
+    feedback = prompts.feedback("too_long", Context(counts, (1, 1, 1), (1, 1, 1)), 10)
+    retry = [
+        {"role": "assistant", "content": message_reply("I take everything")},
+        {"role": "user", "content": feedback},
+    ]
+    assert language.last_stated_split(convo[:4] + retry, counts) == (1, 2, 0)
 
 
 def test_unknown_agent_spec_is_a_clear_error():

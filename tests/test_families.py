@@ -326,3 +326,77 @@ def test_a_tokenizer_without_a_template_or_an_end_of_turn_is_refused_by_name():
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(TemplateError, match=r"my-model: .* after an assistant turn"):
         check_template(tok, "my-model")
+
+
+THINKING = (  # Qwen3-like: an empty thinking block before the last assistant turn, never in the generation prompt
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+NEWLINE_BEFORE_END = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+AROUND_THE_REPLY = [
+    Family("thinking", "Qwen3Config", THINKING, CHATML_SPECIALS, "<|im_end|>", "<|im_end|>", pad="<|endoftext|>"),
+    Family("newline-before-end", "LlamaConfig", NEWLINE_BEFORE_END, CHATML_SPECIALS, "<|im_end|>", "<|im_end|>",
+           pad="<|endoftext|>"),
+]  # fmt: skip
+
+
+def _selection_reference(tok, model, messages, text, stops):
+    """Through the tokenizer's own chat template and a plain forward pass: the summed log-prob of
+    every token after the generation prompt up to the first stop token, and the log-probs of the
+    reply text's tokens (found as the last run of them before that stop)."""
+    # The reply's text is tokenised after the prompt's tokens, as a model writes it after them.
+    prompt_text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full_text = tok.apply_chat_template([*messages, {"role": "assistant", "content": text}], tokenize=False)
+    assert full_text.startswith(prompt_text)
+    prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    full = prompt + tok(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    stop = next(i for i in range(len(prompt), len(full)) if full[i] in stops)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full[: stop + 1]])).logits[0].double()
+    logps = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(full[1 : stop + 1])[:, None])[:, 0]
+    own = tok(text, add_special_tokens=False)["input_ids"]
+    at = max(i for i in range(len(prompt), stop - len(own) + 1) if full[i : i + len(own)] == own)
+    return logps[len(prompt) - 1 : stop].sum().item(), logps[at - 1 : at - 1 + len(own)].tolist()
+
+
+@pytest.mark.parametrize("f", FAMILIES + AROUND_THE_REPLY, ids=lambda f: f.name)
+def test_the_selection_step_proposes_the_split_a_plain_forward_pass_finds_likeliest(f):
+    """With no split stated in words, the proposal is the legal split whose reply (everything the
+    template writes up to the end of turn) is likeliest, and it reports its text's tokens only."""
+    from parlay.agents.base import TurnRequest
+    from parlay.games import Context
+    from parlay.protocol import proposal_reply
+
+    tok = family_tokenizer(f)
+    model = family_model(f, len(tok))
+    agent = HFAgent(model, tok, Sampling(temperature=0.0, max_new_tokens=MAX_NEW), spec=f.name, select=True)
+    ctx, obj = Context((1, 2, 2), (4, 1, 2), (2, 2, 2)), objective("cooperative")
+    messages = [
+        {"role": "system", "content": prompts.system_prompt(ctx, "B", obj, 6)},
+        {"role": "user", "content": message_reply("hello, what do you value?")},
+    ]
+    (reply,) = agent.act([TurnRequest("g", "B", messages, ctx, obj, True, 1, 6, 0)])
+    stops = stop_ids(tok, model.generation_config)
+    reference = {k: _selection_reference(tok, model, messages, proposal_reply(k), stops) for k in ctx.allocations}
+    best = max(reference, key=lambda k: reference[k][0])
+    assert reply.text == proposal_reply(best)
+    assert reply.logprobs == pytest.approx(reference[best][1], abs=1e-4)
+    assert reply.tokens == len(reference[best][1])
+
+
+def test_a_template_that_does_not_continue_its_generation_prompt_is_refused_for_the_selection_step():
+    odd = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>model\n{% endif %}"
+    )
+    f = Family("odd", "LlamaConfig", odd, CHATML_SPECIALS, "<|im_end|>", "<|im_end|>", pad="<|endoftext|>")
+    tok = family_tokenizer(f)
+    model = family_model(f, len(tok))
+    HFAgent(model, tok, Sampling(), spec="odd")  # it can still play without the step
+    with pytest.raises(TemplateError, match="selection step"):
+        HFAgent(model, tok, Sampling(), spec="odd", select=True)

@@ -474,9 +474,15 @@ def test_the_selection_step_leaves_talk_sampled_and_replaces_sampled_proposals(m
     talk, proposal = agent.act([free, owed])
     assert seen == [1]  # the owed proposal was never sampled
     assert talk.text == "[message] hello" and proposal.text.startswith("[propose] (")
-    sampled["g"] = "[PROPOSE] (9 books, 0 hats, 0 balls)"  # out of range as sampled: the counts are chosen instead
-    (chosen,) = agent.act([free])
-    assert chosen.text == proposal.text
+    # Sampled proposals in every spelling the parser takes (one out of range): the counts are chosen instead.
+    for text in [
+        "[PROPOSE] (9 books, 0 hats, 0 balls)",
+        "  [proposal] (1 book, 2 hats, 3 balls)",
+        "[ Propose ]: 1 book",
+    ]:
+        sampled["g"] = text
+        (chosen,) = agent.act([free])
+        assert chosen.text == proposal.text
 
 
 def test_a_game_closes_on_the_split_stated_in_words(tiny_lm):

@@ -134,6 +134,26 @@ def test_a_proxy_proposes_with_the_selection_step_unless_built_without(built, ti
     assert not plain.select and not resolve_proxy(ProxySpec(str(tmp_path / "plain"))).select
 
 
+def test_only_a_check_played_as_the_proxy_plays_can_refuse_it(built, tmp_path):
+    """A check with the other proposal setting (``proxy check --no-select``) does not decide
+    whether the proxy, which plays with the selection step, is refused."""
+    out = tmp_path / "p"
+    shutil.copytree(built[0], out)
+    record = json.loads((out / "proxy.json").read_text())
+    check = {"episodes": "h.jsonl", "episodes_sha256": "0", "games": 4, "sides": "AB", "human_turns": 8,
+             "human_tokens": 80, "loglik_proxy": -1.0, "loglik_base": -2.0, "loglik_turn_proxy": -1.0,
+             "loglik_turn_base": -2.0, "human_agreement": 0.75, "human_reward": 5.0, "proxy_games": 4,
+             "proxy_agreement": 0.0, "proxy_reward": 0.0, "attempts": 10, "accepted": 2, "acceptance": 0.2,
+             "max_messages": 4, "seed": 0}  # fmt: skip
+    assert record["select"] is True
+    (out / "check.json").write_text(json.dumps(check | {"select": False}))
+    assert ProxyDir(out).playable().adapter == str(out / "model")
+    for select in (True, None):  # the same setting, or a check from before the setting was recorded
+        (out / "check.json").write_text(json.dumps(check | {"select": select}))
+        with pytest.raises(ProxyError, match="rejected 80%"):
+            ProxyDir(out).playable()
+
+
 def _reference_logliks(model, tokenizer, episodes: list[Episode]) -> tuple[float, float]:
     """Mean log-lik per token and per turn of every assistant turn (content + <|im_end|>), plain torch."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -43,7 +43,7 @@ from parlay.agents.base import ModelAgent, Prompt, Reply, Sampling, TemplateErro
 from parlay.agents.hf_engine import KV, DecodeEngine, join_kv
 from parlay.agents.hf_layer import default_device, pick_dtype
 from parlay.agents.language import last_stated_split
-from parlay.protocol import PROPOSE_TAG, ChatMessage, proposal_reply
+from parlay.protocol import ChatMessage, is_proposal_attempt, proposal_reply
 from parlay.specs import DEFAULT_BATCH
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,9 @@ class HFAgent(ModelAgent):
         """Choose every proposal's counts by scoring each legal split (the module docstring)."""
         self.stop_ids = hf_layer.stop_ids(tokenizer, getattr(model, "generation_config", None))
         hf_layer.check_template(tokenizer, spec, self.stop_ids)
+        if select:  # refuse a template the selection step cannot score with now, not at the first proposal
+            probe = [{"role": "system", "content": "Split the items."}, {"role": "user", "content": "hi"}]
+            self._continuation(probe, proposal_reply((1, 0, 2)), hf_layer.render(tokenizer, probe, True))
         self.engine = DecodeEngine(model, tokenizer.pad_token_id, self.stop_ids, self.sampling, spec)
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._shared: list[_Entry] = []
@@ -167,7 +170,7 @@ class HFAgent(ModelAgent):
             replies[i] = reply
         for i, request in enumerate(requests):
             reply = replies[i]
-            if reply is None or reply.text.lower().startswith(PROPOSE_TAG):
+            if reply is None or is_proposal_attempt(reply.text):
                 replies[i] = self.select_proposal(request)
         return replies  # type: ignore[return-value]
 
@@ -181,28 +184,45 @@ class HFAgent(ModelAgent):
         splits = [stated] if stated is not None else list(request.context.allocations)
         texts = [proposal_reply(kept) for kept in splits]
         scored = self.score_replies(request.messages, texts)
-        best = max(range(len(texts)), key=lambda i: sum(scored[i]))
-        own = scored[best][:-1]  # the end-of-turn token is not part of the reply
+        best = max(range(len(texts)), key=lambda i: scored[i][0])
+        own = scored[best][1]
         return Reply(texts[best], tokens=len(own), logprobs=[round(x, 5) for x in own])
 
-    def score_replies(self, messages: list[ChatMessage], replies: list[str]) -> list[list[float]]:
-        """Per reply, the log-probability (nats) of each of its tokens, end-of-turn token last, as
-        the assistant's next turn after ``messages``, tokenised as the trainer does
-        (``hf_layer.encode_conversation``); one batched pass (``DecodeEngine.score``).
-        ``TemplateError``: the chat template does not render the conversation's generation prompt
-        as the start of the conversation with the reply (``check_template`` refuses such
-        templates when the agent is made, so this is a guard)."""
+    def score_replies(self, messages: list[ChatMessage], replies: list[str]) -> list[tuple[float, list[float]]]:
+        """Per reply, as the assistant's next turn after ``messages``, tokenised as the trainer
+        does (``hf_layer.encode_conversation``): the summed log-probability (nats) of every token
+        the template writes after the generation prompt up to and including the end-of-turn token
+        (the reply's text and whatever the template adds around it, the same for every reply),
+        and the log-probability of each token of the reply's text. One batched pass
+        (``DecodeEngine.score``). ``TemplateError``: the template does not render a reply after its
+        generation prompt (refused when an agent with ``select`` is made; here a guard)."""
         prompt = hf_layer.render(self.tokenizer, messages, generation_prompt=True)
-        continuations = []
+        continuations, spans = [], []
         for text in replies:
-            encoded = hf_layer.encode_conversation(
-                self.tokenizer, [*messages, {"role": "assistant", "content": text}], generation_prompt=False
+            ids, span = self._continuation(messages, text, prompt)
+            continuations.append(ids)
+            spans.append(span)
+        scored = self.engine.score(prompt, continuations)
+        return [(sum(logps), logps[a:b]) for logps, (a, b) in zip(scored, spans, strict=True)]
+
+    def _continuation(
+        self, messages: list[ChatMessage], text: str, prompt: list[int]
+    ) -> tuple[list[int], tuple[int, int]]:
+        """The token ids the template writes after ``prompt`` (the generation prompt of
+        ``messages``) for the assistant reply ``text``, up to and including its end-of-turn token,
+        and the [start, end) span of the reply's text among them. ``TemplateError``: the prompt is
+        not where that rendering starts, or no stop token follows the reply."""
+        encoded = hf_layer.encode_conversation(
+            self.tokenizer, [*messages, {"role": "assistant", "content": text}], generation_prompt=False
+        )
+        ids, (start, end) = encoded.ids, encoded.turns[-1]
+        stop = next((i for i in range(end, len(ids)) if ids[i] in self.stop_ids), None)
+        if ids[: len(prompt)] != prompt or start < len(prompt) or stop is None:
+            raise TemplateError(
+                f"{self.spec}: the chat template does not write an assistant reply after its generation prompt, "
+                "ending in a stop token; the selection step (select=1) cannot score replies with it"
             )
-            _, end = encoded.turns[-1]
-            if encoded.ids[: len(prompt)] != prompt or end >= len(encoded.ids):
-                raise TemplateError(f"{self.spec}: the chat template does not continue its generation prompt")
-            continuations.append(encoded.ids[len(prompt) : end + 1])
-        return self.engine.score(prompt, continuations)
+        return ids[len(prompt) : stop + 1], (start - len(prompt), end - len(prompt))
 
     def _evict(self) -> None:
         """Forget conversations this agent has not served for a few calls (finished games)."""

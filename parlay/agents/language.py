@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from parlay.games.dond import ARTICLES, ITEM_PATTERN, ITEMS, NUMBER_WORDS, Counts, count_phrase
-from parlay.protocol import ChatMessage, message_text
+from parlay.protocol import ChatMessage, is_feedback, message_text
 
 _WORD_NUM = NUMBER_WORDS | ARTICLES
 _MENTION = re.compile(
@@ -101,12 +101,15 @@ def last_stated_split(messages: Sequence[ChatMessage], counts: Counts) -> Counts
     """The counts this player keeps under the split that the latest message of ``messages`` (a
     player's conversation: its own messages as ``assistant``, its partner's as ``user``) stating
     one gives it (``read_offer``, turned to this player's side), or None when no message states a
-    split. Proposals and the game's own lines are not read."""
-    for msg in reversed(messages):
-        text = message_text(msg["content"]) if msg["role"] in ("user", "assistant") else None
+    split. Proposals, the game's own lines and this player's rejected attempts (a line the game's
+    feedback follows: the partner never saw it) are not read."""
+    for i in range(len(messages) - 1, -1, -1):
+        msg = messages[i]
+        rejected = i + 1 < len(messages) and is_feedback(messages[i + 1]["content"])
+        text = message_text(msg["content"]) if msg["role"] in ("user", "assistant") and not rejected else None
         offer = read_offer(text, counts) if text is not None else None
         if offer is not None:
-            return offer[0] if msg["role"] == "assistant" else offer[1]
+            return offer[0] if msg["role"] == "assistant" else offer[1]  # type: ignore[return-value]
     return None
 
 
