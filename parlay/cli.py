@@ -1096,7 +1096,7 @@ def proxy_build(
     lr: Annotated[float | None, typer.Option(help="Learning rate (default: train.lr).")] = None,
     select: Annotated[
         bool,
-        typer.Option("--select/--no-select", help="Propose the likeliest legal split (selection step), or as sampled."),
+        typer.Option("--select/--no-select", help="Proposals' counts chosen by the selection step, or sampled."),
     ] = True,
 ) -> None:
     """Fine-tune a human proxy by behaviour cloning on people's games, and record what it learned from."""

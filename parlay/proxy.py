@@ -86,9 +86,10 @@ class ProxyManifest(_Record):
     train_stats: dict[str, Any] = {}
     """The trainer's summary (steps, examples, own tokens, first and last loss)."""
     select: bool = True
-    """Whether it plays with the selection step (``agents/hf.py``): each proposal the likeliest
-    legal split given the dialogue, as people state theirs on a selection screen; False: its
-    proposals sampled as text. A manifest written before this setting existed plays with it."""
+    """Whether it plays with the selection step (``agents/hf.py``): each proposal's counts chosen
+    from the dialogue (the split last stated in words, else the model's likeliest legal split), as
+    people enter theirs on a selection screen; False: sampled as text. A manifest written before
+    this setting existed plays with it."""
 
 
 class ProxyCheck(_Record):

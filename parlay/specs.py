@@ -11,7 +11,7 @@ there (``parse_spec``) into one of the types below; the code passes the typed va
                                dtype=auto|float32|bf16…, device=cpu|cuda…, reuse=0|1 (prefix
                                reuse), share=0|1 (the prompts' common head computed once),
                                batch=N (most conversations decoded together), select=0|1
-                               (every proposal the likeliest legal split: ``agents/hf.py``)
+                               (the selection step: proposals' counts chosen, ``agents/hf.py``)
     openai:MODEL[@BASE_URL]    an OpenAI-compatible endpoint (no URL: the official API)
     vllm:MODEL[+KEY=VALUE…]    vLLM's offline engine; its options go to the engine as they are
     run:DIR[@K|@all]           round K's model of the run in DIR (no K: its last complete round;

@@ -5,8 +5,8 @@
   local path, with options after ``+``: ``hf:smollm2-135m+adapter=runs/x/rounds/1/model+dtype=bf16``
   (``adapter``, ``dtype``, ``device``, ``reuse=0`` to turn prefix reuse off, ``share=0`` to compute
   the prompts' common head per conversation instead of once, ``batch`` for the most
-  conversations decoded together, ``select=1`` for every proposal chosen as the likeliest legal
-  split: ``hf.py``);
+  conversations decoded together, ``select=1`` for the selection step: every proposal's counts
+  chosen, not sampled, ``hf.py``);
 - ``openai:MODEL@BASE_URL`` — any OpenAI-compatible endpoint (``openai:gpt-4o-mini`` uses the
   official API and ``$OPENAI_API_KEY``);
 - ``vllm:MODEL`` — vLLM's offline engine (``pip install 'parlay[vllm]'``, GPU);

@@ -18,7 +18,7 @@ to enter the split in counts on a selection screen (Lewis et al. 2017, whose mod
 the dialogue with a selection output of its own), and a small model that talks like them gets
 the counts wrong when it writes them as text (docs/RESULTS.md: a human proxy's two proposals
 rarely divide the items). With ``select``, whenever this agent proposes — a proposal is owed, or
-its sampled reply is one (it opens with ``[propose]``) — the counts are chosen, not sampled:
+its sampled reply is one (``protocol.is_proposal_attempt``) — the counts are chosen, not sampled:
 
 1. the split that the conversation last put into words, when a message states one
    (``language.last_stated_split``, the reader the bots use);
@@ -112,7 +112,7 @@ class HFAgent(ModelAgent):
         self.spec = spec
         self.max_batch = max_batch
         self.select = select
-        """Choose every proposal's counts by scoring each legal split (the module docstring)."""
+        """Choose every proposal's counts (the selection step of the module docstring)."""
         self.stop_ids = hf_layer.stop_ids(tokenizer, getattr(model, "generation_config", None))
         hf_layer.check_template(tokenizer, spec, self.stop_ids)
         if select:  # refuse a template the selection step cannot score with now, not at the first proposal
@@ -161,7 +161,7 @@ class HFAgent(ModelAgent):
 
     def act(self, requests: list[TurnRequest]) -> list[Reply]:
         """One reply per game turn, in order; with ``select``, a turn that owes a proposal is not
-        sampled, and every proposal (owed or sampled) is the likeliest legal split."""
+        sampled, and every proposal (owed or sampled) is the selection step's (``select_proposal``)."""
         if not self.select:
             return super().act(requests)
         talk = [i for i, r in enumerate(requests) if not r.proposal_owed]

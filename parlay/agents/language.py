@@ -4,8 +4,8 @@ Bots speak the same text protocol a model does, so what they understand of a par
 from the words alone. ``read_offer`` finds who gets what in a message ("I'll take the books,
 you can have the rest"), ``read_values`` finds stated values ("hats are worth 3 to me"),
 ``is_acceptance`` spots "deal"/"agreed", ``last_stated_split`` finds the split a conversation
-last put into words (the human proxy's selection step, ``hf.py``). The ``say_*`` functions phrase the same facts in
-varied words, chosen with the caller's random generator.
+last put into words (the selection step of ``hf.py``). The ``say_*`` functions phrase the same
+facts in varied words, chosen with the caller's random generator.
 """
 
 from __future__ import annotations
