@@ -1143,7 +1143,7 @@ def proxy_check(
     """How human-like a proxy is: likelihood of people's turns, deals with itself, replies accepted."""
     from parlay.evaluate.proxy import check_proxy
     from parlay.evaluate.tables import proxy_check_table
-    from parlay.proxy import MIN_ACCEPTED
+    from parlay.proxy import MIN_ACCEPTED, ProxyDir
 
     sampling = Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     check = check_proxy(
@@ -1153,11 +1153,18 @@ def proxy_check(
         console.print_json(check.model_dump_json())
     else:
         console.print(proxy_check_table(check, f"proxy:{proxy}"))
+    own = check.select is None or check.select == ProxyDir(proxy).manifest().select
+    if check.acceptance < MIN_ACCEPTED and not own:
+        how = "selected" if check.select else "sampled"
+        raise UserError(
+            f"proxy:{proxy}: the protocol rejected {1 - check.acceptance:.0%} of its replies with proposals {how}; "
+            "that is not the setting it plays with, so this check (filed apart) does not refuse it"
+        )
     if check.acceptance < MIN_ACCEPTED:
         raise UserError(
             f"proxy:{proxy}: the protocol rejected {1 - check.acceptance:.0%} of its replies, so it cannot stand in "
-            "for people (it is refused as a partner until rebuilt); rebuild it from a model that knows the "
-            "protocol (--init run:DIR@0, or the default warm start) or with more --epochs"
+            "for people (it is refused as a partner while this is its last check); rebuild it from a model that "
+            "knows the protocol (--init run:DIR@0, or the default warm start) or with more --epochs"
         )
 
 

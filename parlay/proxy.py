@@ -9,7 +9,9 @@ model fine-tuned by behaviour cloning on games people played (``improve/proxy.py
     DIR/proxy.json        the manifest (``ProxyManifest``): what it was trained on and how
     DIR/model/            the adapter (or, with ``train.lora: false``, the full weights)
     DIR/warm_start/       the built-in warm start's games and model, when it had one
-    DIR/check.json        the last ``parlay proxy check`` (``ProxyCheck``), when there is one
+    DIR/check.json        the last ``parlay proxy check`` (``ProxyCheck``) played with the proxy's
+                          own proposal setting, when there is one (one with the other setting:
+                          ``check_sampled.json`` or ``check_selected.json``, ``ProxyDir.check_stem``)
 
 The agent spec ``proxy:DIR`` names it (``specs.ProxySpec``); ``agents/resolve.py`` turns it
 into the model agent that plays it. A folder without ``proxy.json`` is not a proxy
@@ -203,8 +205,19 @@ class ProxyDir:
         except (ValidationError, ValueError, OSError):
             return None
 
-    def write_check(self, check: ProxyCheck) -> None:
-        write_lines_atomic(self.check_file, [check.model_dump_json(indent=1)])
+    def check_stem(self, select: bool) -> str:
+        """The file stem of a check played with ``select``: ``check`` when that is the proxy's own
+        setting (``ProxyManifest.select``: the check that can refuse it), else ``check_selected``
+        or ``check_sampled``, kept apart so that comparing the two never replaces it."""
+        if select == self.manifest().select:
+            return self.check_file.stem
+        return "check_selected" if select else "check_sampled"
+
+    def write_check(self, check: ProxyCheck) -> Path:
+        """Write ``check`` as ``DIR/<check_stem>.json``; returns that path."""
+        path = self.path / f"{self.check_stem(check.select is not False)}.json"
+        write_lines_atomic(path, [check.model_dump_json(indent=1)])
+        return path
 
     def playable(self) -> ModelRef:
         """``model_ref``, refused (``ProxyError``) when the last check, played with the proposal

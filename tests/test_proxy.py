@@ -294,6 +294,26 @@ def test_cli_check_prints_the_table_and_fails_a_proxy_the_protocol_rejects(built
     assert "rejected" in result.output
 
 
+def test_a_check_with_the_other_proposal_setting_is_filed_apart_and_refuses_nothing(built, human_files, tmp_path):
+    """``proxy check --no-select`` on a proxy that plays with the selection step: its figures go to
+    ``check_sampled*``, the proxy's own failing check stays in ``check.json`` and keeps refusing it."""
+    from parlay.cli import app
+
+    out = tmp_path / "p"
+    shutil.copytree(built[0], out)
+    args = ["proxy", "check", str(out), "--episodes", str(human_files[1]), "-n", "2", "--max-new-tokens", "8"]
+    own = CliRunner().invoke(app, [*args, "--max-messages", "4"], terminal_width=80)
+    assert own.exit_code == 2 and "while this is its last check" in own.output
+    before = (out / "check.json").read_text()
+    other = CliRunner().invoke(app, [*args, "--max-messages", "4", "--no-select"], terminal_width=80)
+    assert other.exit_code == 2 and "does not refuse it" in other.output, other.output
+    assert (out / "check.json").read_text() == before
+    assert json.loads((out / "check_sampled.json").read_text())["select"] is False
+    assert (out / "check_sampled_games.jsonl").is_file() and (out / "check_sampled_closing.jsonl").is_file()
+    with pytest.raises(ProxyError, match="rejected"):
+        load_agent(f"proxy:{out}")
+
+
 def test_cli_set_without_a_config_changes_only_what_it_names(tiny_lm, human_files, tmp_path):
     """``proxy build --set KEY=V`` without -c applies V on top of the default recipe: the warm start
     plays the games asked for (it was the built-in 128 whatever --set said), and the recipe's

@@ -113,6 +113,7 @@ def _hf_agent(spec: HFSpec, sampling: Sampling) -> Agent:
         prefix_reuse=spec.reuse is not False,
         share_prefix=spec.share is not False,
         max_batch=spec.batch or DEFAULT_BATCH,
+        spec=str(spec),
         select=spec.select is True,
     )
 

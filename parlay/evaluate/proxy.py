@@ -11,7 +11,8 @@ perplexity on held-out dialogues. On held human games this gives, beside each ot
 - **play**: the proxy with itself on the held games' contexts, first speakers and objectives:
   its agreement rate and mean reward per player beside the people's own on the same games;
 - **the selection step**: the proxy plays as ``proxy:DIR`` does, with the step its manifest
-  names (``ProxyManifest.select``), and the check records which;
+  names (``ProxyManifest.select``), unless told otherwise; the check records which, and one
+  played with the other setting is filed apart (``ProxyDir.check_stem``) and never refuses it;
 - **protocol acceptance**: the share of the proxy's replies in those games that the protocol
   accepted (rejected attempts count as replies);
 - **closing the people's deals**: on each held game the people agreed in, the proxy carries on
@@ -23,7 +24,8 @@ perplexity on held-out dialogues. On held human games this gives, beside each ot
   other) from reaching an agreement at all.
 
 The result is written to the proxy's ``check.json``, its games with itself to ``check_games.jsonl``
-and those carried on from the people's messages to ``check_closing.jsonl``; a
+and those carried on from the people's messages to ``check_closing.jsonl`` (with the other
+proposal setting: ``check_sampled*`` or ``check_selected*``); a
 proxy whose replies are rejected on most turns (acceptance below ``proxy.MIN_ACCEPTED``) is then
 refused as a partner (``ProxyDir.playable``).
 """
@@ -159,8 +161,9 @@ def check_proxy(
         closed = play_itself(agent, agreed, closing, CLOSE_MESSAGES)
     finally:
         agent.close()
-    write_episodes(proxy.path / "check_games.jsonl", played)
-    write_episodes(proxy.path / "check_closing.jsonl", closed)
+    stem = proxy.check_stem(select)
+    write_episodes(proxy.path / f"{stem}_games.jsonl", played)
+    write_episodes(proxy.path / f"{stem}_closing.jsonl", closed)
     attempts, accepted = acceptance(played)
     tokens = [t for ex in under_proxy for t in ex]
     check = ProxyCheck(
