@@ -1153,8 +1153,7 @@ def proxy_check(
         console.print_json(check.model_dump_json())
     else:
         console.print(proxy_check_table(check, f"proxy:{proxy}"))
-    own = check.select is None or check.select == ProxyDir(proxy).manifest().select
-    if check.acceptance < MIN_ACCEPTED and not own:
+    if check.acceptance < MIN_ACCEPTED and not ProxyDir(proxy).own_setting(check):
         how = "selected" if check.select else "sampled"
         raise UserError(
             f"proxy:{proxy}: the protocol rejected {1 - check.acceptance:.0%} of its replies with proposals {how}; "

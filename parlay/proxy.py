@@ -213,9 +213,15 @@ class ProxyDir:
             return self.check_file.stem
         return "check_selected" if select else "check_sampled"
 
+    def own_setting(self, check: ProxyCheck) -> bool:
+        """Whether ``check`` was played with the proposal setting the proxy plays with (a check
+        written before the setting was recorded counts as such): only such a check can refuse it."""
+        return check.select is None or check.select == self.manifest().select
+
     def write_check(self, check: ProxyCheck) -> Path:
         """Write ``check`` as ``DIR/<check_stem>.json``; returns that path."""
-        path = self.path / f"{self.check_stem(check.select is not False)}.json"
+        played = self.manifest().select if check.select is None else check.select
+        path = self.path / f"{self.check_stem(played)}.json"
         write_lines_atomic(path, [check.model_dump_json(indent=1)])
         return path
 
@@ -225,9 +231,7 @@ class ProxyDir:
         of the proxy's replies: such a partner would abort most games."""
         ref = self.model_ref()
         check = self.last_check()
-        if check is not None and check.select not in (None, self.manifest().select):
-            check = None  # a check of the other proposal setting (--select/--no-select) says nothing of this one
-        if check is not None and check.acceptance < MIN_ACCEPTED:
+        if check is not None and self.own_setting(check) and check.acceptance < MIN_ACCEPTED:
             raise ProxyError(
                 f"{self.path}: the protocol rejected {1 - check.acceptance:.0%} of this proxy's replies in its "
                 f"check ({self.check_file}); rebuild it from a model that knows the protocol (--init run:DIR@0, "

@@ -128,7 +128,7 @@ def check_proxy(
     load: Callable[..., Agent] = load_agent,
 ) -> ProxyCheck:
     """Check the proxy in ``proxy_path`` on the human games of ``episodes_path`` (the first
-    ``games`` of them, default all) and write its ``check.json``. ``train``: batch size, dtype
+    ``games`` of them, default all) and write it (``ProxyDir.write_check``). ``train``: batch size, dtype
     and cut length of the likelihood pass (default ``TrainConfig()``). ``select``: play with the
     selection step or without (default: as the manifest says, as ``proxy:DIR`` plays). ``UserError`` before
     anything is scored or played: not a proxy, the file it was trained on, an unreadable or empty
