@@ -1,5 +1,6 @@
 """The trainer: the assistant-only mask, the weighted loss, and a tiny model that really learns."""
 
+import contextlib
 import json
 import math
 import re
@@ -440,6 +441,111 @@ def test_micro_batches_of_several_rows_share_their_head_and_keep_the_gradient_cl
         stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
     assert shared and min(shared) >= 16 and all(n > 0.01 for n in stats.grad_norms)
     assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "rl"])
+def test_micro_batches_cut_to_a_token_budget_keep_the_gradient_of_one_big_batch(tiny_lm, tmp_path, monkeypatch, scheme):
+    """``train.micro_batch_tokens`` cuts batch 4 × accumulation 1 into micro-batches of at most that
+    many padded positions (a row longer than it alone): each micro-batch the trainer ran keeps to
+    the budget, more micro-batches ran than the configured two per step, and the steps have the
+    gradient, loss and weights of one batch computed by hand."""
+    from parlay.improve import sft
+
+    _, tokenizer, path = tiny_lm
+    examples, weights = mixed_examples(scheme), WeightConfig(scheme=scheme, w_max=3.0)
+    longest = max(len(tokenizer.apply_chat_template(e.messages, tokenize=True, return_dict=False)) for e in examples)
+    budget = 2 * longest  # two of the longest rows fit; four never do
+    ran, real = [], sft.collate
+    monkeypatch.setattr(sft, "collate", lambda rows, *a, **k: ran.append(rows) or real(rows, *a, **k))
+    cfg = step_config(True, 4, 1).model_copy(update={"micro_batch_tokens": budget})
+    with StepRecorder() as rec:
+        stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
+    trained = [rows for rows in ran if len(rows) < 4]  # (rl's first pass scores the rows four at a time)
+    assert len(trained) == 2 * stats.steps and all(
+        len(rows) * max(len(r.ids) for r in rows) <= budget for rows in trained
+    )
+    assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
+
+
+def test_a_token_budget_cuts_each_micro_batch_into_even_pieces_and_leaves_the_steps_as_drawn():
+    """``batches.plan`` with ``max_tokens``: the same steps (examples, order, own-token counts) as
+    without it, each micro-batch cut into consecutive pieces that keep to the budget (a row longer
+    than the budget on its own), as even as the budget allows; with two processes, each cuts its
+    own micro-batches and the two together hold the step."""
+    from parlay.improve.batches import Row, plan
+
+    lengths = [30, 90, 200, 45, 61, 500, 120, 75, 33, 260, 88, 150]
+    rows = [Row(ids=list(range(n)), mask=[0] * (n - 5) + [1] * 5, weight=1.0) for n in lengths]
+    for nproc in (1, 2):
+        for rank in range(nproc):
+            whole = plan(rows, 4, 2, 6, nproc, rank, torch.Generator().manual_seed(3))
+            cut = plan(rows, 4, 2, 6, nproc, rank, torch.Generator().manual_seed(3), max_tokens=400)
+            assert [s.own_tokens for s in whole] == [s.own_tokens for s in cut]
+            for w, c in zip(whole, cut, strict=True):
+                assert [i for b in w.micro_batches for i in b] == [i for b in c.micro_batches for i in b]
+                for piece in c.micro_batches:
+                    widest = max(lengths[i] for i in piece)
+                    assert len(piece) == 1 or len(piece) * widest <= 400
+                assert len(c.micro_batches) > len(w.micro_batches) or max(lengths) * 4 <= 400
+    one = plan(rows, 4, 1, 3, 1, 0, torch.Generator().manual_seed(0), max_tokens=10_000)
+    assert all(len(b) == 4 for s in one for b in s.micro_batches)  # nothing to cut
+
+
+def test_bf16_lora_keeps_no_copy_of_the_adapted_layers_inputs_and_the_same_gradient(tiny_lm):
+    """``sft.mixed_precision`` on a bf16 base with peft's float32 adapter. What autograd keeps for
+    the backward pass of one forward, counted against the base model's own (the adapter disabled):
+    under it the adapter adds only its rank-r activations, while peft's own path (which casts every
+    adapted layer's input to float32) or autocast alone (which casts it back to bf16) add a copy of
+    every adapted layer's input. The adapter's gradients stay float32 and agree with peft's path
+    to bf16's precision, and so does the loss."""
+    from parlay.improve.batches import collate, tokenize
+    from parlay.improve.losses import token_logps
+    from parlay.improve.sft import _load_for_training, mixed_precision
+
+    _, tokenizer, path = tiny_lm
+    model, tokenizer = _load_for_training(str(path), None, TrainConfig(dtype="bfloat16"), torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():  # a trained adapter (lora_B starts at zero: no gradient for A)
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05
+    rows, _, _ = tokenize(mixed_examples("uniform")[:2], tokenizer, stop_ids(tokenizer, None), 1024)
+    batch = collate(rows, tokenizer.pad_token_id, "cpu", share=False)
+
+    def run(mode: str):
+        kept, seen = [0], set()
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                kept[0] += t.untyped_storage().nbytes()
+            return t
+
+        model.zero_grad()
+        with (
+            model.disable_adapter() if mode == "base" else contextlib.nullcontext(),
+            mixed_precision(model, "cpu", mode == "mixed")
+            if mode != "autocast"
+            else torch.autocast("cpu", torch.bfloat16),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            loss = -token_logps(model, batch)[0].mean()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return loss.item(), grads, kept[0]
+
+    model.enable_input_require_grads()  # the base alone keeps what it keeps in LoRA training
+    _, _, base = run("base")
+    model.disable_input_require_grads()
+    loss_peft, grads_peft, peft = run("peft")
+    _, _, autocast_alone = run("autocast")
+    loss_mixed, grads_mixed, mixed = run("mixed")
+    # autocast alone keeps a bf16 copy of each adapted layer's input (q, k and v each their own),
+    # peft's path a float32 one; under mixed_precision the adapter keeps the input the layer has.
+    assert base < mixed < autocast_alone < peft and mixed - base < 0.5 * (peft - base)
+    assert len(grads_mixed) == len(grads_peft) and all(g.dtype == torch.float32 for g in grads_mixed)
+    want, got = flat(grads_peft), flat(grads_mixed)
+    assert (got - want).norm() <= 0.05 * want.norm() and want.norm() > 0
+    assert loss_mixed == pytest.approx(loss_peft, rel=0.02)
 
 
 def test_rl_records_its_vital_signs_per_step_and_other_schemes_only_the_gradient_norm(tiny_lm, tmp_path):

@@ -147,6 +147,7 @@ def plan(
     nproc: int,
     rank: int,
     gen: torch.Generator,
+    max_tokens: int | None = None,
 ) -> list[Step]:
     """The optimiser steps, at least ``micro_steps`` micro-batches in all and the same number of
     steps in every process (DDP needs every rank to step). The examples are shuffled epoch after
@@ -155,7 +156,13 @@ def plan(
     ``nproc``. So N processes with batch b and accumulation a take the examples one process takes
     with batch N·a·b and no accumulation (when the examples divide into whole batches). Every
     process draws the same plan, so each knows the step's own-token count before running it,
-    without communicating (as transformers' Trainer counts ``num_items_in_batch``)."""
+    without communicating (as transformers' Trainer counts ``num_items_in_batch``).
+
+    ``max_tokens`` (``train.micro_batch_tokens``): a process's micro-batch whose rows × longest
+    row exceeds it is cut into consecutive smaller ones of as even a size as fit (a row longer
+    than it on its own), so the activations a micro-batch keeps are bounded; the step's examples,
+    and so its loss and gradient, are unchanged. Processes may then run different numbers of
+    micro-batches in a step; each still synchronises once, at its last."""
     per_step = batch_size * grad_accum * nproc
     n_steps = max(1, math.ceil(micro_steps / (grad_accum * nproc)))
     order: list[int] = []
@@ -165,8 +172,18 @@ def plan(
     for s in range(n_steps):
         chosen = sorted(order[s * per_step : (s + 1) * per_step], key=lambda i: (len(rows[i].ids), i))
         batches = [chosen[j : j + batch_size] for j in range(0, per_step, batch_size)]
-        steps.append(Step(batches[rank::nproc], sum(rows[i].own for i in chosen)))
+        mine = [piece for batch in batches[rank::nproc] for piece in _cut(batch, rows, max_tokens)]
+        steps.append(Step(mine, sum(rows[i].own for i in chosen)))
     return steps
+
+
+def _cut(batch: list[int], rows: Sequence[Row], max_tokens: int | None) -> list[list[int]]:
+    """``batch`` (sorted by length) as micro-batches of at most ``max_tokens`` padded positions."""
+    longest = len(rows[batch[-1]].ids)
+    if max_tokens is None or len(batch) * longest <= max_tokens:
+        return [batch]
+    n = math.ceil(len(batch) / max(1, max_tokens // longest))  # pieces, each of ⌊·⌋ or ⌈·⌉ rows
+    return [batch[k * len(batch) // n : (k + 1) * len(batch) // n] for k in range(n)]
 
 
 # --------------------------------------------------------------------------- tensors
