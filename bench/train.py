@@ -174,6 +174,8 @@ def _flops_per_token(model, rows) -> float:
 
 def run_trainer(args) -> dict:
     """The whole warm start through ``sft.train``, as the loop calls it."""
+    from parlay.agents import hf_layer
+    from parlay.improve import batches, sft
     from parlay.improve.examples import read_examples
     from parlay.improve.sft import train
 
@@ -181,7 +183,14 @@ def run_trainer(args) -> dict:
     examples = read_examples(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         stats = train(examples, args.model, Path(tmp) / "model", cfg, seed=args.seed, epochs=args.epochs, lr=args.lr)
-    return {"stats": stats.model_dump(exclude={"losses", "grad_norms"}), "rss_gb": peak_rss_gb()}
+    rss = peak_rss_gb()
+    model, tokenizer = sft._load_for_training(args.model, None, cfg, torch.float32)  # for the FLOP count only
+    rows, _, _ = batches.tokenize(examples, tokenizer, hf_layer.stop_ids(tokenizer, model.generation_config), 1024)
+    return {
+        "stats": stats.model_dump(exclude={"losses", "grad_norms"}),
+        "rss_gb": rss,
+        "flops_per_token": _flops_per_token(model, rows),
+    }
 
 
 def _config(args):
@@ -213,7 +222,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="optimiser steps per candidate")
     parser.add_argument("--full", action="store_true", help="also the whole warm start through sft.train")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--only", default="abcde", help="candidates to run, e.g. 'ae'")
+    parser.add_argument("--only", default="abcde", help="candidates to run, e.g. 'ae' ('' with --full: none)")
+    parser.add_argument(
+        "--train-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a train setting of the config, e.g. micro_batch_tokens=null (repeatable)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
@@ -232,6 +248,10 @@ def main() -> None:
     cfg, examples = warm_start_examples(Path(args.config))
     args.model, args.seed = cfg.model, cfg.seed
     args.epochs, args.lr = cfg.warm_start.epochs, cfg.warm_start.lr or cfg.train.lr
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train_set)}
+    cfg = cfg.model_copy(update={"train": cfg.train.model_validate(cfg.train.model_dump() | overrides)})
     args.train = cfg.train.model_dump_json()
     load = Path("/proc/loadavg").read_text().split()[:3]
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,7 +272,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
-    first = next(iter(results.values()))
+    first = next(iter(results.values()), None) or full
     limit = peak / first["flops_per_token"]
     lines = [
         "| candidate | s/step | forward | backward | optimiser | positions run / real tokens | tok/s "
@@ -276,19 +296,25 @@ def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
     cpu = _cpu_name()
     n = torch.get_num_threads()
     threads, dtype = f"{n} thread{'s' if n != 1 else ''}", str(_dtype(args.dtype)).removeprefix("torch.")
-    tokens = first["tokens"] / first["steps"]
+    tokens = first["tokens"] / first["steps"] if results else None
+    cut = cfg.train.micro_batch_tokens
     text = [
         f"\n## train — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit_label()}",
         f"Machine: {cpu} ({platform.machine()}), {threads}, torch {torch.__version__}, "
         f"native bf16: {'yes' if _has_bf16() else 'no'}; dtype {args.dtype}; load average {' '.join(load)} before, "
         f"{' '.join(load_after)} after. Model {cfg.model}, LoRA r{cfg.train.lora_r}, batch {cfg.train.batch_size} × "
-        f"accumulation {cfg.train.grad_accum}; the quickstart's warm start: {len(examples)} examples; "
-        f"each candidate the same first {first['steps']} steps ({tokens:.0f} real tokens a step); "
-        f"glibc's mmap threshold: {_malloc()}.",
+        f"accumulation {cfg.train.grad_accum}, micro-batches cut at {cut or 'no'} padded positions (sft.train "
+        f"only); the quickstart's warm start: {len(examples)} examples; "
+        + (
+            f"each candidate the same first {first['steps']} steps ({tokens:.0f} real tokens a step); "
+            if results
+            else ""
+        )
+        + f"glibc's mmap threshold: {_malloc()}.",
         f"Compute limit: peak {dtype} matmul {peak / 1e9:.0f} GFLOP/s over {first['flops_per_token'] / 1e6:.0f} "
         f"MFLOP per training token = **{limit:.0f} tokens/s**.",
         "",
-        *lines,
+        *(lines if results else []),
         "",
         f"Largest loss difference of a step from (a): {max(same):.1e} (the same learning)." if same else "",
     ]
