@@ -426,20 +426,22 @@ def test_micro_batches_of_several_rows_share_their_head_and_keep_the_gradient_cl
     tiny_lm, tmp_path, monkeypatch, scheme, shape
 ):
     """Micro-batches of two and four rows, sorted by length within the step, whose common head
-    (system prompt and first user turn) runs once for the micro-batch: the same clipped gradients,
-    losses and weights as one batch computed by hand with every row whole, clipped by torch's
-    ``clip_grad_norm_`` to a norm small enough that every step is clipped."""
+    (system prompt and first user turn) runs once for the whole step (``losses.StepHead``): the same
+    clipped gradients, losses and weights as one batch computed by hand with every row whole,
+    clipped by torch's ``clip_grad_norm_`` to a norm small enough that every step is clipped."""
     from parlay.improve import losses
 
     _, tokenizer, path = tiny_lm
-    shared = []
-    real = losses.shared_forward
-    monkeypatch.setattr(losses, "shared_forward", lambda m, b: shared.append(b.shared) or real(m, b))
+    shared, heads = [], []
+    real_rest, real_run = losses.StepHead.rest, losses.StepHead.run.__func__
+    monkeypatch.setattr(losses.StepHead, "rest", lambda h, m, b: shared.append(b.shared) or real_rest(h, m, b))
+    monkeypatch.setattr(losses.StepHead, "run", classmethod(lambda c, m, ids: heads.append(1) or real_run(c, m, ids)))
     examples, weights = mixed_examples(scheme), WeightConfig(scheme=scheme, w_max=3.0)
     cfg = step_config(True, *shape, max_grad_norm=0.01)
     with StepRecorder() as rec:
         stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
     assert shared and min(shared) >= 16 and all(n > 0.01 for n in stats.grad_norms)
+    assert len(heads) == stats.steps and len(shared) == stats.steps * 4 // shape[0]  # one head a step
     assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
 
 

@@ -207,20 +207,23 @@ class Batch:
     """Length of the head every row shares and no target falls in (0: none worth sharing)."""
 
 
-def collate(rows: Sequence[Row], pad_id: int, device, share: bool = True) -> Batch:
+def collate(rows: Sequence[Row], pad_id: int, device, share: bool = True, head: int | None = None) -> Batch:
     """A micro-batch's tensors (``Batch``); with ``share``, the length of the head its rows have in
-    common, up to the first target of any row and leaving each row at least one token of its own."""
+    common (``shared_head``), or ``head`` where the caller has it (its step's, ``shared_head`` of
+    all the step's rows)."""
     width = max(len(r.ids) for r in rows)
     ids = torch.tensor([r.ids + [pad_id] * (width - len(r.ids)) for r in rows])
     attention = torch.tensor([[1] * len(r.ids) + [0] * (width - len(r.ids)) for r in rows])
     keep = torch.tensor([r.mask[1:] + [0] * (width - len(r.ids) + 1) for r in rows], dtype=torch.bool)
     targets = ids[:, 1:][keep[:, :-1]]
     row = torch.arange(len(rows))[:, None].expand(-1, width)[keep]
-    shared = _shared_head(rows) if share and len(rows) > 1 else 0
+    shared = head if head is not None else shared_head(rows) if share and len(rows) > 1 else 0
     return Batch(ids.to(device), attention.to(device), keep.to(device), targets.to(device), row.to(device), shared)
 
 
-def _shared_head(rows: Sequence[Row]) -> int:
+def shared_head(rows: Sequence[Row]) -> int:
+    """Length of the head ``rows`` have in common, up to the first target of any row and leaving
+    each row at least one token of its own; 0 when shorter than ``MIN_SHARED``."""
     first = rows[0].ids
     limit = min(min(len(r.ids) - 1 for r in rows), min(r.mask.index(1) - 1 for r in rows))
     n = 0

@@ -28,13 +28,18 @@ Reweight = Callable[[torch.Tensor], torch.Tensor]
 """Per-sequence mean log-prob [B] → a factor [B] that multiplies the examples' weights."""
 
 
-def token_logps(model, batch: Batch, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log π of each target's own token [N], with ``entropy`` the entropy of π there [N], detached)."""
-    logits = (
-        shared_forward(model, batch)
-        if batch.shared
-        else model(input_ids=batch.ids, attention_mask=batch.attention, logits_to_keep=batch.keep).logits
-    )  # [N, V]: the head at the targets only
+def token_logps(
+    model, batch: Batch, entropy: bool = False, head: StepHead | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log π of each target's own token [N], with ``entropy`` the entropy of π there [N], detached).
+    ``head``: the step's shared head, already run (``StepHead``; ``batch.shared`` is its length)."""
+    if head is not None:
+        logits = head.rest(model, batch)
+    elif batch.shared:
+        logits = shared_forward(model, batch)
+    else:
+        logits = model(input_ids=batch.ids, attention_mask=batch.attention, logits_to_keep=batch.keep).logits
+    # logits [N, V]: the head at the targets only
     logp_all = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
     logp = logp_all.gather(-1, batch.targets[:, None])[:, 0]  # [N]
     ent = -(logp_all.exp() * logp_all).sum(-1).detach() if entropy else None  # [N]
@@ -75,6 +80,59 @@ def weighted_nll(
     factor = reweight(seq_logp) if reweight is not None else torch.ones_like(seq_logp)  # iw-SFT's, else 1
     loss = -((weights * factor)[row] * logp).sum() / (own_tokens or len(logp))
     return loss, seq_logp, factor
+
+
+class StepHead:
+    """The head every row of an optimiser step shares, run once for the whole step (batch 1, its
+    graph kept) instead of once per micro-batch. Each micro-batch reads the head's keys and values
+    as leaves of its own (``rest``), so its backward pass stops there and leaves their gradients
+    summed; ``backward``, after the step's last micro-batch, sends the sums through the head once.
+    The gradient is the one B copies of the head in every micro-batch give (``shared_forward``),
+    and the step's cost no longer grows with its number of micro-batches.
+
+    ``run``: None where the model's cache is not plain per-layer keys and values (then each
+    micro-batch shares its own head, ``shared_forward``)."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], config) -> None:
+        self.kv, self.config = kv, config
+        self.leaves = [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
+
+    @classmethod
+    def run(cls, model, ids: torch.Tensor) -> StepHead | None:
+        """The head ``ids`` [1, P] run through ``model``."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=torch.zeros_like(ids, dtype=torch.bool))
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return None
+        return cls([(layer.keys, layer.values) for layer in cache.layers], model.config)
+
+    def rest(self, model, batch: Batch) -> torch.Tensor:
+        """The target logits [N, V] of ``batch``, its first ``batch.shared`` tokens read from the head."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for i, (k, v) in enumerate(self.leaves):
+            cache.update(k, v, i)
+        cache.batch_repeat_interleave(batch.ids.shape[0])
+        p = batch.shared
+        out = model(
+            input_ids=batch.ids[:, p:], attention_mask=batch.attention, cache=cache, logits_to_keep=batch.keep[:, p:]
+        )
+        return out.logits
+
+    def backward(self) -> None:
+        """The head's share of the step's gradient, from what the micro-batches left on its leaves."""
+        pairs = [
+            (t, leaf.grad)
+            for kv, leaves in zip(self.kv, self.leaves, strict=True)
+            for t, leaf in zip(kv, leaves, strict=True)
+        ]
+        pairs = [(t, g) for t, g in pairs if g is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
 @dataclass
@@ -127,7 +185,12 @@ def _per_sequence_mean(logp: torch.Tensor, row: torch.Tensor, b: int) -> torch.T
 
 
 def micro_batch_loss(
-    model, batch: Batch, picked: list[Row], weights: WeightConfig | None, step_tokens: int
+    model,
+    batch: Batch,
+    picked: list[Row],
+    weights: WeightConfig | None,
+    step_tokens: int,
+    head: StepHead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RLFigures | None]:
     """A micro-batch's share of its optimiser step's loss, the one place where the operators
     differ: online RL's clipped policy gradient on the advantages, or the weighted NLL (iw-SFT: each
@@ -135,7 +198,7 @@ def micro_batch_loss(
     [B], the factor [B] that multiplied the weights, RL's figures or None)."""
     device = batch.ids.device
     rl = weights is not None and weights.scheme == "rl"
-    logp, entropy = token_logps(model, batch, entropy=rl)  # [N]
+    logp, entropy = token_logps(model, batch, entropy=rl, head=head)  # [N]
     w = torch.tensor([r.weight for r in picked], device=device)  # [B]
     if rl:
         old = torch.tensor([lp for r in picked for lp in r.old_logps or []], device=device)  # [N]

@@ -79,9 +79,9 @@ from parlay.agents.hf_layer import default_device, pick_dtype
 from parlay.config import TrainConfig, WeightConfig
 from parlay.episode import write_lines_atomic
 from parlay.improve import TrainDataError, TrainingDiverged
-from parlay.improve.batches import Row, collate, plan, tokenize, turn_spans
+from parlay.improve.batches import Row, collate, plan, shared_head, tokenize, turn_spans
 from parlay.improve.examples import TrainExample
-from parlay.improve.losses import micro_batch_loss, policy_gradient_loss, token_logps, weighted_nll
+from parlay.improve.losses import StepHead, micro_batch_loss, policy_gradient_loss, token_logps, weighted_nll
 from parlay.run import SAMPLER_KL_TOLERANCE, TrainStats
 
 __all__ = [
@@ -212,12 +212,13 @@ class _Run:
         acc, nproc = self.accelerator, self.accelerator.num_processes
         sums = torch.zeros(6, device=acc.device)  # this process's: loss, NLL, tokens, RL's KL, clipped, entropy
         factors: list[float] = []
+        head, p = self.step_head(model, [rows[j] for batch_rows in step.micro_batches for j in batch_rows])
         for i, batch_rows in enumerate(step.micro_batches):
             picked = [rows[j] for j in batch_rows]
-            batch = collate(picked, self.pad_id, acc.device, self.share)
+            batch = collate(picked, self.pad_id, acc.device, self.share, head=p if head else None)
             last = i == len(step.micro_batches) - 1
             with nullcontext() if last else acc.no_sync(model), mixed_precision(model, acc.device.type, self.bf16):
-                loss, seq_logp, factor, rl = micro_batch_loss(model, batch, picked, self.weights, step.own_tokens)
+                loss, seq_logp, factor, rl = micro_batch_loss(model, batch, picked, self.weights, step.own_tokens, head)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"the loss is {loss.item()} at optimiser step {s + 1} (learning rate too high?); "
@@ -229,6 +230,8 @@ class _Run:
             nll = -(seq_logp.detach() * own).sum() / step.own_tokens
             rl_sums = [rl.approx_kl, rl.clipped, rl.entropy] if rl else [0.0, 0.0, 0.0]
             sums += torch.tensor([loss.item(), nll.item(), batch.attention.sum().item(), *rl_sums], device=acc.device)
+        if head is not None:
+            head.backward()
         max_norm = self.cfg.max_grad_norm or math.inf  # the norm is measured either way
         grad_norm = acc.clip_grad_norm_(params, max_norm)
         optimizer.step()
@@ -242,6 +245,16 @@ class _Run:
             n = step.own_tokens
             figures |= {"approx_kls": kl / n, "clip_fractions": clipped / n, "entropies": entropy / n}
         return figures
+
+    def step_head(self, model, step_rows: list[Row]) -> tuple[StepHead | None, int]:
+        """The head all the step's rows share, run once for the step (``losses.StepHead``), and its
+        length; (None, 0) where heads are not shared or the rows have none worth sharing."""
+        p = shared_head(step_rows) if self.share and len(step_rows) > 1 else 0
+        if not p:
+            return None, 0
+        ids = torch.tensor([step_rows[0].ids[:p]], device=self.accelerator.device)
+        with mixed_precision(model, self.accelerator.device.type, self.bf16):
+            return StepHead.run(model, ids), p
 
     def score_at_start(self, model, rows: list[Row]) -> dict:
         """Where needed, each row's own-token log-probs under the round-start model, from one pass:
