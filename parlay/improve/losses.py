@@ -4,8 +4,9 @@
 and the sampler–trainer parity all take their log-probs from it. It computes the language-model
 head only at the targets (transformers' ``logits_to_keep`` with a boolean mask: the head's work
 and its full-vocabulary float32 logits at every other position are never made; the model applies
-its own final-logit soft-capping, Gemma-style), and the head the rows of a micro-batch share once
-for all of them (``shared_forward``).
+its own final-logit soft-capping, Gemma-style), and the head the rows share once for all of them:
+once per optimiser step in training (``StepHead``), once per micro-batch elsewhere
+(``shared_forward``).
 
 Every loss works on the flat list of a micro-batch's N targets (``Batch.row`` says whose) and is
 a *share* of its optimiser step's loss: summed over the micro-batch's own tokens and divided by the

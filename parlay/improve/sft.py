@@ -39,7 +39,7 @@ The partner's turns, the system prompt and the chat template's role headers are 
 
 The trainer in parts: ``batches.py`` prepares the data (rows, the plan of steps, tensors),
 ``losses.py`` holds the one log-prob helper (``token_logps``: the head only at the targets, a
-shared head run once) and the losses, and this module runs them. ``train`` reads top to bottom:
+shared head run once per step) and the losses, and this module runs them. ``train`` reads top to bottom:
 tokenise the examples, load the model, score them with the round-start model where needed, plan
 the steps, run them (``_Run.step``: each micro-batch's share of the loss back-propagated, the
 gradient clipped to ``train.max_grad_norm``, the optimiser stepped), save atomically. Every step
@@ -56,8 +56,11 @@ a run never interrupted. The checkpoint is removed once the output is saved. It 
 accelerate, so ``accelerate launch -m parlay sft …`` runs this same code on several GPUs (DDP, or
 DeepSpeed/FSDP through an accelerate config); in a single process it runs on CPU or one GPU (the
 shared head is used in a single process only). LoRA (peft) by default, every weight with ``lora:
-false``. All randomness (LoRA's initialisation, the order of examples) comes from ``seed``; the
-caller's global random state is left as it was.
+false``. Where the dtype is bf16, the trainable weights stay float32 and the compute is bf16
+(``mixed_precision``). Memory is bounded by ``train.micro_batch_tokens``: a step's micro-batches
+of long examples are cut smaller, which leaves the step and its gradient as they were. All
+randomness (LoRA's initialisation, the order of examples) comes from ``seed``; the caller's global
+random state is left as it was.
 """
 
 from __future__ import annotations
@@ -345,7 +348,7 @@ def mixed_precision(model, device_type: str, bf16: bool):
     input to the adapter's dtype is turned off here: under autocast it is not needed, and without
     it the bf16 input the base layer already keeps for the backward pass is the adapter's too,
     instead of a float32 copy per adapted layer (measured on the quickstart's longest warm-start
-    micro-batch: saved activations 2.06 → 1.43 GB, bench/RESULTS.md)."""
+    micro-batch: saved activations 2.06 → 1.43 GB, docs/RESULTS.md)."""
     if not bf16:
         yield
         return
