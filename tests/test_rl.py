@@ -74,7 +74,7 @@ def test_rl_lowers_what_failed_and_raises_what_worked(tiny_lm, tmp_path):
 
     def mean_own_logp(model):
         out = []
-        for own in _token_logps(model, rows, tokenizer.pad_token_id, 2, "cpu"):
+        for own in _token_logps(model, rows, tokenizer.pad_token_id, 2, "cpu", True):
             out.append(sum(own) / len(own))
         return out
 

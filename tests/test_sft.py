@@ -445,12 +445,17 @@ def test_micro_batches_of_several_rows_share_their_head_and_keep_the_gradient_cl
     assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "rl"])
-def test_micro_batches_cut_to_a_token_budget_keep_the_gradient_of_one_big_batch(tiny_lm, tmp_path, monkeypatch, scheme):
+@pytest.mark.parametrize(
+    ("scheme", "modules"), [("uniform", "all-linear"), ("rl", "all-linear"), ("uniform", ["q_proj"])]
+)
+def test_micro_batches_cut_to_a_token_budget_keep_the_gradient_of_one_big_batch(
+    tiny_lm, tmp_path, monkeypatch, scheme, modules
+):
     """``train.micro_batch_tokens`` cuts batch 4 × accumulation 1 into micro-batches of at most that
     many padded positions (a row longer than it alone): each micro-batch the trainer ran keeps to
-    the budget, more micro-batches ran than the configured two per step, and the steps have the
-    gradient, loss and weights of one batch computed by hand."""
+    the budget, two ran per step where one was configured, and the steps have the gradient, loss
+    and weights of one batch computed by hand — also with LoRA on the queries only, where the
+    shared head's first keys and values take no gradient and the later ones do."""
     from parlay.improve import sft
 
     _, tokenizer, path = tiny_lm
@@ -459,7 +464,7 @@ def test_micro_batches_cut_to_a_token_budget_keep_the_gradient_of_one_big_batch(
     budget = 2 * longest  # two of the longest rows fit; four never do
     ran, real = [], sft.collate
     monkeypatch.setattr(sft, "collate", lambda rows, *a, **k: ran.append(rows) or real(rows, *a, **k))
-    cfg = step_config(True, 4, 1).model_copy(update={"micro_batch_tokens": budget})
+    cfg = step_config(True, 4, 1).model_copy(update={"micro_batch_tokens": budget, "target_modules": modules})
     with StepRecorder() as rec:
         stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
     trained = [rows for rows in ran if len(rows) < 4]  # (rl's first pass scores the rows four at a time)
@@ -472,23 +477,35 @@ def test_micro_batches_cut_to_a_token_budget_keep_the_gradient_of_one_big_batch(
 def test_a_token_budget_cuts_each_micro_batch_into_even_pieces_and_leaves_the_steps_as_drawn():
     """``batches.plan`` with ``max_tokens``: the same steps (examples, order, own-token counts) as
     without it, each micro-batch cut into consecutive pieces that keep to the budget (a row longer
-    than the budget on its own), as even as the budget allows; with two processes, each cuts its
-    own micro-batches and the two together hold the step."""
+    than the budget on its own), whose sizes differ by at most one row; with two processes every
+    process runs as many micro-batches as the other (DeepSpeed and FSDP communicate at each)."""
     from parlay.improve.batches import Row, plan
 
     lengths = [30, 90, 200, 45, 61, 500, 120, 75, 33, 260, 88, 150]
     rows = [Row(ids=list(range(n)), mask=[0] * (n - 5) + [1] * 5, weight=1.0) for n in lengths]
+    cut_any = False
     for nproc in (1, 2):
+        counts = []
         for rank in range(nproc):
             whole = plan(rows, 4, 2, 6, nproc, rank, torch.Generator().manual_seed(3))
             cut = plan(rows, 4, 2, 6, nproc, rank, torch.Generator().manual_seed(3), max_tokens=400)
             assert [s.own_tokens for s in whole] == [s.own_tokens for s in cut]
+            counts.append([len(c.micro_batches) for c in cut])
             for w, c in zip(whole, cut, strict=True):
                 assert [i for b in w.micro_batches for i in b] == [i for b in c.micro_batches for i in b]
                 for piece in c.micro_batches:
-                    widest = max(lengths[i] for i in piece)
-                    assert len(piece) == 1 or len(piece) * widest <= 400
-                assert len(c.micro_batches) > len(w.micro_batches) or max(lengths) * 4 <= 400
+                    assert len(piece) == 1 or len(piece) * max(lengths[i] for i in piece) <= 400
+                cut_any |= len(c.micro_batches) > len(w.micro_batches)
+            for w, c in zip(whole, cut, strict=True):  # each micro-batch's pieces: even
+                pieces = iter(c.micro_batches)
+                for batch in w.micro_batches:
+                    group, held = [], []
+                    while held != batch:
+                        group.append(next(pieces))
+                        held = [i for b in group for i in b]
+                    assert max(map(len, group)) - min(map(len, group)) <= 1
+        assert all(n == counts[0] for n in counts)
+    assert cut_any
     one = plan(rows, 4, 1, 3, 1, 0, torch.Generator().manual_seed(0), max_tokens=10_000)
     assert all(len(b) == 4 for s in one for b in s.micro_batches)  # nothing to cut
 
@@ -548,6 +565,26 @@ def test_bf16_lora_keeps_no_copy_of_the_adapted_layers_inputs_and_the_same_gradi
     want, got = flat(grads_peft), flat(grads_mixed)
     assert (got - want).norm() <= 0.05 * want.norm() and want.norm() > 0
     assert loss_mixed == pytest.approx(loss_peft, rel=0.02)
+
+
+def test_in_bf16_the_steps_shared_head_gives_the_gradient_of_rows_run_whole(tiny_lm, tmp_path, monkeypatch):
+    """bf16 LoRA training (autocast, ``sft.mixed_precision``) with the step's shared head run once
+    (``losses.StepHead``: its keys and values bf16, their gradients summed in float32) against the
+    same training with every row run whole: the same first-step gradient to bf16's precision."""
+    from parlay.agents import hf_layer
+    from parlay.improve import sft
+
+    _, _, path = tiny_lm
+    monkeypatch.setattr(hf_layer, "cpu_has_bf16", lambda: True)
+    cfg = step_config(True, 2, 2).model_copy(update={"dtype": "bf16"})
+    grads = {}
+    for share in (True, False):
+        monkeypatch.setattr(sft, "_can_share_heads", lambda model, share=share: share)
+        with StepRecorder() as rec:
+            train(mixed_examples("uniform"), str(path), tmp_path / f"out-{share}", cfg, seed=1)
+        grads[share] = flat(rec.steps[0][1])
+    want, got = grads[False], grads[True]
+    assert want.norm() > 0 and (got - want).norm() <= 0.02 * want.norm()
 
 
 def test_rl_records_its_vital_signs_per_step_and_other_schemes_only_the_gradient_norm(tiny_lm, tmp_path):

@@ -11,8 +11,9 @@ step), so a micro-batch carries little padding while the step — and so its gra
 the shuffle drew. It also counts the step's own tokens, which its loss is divided by.
 
 ``collate`` turns a micro-batch into tensors, with the length of the head its rows share (the
-system prompt's opening words, identical in every game): ``losses.token_logps`` computes it once
-for the micro-batch instead of once per row.
+system prompt's opening words, identical in every game): the trainer computes it once for the
+optimiser step (``losses.StepHead``), other passes once for the micro-batch, instead of once per
+row.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ class Step:
     """One optimiser step as this process runs it."""
 
     micro_batches: list[list[int]]
-    """This process's micro-batches (row indices), ``grad_accum`` of them."""
+    """This process's micro-batches (row indices): ``grad_accum`` of them, more where
+    ``train.micro_batch_tokens`` cuts them (as many in every process)."""
     own_tokens: int
     """Own tokens of every micro-batch of the step in every process: what its loss is divided by."""
 
@@ -158,11 +160,12 @@ def plan(
     process draws the same plan, so each knows the step's own-token count before running it,
     without communicating (as transformers' Trainer counts ``num_items_in_batch``).
 
-    ``max_tokens`` (``train.micro_batch_tokens``): a process's micro-batch whose rows × longest
-    row exceeds it is cut into consecutive smaller ones of as even a size as fit (a row longer
-    than it on its own), so the activations a micro-batch keeps are bounded; the step's examples,
-    and so its loss and gradient, are unchanged. Processes may then run different numbers of
-    micro-batches in a step; each still synchronises once, at its last."""
+    ``max_tokens`` (``train.micro_batch_tokens``): a micro-batch whose rows × longest row exceeds
+    it is cut into consecutive smaller ones of as even a size as fit (a row longer than it on its
+    own), so the activations a micro-batch keeps are bounded; the step's examples, and so its loss
+    and gradient, are unchanged. The processes' j-th micro-batches are all cut into as many pieces
+    as the one that needs the most, so every process runs the same number of micro-batches
+    (DeepSpeed and FSDP communicate at every one)."""
     per_step = batch_size * grad_accum * nproc
     n_steps = max(1, math.ceil(micro_steps / (grad_accum * nproc)))
     order: list[int] = []
@@ -172,18 +175,22 @@ def plan(
     for s in range(n_steps):
         chosen = sorted(order[s * per_step : (s + 1) * per_step], key=lambda i: (len(rows[i].ids), i))
         batches = [chosen[j : j + batch_size] for j in range(0, per_step, batch_size)]
-        mine = [piece for batch in batches[rank::nproc] for piece in _cut(batch, rows, max_tokens)]
+        mine = []
+        for j in range(grad_accum):  # the processes' j-th micro-batches: batches[j·nproc + r]
+            pieces = max(_pieces(b, rows, max_tokens) for b in batches[j * nproc : (j + 1) * nproc])
+            batch = batches[j * nproc + rank]
+            mine += [batch[k * len(batch) // pieces : (k + 1) * len(batch) // pieces] for k in range(pieces)]
         steps.append(Step(mine, sum(rows[i].own for i in chosen)))
     return steps
 
 
-def _cut(batch: list[int], rows: Sequence[Row], max_tokens: int | None) -> list[list[int]]:
-    """``batch`` (sorted by length) as micro-batches of at most ``max_tokens`` padded positions."""
+def _pieces(batch: list[int], rows: Sequence[Row], max_tokens: int | None) -> int:
+    """How many micro-batches ``batch`` (sorted by length) takes to hold at most ``max_tokens``
+    padded positions each (cut evenly: each of ⌊·⌋ or ⌈·⌉ rows)."""
     longest = len(rows[batch[-1]].ids)
     if max_tokens is None or len(batch) * longest <= max_tokens:
-        return [batch]
-    n = math.ceil(len(batch) / max(1, max_tokens // longest))  # pieces, each of ⌊·⌋ or ⌈·⌉ rows
-    return [batch[k * len(batch) // n : (k + 1) * len(batch) // n] for k in range(n)]
+        return 1
+    return math.ceil(len(batch) / max(1, max_tokens // longest))
 
 
 # --------------------------------------------------------------------------- tensors

@@ -87,36 +87,34 @@ class StepHead:
     """The head every row of an optimiser step shares, run once for the whole step (batch 1, its
     graph kept) instead of once per micro-batch. Each micro-batch reads the head's keys and values
     as leaves of its own (``rest``), so its backward pass stops there and leaves their gradients
-    summed; ``backward``, after the step's last micro-batch, sends the sums through the head once.
-    The gradient is the one B copies of the head in every micro-batch give (``shared_forward``),
-    and the step's cost no longer grows with its number of micro-batches.
+    summed (in float32, whatever the compute dtype); ``backward``, after the step's last
+    micro-batch, sends the sums through the head once. The gradient is the one B copies of the
+    head in every micro-batch give (``shared_forward``), and the step's cost no longer grows with
+    its number of micro-batches. For models whose cache is plain per-layer keys and values
+    (``sft._can_share_heads`` checks)."""
 
-    ``run``: None where the model's cache is not plain per-layer keys and values (then each
-    micro-batch shares its own head, ``shared_forward``)."""
-
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], config) -> None:
-        self.kv, self.config = kv, config
-        self.leaves = [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, config) -> None:
+        self.kv, self.length, self.config = kv, length, config
+        self.leaves = [tuple(t.detach().float().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
 
     @classmethod
-    def run(cls, model, ids: torch.Tensor) -> StepHead | None:
+    def run(cls, model, ids: torch.Tensor) -> StepHead:
         """The head ``ids`` [1, P] run through ``model``."""
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         cache = DynamicCache(config=model.config)
         model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=torch.zeros_like(ids, dtype=torch.bool))
-        if not all(type(layer) is DynamicLayer for layer in cache.layers):
-            return None
-        return cls([(layer.keys, layer.values) for layer in cache.layers], model.config)
+        return cls([(layer.keys, layer.values) for layer in cache.layers], ids.shape[1], model.config)
 
     def rest(self, model, batch: Batch) -> torch.Tensor:
-        """The target logits [N, V] of ``batch``, its first ``batch.shared`` tokens read from the head."""
+        """The target logits [N, V] of ``batch``, whose first ``batch.shared`` tokens are the head."""
         from transformers import DynamicCache
 
+        if batch.shared != self.length:
+            raise ValueError(f"a micro-batch with a shared head of {batch.shared} tokens, the step's is {self.length}")
         cache = DynamicCache(config=self.config)
-        for i, (k, v) in enumerate(self.leaves):
-            cache.update(k, v, i)
+        for i, ((k, v), (leaf_k, leaf_v)) in enumerate(zip(self.kv, self.leaves, strict=True)):
+            cache.update(leaf_k.to(k.dtype), leaf_v.to(v.dtype), i)
         cache.batch_repeat_interleave(batch.ids.shape[0])
         p = batch.shared
         out = model(
@@ -127,11 +125,11 @@ class StepHead:
     def backward(self) -> None:
         """The head's share of the step's gradient, from what the micro-batches left on its leaves."""
         pairs = [
-            (t, leaf.grad)
+            (t, leaf.grad.to(t.dtype))
             for kv, leaves in zip(self.kv, self.leaves, strict=True)
             for t, leaf in zip(kv, leaves, strict=True)
+            if leaf.grad is not None
         ]
-        pairs = [(t, g) for t, g in pairs if g is not None]
         if pairs:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 

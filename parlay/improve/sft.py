@@ -147,6 +147,8 @@ class _Run:
         self.scheme = weights.scheme if weights is not None else "uniform"
 
     def train(self, on_step: StepHook | None, resume: bool) -> TrainStats:
+        from accelerate import DistributedType
+
         acc, cfg, started = self.accelerator, self.cfg, time.perf_counter()
 
         # 1. The model and the rows to train on.
@@ -155,7 +157,9 @@ class _Run:
         rows, skipped, truncated = tokenize(self.examples, tokenizer, stops, cfg.max_length)
         model.to(acc.device)
         self.pad_id = tokenizer.pad_token_id
-        self.share = acc.num_processes == 1 and _can_share_heads(model)
+        # A shared head's gradient is sent after the step's micro-batches: a plain process only
+        # (DeepSpeed steps at every backward; FSDP gathers weights in its own hooks).
+        self.share = acc.distributed_type == DistributedType.NO and _can_share_heads(model)
 
         # 2. One pass of the round-start model, where something needs it: iw-SFT's π_ref, online
         # RL's π_old, and the parity with the sampler that played the games.
@@ -215,26 +219,36 @@ class _Run:
         acc, nproc = self.accelerator, self.accelerator.num_processes
         sums = torch.zeros(6, device=acc.device)  # this process's: loss, NLL, tokens, RL's KL, clipped, entropy
         factors: list[float] = []
-        head, p = self.step_head(model, [rows[j] for batch_rows in step.micro_batches for j in batch_rows])
-        for i, batch_rows in enumerate(step.micro_batches):
-            picked = [rows[j] for j in batch_rows]
-            batch = collate(picked, self.pad_id, acc.device, self.share, head=p if head else None)
-            last = i == len(step.micro_batches) - 1
-            with nullcontext() if last else acc.no_sync(model), mixed_precision(model, acc.device.type, self.bf16):
-                loss, seq_logp, factor, rl = micro_batch_loss(model, batch, picked, self.weights, step.own_tokens, head)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss is {loss.item()} at optimiser step {s + 1} (learning rate too high?); "
-                        f"nothing was saved to {self.out}"
+        no_autocast = torch.autocast(acc.device.type, enabled=False)  # backward runs in the forward's dtypes
+        # One autocast for the whole step: each weight is cast to bf16 once, for the head and every
+        # micro-batch, and the cast copies go when it ends, before the optimiser steps.
+        with mixed_precision(model, acc.device.type, self.bf16):
+            head = self.step_head(model, [rows[j] for batch_rows in step.micro_batches for j in batch_rows])
+            for i, batch_rows in enumerate(step.micro_batches):
+                picked = [rows[j] for j in batch_rows]
+                batch = collate(picked, self.pad_id, acc.device, self.share, head=head.length if head else None)
+                last = i == len(step.micro_batches) - 1
+                with nullcontext() if last else acc.no_sync(model):
+                    loss, seq_logp, factor, rl = micro_batch_loss(
+                        model, batch, picked, self.weights, step.own_tokens, head
                     )
-                acc.backward(loss * nproc)
-            factors += factor.tolist() if self.scheme == "iw_sft" else []
-            own = torch.tensor([r.own for r in picked], device=acc.device)
-            nll = -(seq_logp.detach() * own).sum() / step.own_tokens
-            rl_sums = [rl.approx_kl, rl.clipped, rl.entropy] if rl else [0.0, 0.0, 0.0]
-            sums += torch.tensor([loss.item(), nll.item(), batch.attention.sum().item(), *rl_sums], device=acc.device)
-        if head is not None:
-            head.backward()
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"the loss is {loss.item()} at optimiser step {s + 1} (learning rate too high?); "
+                            f"nothing was saved to {self.out}"
+                        )
+                    with no_autocast:
+                        acc.backward(loss * nproc)
+                factors += factor.tolist() if self.scheme == "iw_sft" else []
+                own = torch.tensor([r.own for r in picked], device=acc.device)
+                nll = -(seq_logp.detach() * own).sum() / step.own_tokens
+                rl_sums = [rl.approx_kl, rl.clipped, rl.entropy] if rl else [0.0, 0.0, 0.0]
+                sums += torch.tensor(
+                    [loss.item(), nll.item(), batch.attention.sum().item(), *rl_sums], device=acc.device
+                )
+            if head is not None:
+                with torch.autocast(acc.device.type, enabled=False):
+                    head.backward()
         max_norm = self.cfg.max_grad_norm or math.inf  # the norm is measured either way
         grad_norm = acc.clip_grad_norm_(params, max_norm)
         optimizer.step()
@@ -249,15 +263,13 @@ class _Run:
             figures |= {"approx_kls": kl / n, "clip_fractions": clipped / n, "entropies": entropy / n}
         return figures
 
-    def step_head(self, model, step_rows: list[Row]) -> tuple[StepHead | None, int]:
-        """The head all the step's rows share, run once for the step (``losses.StepHead``), and its
-        length; (None, 0) where heads are not shared or the rows have none worth sharing."""
+    def step_head(self, model, step_rows: list[Row]) -> StepHead | None:
+        """The head all the step's rows share, run once for the step (``losses.StepHead``); None
+        where heads are not shared or the rows have none worth sharing."""
         p = shared_head(step_rows) if self.share and len(step_rows) > 1 else 0
         if not p:
-            return None, 0
-        ids = torch.tensor([step_rows[0].ids[:p]], device=self.accelerator.device)
-        with mixed_precision(model, self.accelerator.device.type, self.bf16):
-            return StepHead.run(model, ids), p
+            return None
+        return StepHead.run(model, torch.tensor([step_rows[0].ids[:p]], device=self.accelerator.device))
 
     def score_at_start(self, model, rows: list[Row]) -> dict:
         """Where needed, each row's own-token log-probs under the round-start model, from one pass:
@@ -268,7 +280,7 @@ class _Run:
             return sampler_parity(rows, [[] for _ in rows]) if any(row.unaligned for row in rows) else {}
         device = self.accelerator.device
         with mixed_precision(model, device.type, self.bf16):  # the arithmetic the steps will use
-            logps = _token_logps(model, rows, self.pad_id, self.cfg.batch_size, device)
+            logps = _token_logps(model, rows, self.pad_id, self.cfg.batch_size, device, self.share)
         for row, lp in zip(rows, logps, strict=True):
             row.ref_logp = sum(lp) / len(lp) if iw else 0.0
             row.old_logps = lp if rl else None
@@ -279,7 +291,9 @@ class _Run:
 
     def settings(self) -> dict:
         """What else than the data a checkpoint must match to be continued."""
-        cfg = self.cfg.model_dump(exclude={"checkpoint_steps"})
+        # The cut of micro-batches leaves every step as it was: a budget lowered after running
+        # out of memory continues the checkpoint.
+        cfg = self.cfg.model_dump(exclude={"checkpoint_steps", "micro_batch_tokens"})
         return {
             "base": self.base, "adapter": self.adapter, "train": cfg, "seed": self.seed, "epochs": self.epochs,
             "weights": self.weights.model_dump() if self.weights else None, "lr": self.lr,
@@ -348,7 +362,10 @@ def mixed_precision(model, device_type: str, bf16: bool):
     input to the adapter's dtype is turned off here: under autocast it is not needed, and without
     it the bf16 input the base layer already keeps for the backward pass is the adapter's too,
     instead of a float32 copy per adapted layer (measured on the quickstart's longest warm-start
-    micro-batch: saved activations 2.06 → 1.43 GB, docs/RESULTS.md)."""
+    micro-batch: saved activations 2.06 → 1.43 GB, docs/RESULTS.md). With ``lora_dropout`` the
+    adapter keeps its dropped-out input and mask besides, as it does in float32. Autocast's
+    cast copies of the weights live as long as the context: the trainer enters it once per
+    optimiser step, and runs the backward passes with autocast off."""
     if not bf16:
         yield
         return
@@ -359,13 +376,18 @@ def mixed_precision(model, device_type: str, bf16: bool):
 
 
 def _can_share_heads(model) -> bool:
-    """Whether a micro-batch's shared head can be run once and its cache reused for every row
-    (``losses.shared_forward``): every layer attends to the whole sequence (a sliding window's cache
-    keeps only its last tokens)."""
+    """Whether a shared head can be run once and its cache reused for every row
+    (``losses.StepHead``, ``losses.shared_forward``): every layer attends to the whole sequence (a
+    sliding window's cache keeps only its last tokens) and keeps plain keys and values (no layer
+    that shares another's, or keeps more)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
     from parlay.agents.hf_engine import sliding_window
 
     try:
-        return sliding_window(model.config) is None
+        plain = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+        return plain and sliding_window(model.config) is None
     except Exception:  # an attention kind the decoder does not know: run every row whole
         return False
 
@@ -381,7 +403,7 @@ def turn_logps(
     model, tokenizer = hf_layer.load(base, adapter, pick_dtype(cfg.dtype, device), device=device)
     stops = hf_layer.stop_ids(tokenizer, model.generation_config)
     rows, _, _ = tokenize(examples, tokenizer, stops, cfg.max_length)
-    logps = _token_logps(model, rows, tokenizer.pad_token_id, cfg.batch_size, device)
+    logps = _token_logps(model, rows, tokenizer.pad_token_id, cfg.batch_size, device, _can_share_heads(model))
     out = []
     for row, lp in zip(rows, logps, strict=True):
         turns, at = [], 0
@@ -393,14 +415,15 @@ def turn_logps(
 
 
 @torch.no_grad()
-def _token_logps(model, rows: list[Row], pad_id: int, batch_size: int, device) -> list[list[float]]:
-    """Log-prob of each own token of each row (in order) under ``model`` as it is now, in eval mode."""
+def _token_logps(model, rows: list[Row], pad_id: int, batch_size: int, device, share: bool) -> list[list[float]]:
+    """Log-prob of each own token of each row (in order) under ``model`` as it is now, in eval mode;
+    with ``share``, a micro-batch's shared head run once (``_can_share_heads``)."""
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        batch = collate(chunk, pad_id, device)
+        batch = collate(chunk, pad_id, device, share)
         logp, _ = token_logps(model, batch)
         out += [logp[batch.row == b].tolist() for b in range(len(chunk))]
     model.train(was_training)
