@@ -13,7 +13,8 @@ its own) and is measured on its own against (a):
 (b) (a) with the head and the loss only at the targets (``logits_to_keep`` with a boolean mask);
 (c) (a) with the step's examples sorted by length into micro-batches (less padding);
 (d) (a) with the head the rows of a micro-batch share (the system prompt's opening) run once;
-(e) all three: what ``improve/sft.train`` does now.
+(e) all three: what ``improve/sft.train`` did up to commit 6cd7761 (it now also cuts micro-batches to
+    ``train.micro_batch_tokens`` and runs the step's shared head once per step: ``--full`` times it).
 
 Per candidate: seconds per optimiser step split into forward (with head and loss), backward and
 the optimiser (clipping included); positions computed (padding and shared heads counted as run);
@@ -57,7 +58,7 @@ CANDIDATES = {
     "b": ("(b) head and loss at targets only", dict(targets=True, sort=False, share=False)),
     "c": ("(c) length-sorted micro-batches", dict(targets=False, sort=True, share=False)),
     "d": ("(d) shared head once per micro-batch", dict(targets=False, sort=False, share=True)),
-    "e": ("(e) all three (the trainer now)", dict(targets=True, sort=True, share=True)),
+    "e": ("(e) all three", dict(targets=True, sort=True, share=True)),
 }
 
 
@@ -92,7 +93,8 @@ def run_candidate(args, targets: bool, sort: bool, share: bool) -> dict:
     cfg = _config(args)
     examples = read_examples(args.data)
     torch.manual_seed(0)
-    model, tokenizer = sft._load_for_training(args.model, None, cfg, torch.float32)
+    dtype = _dtype(args.dtype)  # (before 2026-12-01 19:20 UTC the candidates ran in float32 whatever --dtype said)
+    model, tokenizer = sft._load_for_training(args.model, None, cfg, dtype)
     stops = hf_layer.stop_ids(tokenizer, model.generation_config)
     rows, _, _ = batches.tokenize(examples, tokenizer, stops, cfg.max_length)
     micro = cfg.batch_size * cfg.grad_accum
@@ -115,13 +117,14 @@ def run_candidate(args, targets: bool, sort: bool, share: bool) -> dict:
             positions += batch.ids.numel() - (len(picked) - 1) * batch.shared
             targets_n += len(batch.targets)
             start = time.perf_counter()
-            if batch.shared:
-                keep = batch.keep if targets else torch.ones_like(batch.keep)
-                logits = shared_forward(model, batch.__class__(**{**vars(batch), "keep": keep}))
-            else:
-                logits = model(
-                    input_ids=batch.ids, attention_mask=batch.attention, logits_to_keep=batch.keep if targets else 0
-                ).logits
+            with sft.mixed_precision(model, "cpu", dtype == torch.bfloat16):  # as the trainer computes
+                if batch.shared:
+                    keep = batch.keep if targets else torch.ones_like(batch.keep)
+                    logits = shared_forward(model, batch.__class__(**{**vars(batch), "keep": keep}))
+                else:
+                    logits = model(
+                        input_ids=batch.ids, attention_mask=batch.attention, logits_to_keep=batch.keep if targets else 0
+                    ).logits
             if not targets:  # every position's logits → the targets' rows
                 keep = batch.keep[:, batch.shared :]
                 logits = logits.reshape(-1, logits.shape[-1])[keep.flatten()]
