@@ -435,13 +435,17 @@ def test_micro_batches_of_several_rows_share_their_head_and_keep_the_gradient_cl
     shared, heads = [], []
     real_rest, real_run = losses.StepHead.rest, losses.StepHead.run.__func__
     monkeypatch.setattr(losses.StepHead, "rest", lambda h, m, b: shared.append(b.shared) or real_rest(h, m, b))
-    monkeypatch.setattr(losses.StepHead, "run", classmethod(lambda c, m, ids: heads.append(1) or real_run(c, m, ids)))
+    monkeypatch.setattr(
+        losses.StepHead,
+        "run",
+        classmethod(lambda c, m, ids, detached=True: heads.append(detached) or real_run(c, m, ids, detached)),
+    )
     examples, weights = mixed_examples(scheme), WeightConfig(scheme=scheme, w_max=3.0)
     cfg = step_config(True, *shape, max_grad_norm=0.01)
     with StepRecorder() as rec:
         stats = train(examples, str(path), tmp_path / "out", cfg, weights=weights, seed=1)
     assert shared and min(shared) >= 16 and all(n > 0.01 for n in stats.grad_norms)
-    assert len(heads) == stats.steps and len(shared) == stats.steps * 4 // shape[0]  # one head a step
+    assert sum(heads) == stats.steps and len(shared) >= stats.steps * 4 // shape[0]  # one step head a step
     assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
 
 

@@ -51,17 +51,7 @@ def shared_forward(model, batch: Batch) -> torch.Tensor:
     """The target logits [N, V], the head of ``batch.shared`` tokens that every row begins with run
     once (batch 1) and its keys and values repeated for the rows' own parts. Gradients flow through
     the repeat, so the shared head gets the sum of every row's gradient, as B copies of it would."""
-    from transformers import DynamicCache
-
-    p, b = batch.shared, batch.ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    no_target = batch.keep[:1, :p]  # no target in the shared head (``batches.collate``)
-    model(input_ids=batch.ids[:1, :p], cache=cache, use_cache=True, logits_to_keep=no_target)
-    cache.batch_repeat_interleave(b)
-    rest = model(
-        input_ids=batch.ids[:, p:], attention_mask=batch.attention, cache=cache, logits_to_keep=batch.keep[:, p:]
-    )
-    return rest.logits
+    return StepHead.run(model, batch.ids[:1, : batch.shared], detached=False).rest(model, batch)
 
 
 def weighted_nll(
@@ -91,20 +81,24 @@ class StepHead:
     micro-batch, sends the sums through the head once. The gradient is the one B copies of the
     head in every micro-batch give (``shared_forward``), and the step's cost no longer grows with
     its number of micro-batches. For models whose cache is plain per-layer keys and values
-    (``sft._can_share_heads`` checks)."""
+    (``sft._can_share_heads`` checks). Not ``detached``: the micro-batch reads the head's own keys
+    and values, its gradient flows into the head directly, and ``backward`` has nothing to do (one
+    micro-batch's head: ``shared_forward``)."""
 
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, config) -> None:
-        self.kv, self.length, self.config = kv, length, config
-        self.leaves = [tuple(t.detach().float().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, config, detached: bool) -> None:
+        self.kv, self.length, self.config, self.detached = kv, length, config, detached
+        self.leaves = [
+            tuple(t.detach().float().requires_grad_(t.requires_grad) if detached else t for t in pair) for pair in kv
+        ]
 
     @classmethod
-    def run(cls, model, ids: torch.Tensor) -> StepHead:
+    def run(cls, model, ids: torch.Tensor, detached: bool = True) -> StepHead:
         """The head ``ids`` [1, P] run through ``model``."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
         model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=torch.zeros_like(ids, dtype=torch.bool))
-        return cls([(layer.keys, layer.values) for layer in cache.layers], ids.shape[1], model.config)
+        return cls([(layer.keys, layer.values) for layer in cache.layers], ids.shape[1], model.config, detached)
 
     def rest(self, model, batch: Batch) -> torch.Tensor:
         """The target logits [N, V] of ``batch``, whose first ``batch.shared`` tokens are the head."""
@@ -124,6 +118,8 @@ class StepHead:
 
     def backward(self) -> None:
         """The head's share of the step's gradient, from what the micro-batches left on its leaves."""
+        if not self.detached:
+            return
         pairs = [
             (t, leaf.grad.to(t.dtype))
             for kv, leaves in zip(self.kv, self.leaves, strict=True)
