@@ -193,7 +193,8 @@ class TrainConfig(_Section):
         ge=16,
         description="At most this many padded positions (rows × the longest row) per micro-batch: a micro-batch "
         "of long examples is cut into smaller ones, which bounds the activations kept for the backward pass. "
-        "The step's examples and gradient stay the same (accumulation is exact). null: batch_size rows always.",
+        "The step's examples and gradient stay the same (accumulation is exact; with lora_dropout > 0, or a model "
+        "whose own dropout is on, other dropout masks are drawn). null: batch_size rows always.",
     )
     max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")
     max_grad_norm: float | None = Field(

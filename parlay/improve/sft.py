@@ -291,8 +291,8 @@ class _Run:
 
     def settings(self) -> dict:
         """What else than the data a checkpoint must match to be continued."""
-        # The cut of micro-batches leaves every step as it was: a budget lowered after running
-        # out of memory continues the checkpoint.
+        # The cut of micro-batches leaves every step as it was (but for the dropout masks drawn,
+        # where dropout is on): a budget lowered after running out of memory continues the checkpoint.
         cfg = self.cfg.model_dump(exclude={"checkpoint_steps", "micro_batch_tokens"})
         return {
             "base": self.base, "adapter": self.adapter, "train": cfg, "seed": self.seed, "epochs": self.epochs,
