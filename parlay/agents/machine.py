@@ -38,7 +38,7 @@ QUICKSTART = {
     ref.dtype: ref
     for ref in (
         Reference(30.0, 136.0, "float32", "AMD EPYC, AVX2+FMA, 2 cores", "36521b7"),
-        Reference(15.6, 429.0, "bfloat16", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores", "bbe35b9"),
+        Reference(12.9, 418.0, "bfloat16", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores", "8f94fe4"),
     )
 }
 """The README's main job as last measured end to end with nothing else running (docs/RESULTS.md),
@@ -48,9 +48,10 @@ attention is not a matmul). float32: seed 2 of the three-seed run on an AVX2 mac
 by ``parlay doctor`` was 130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median
 taken); that machine's rate drifts (one 3-step training measurement read 16.0-20.7 s/step within
 40 minutes, bench/RESULTS.md). It predates the decoder's shared-prefix attention (0371d23), which
-plays faster, so the float32 estimate errs long. bfloat16: seed 0 of ``parlay train`` on a machine
-with AVX512-BF16 (the install not counted), 429 GFLOP/s by one calibration after the run,
-2026-12-01. Read the estimate as rough."""
+plays faster, and the trainer's changes of 8f94fe4, which train faster, so the float32 estimate
+errs long. bfloat16: seed 0 of ``parlay train`` on a machine with AVX512-BF16 (the install and the
+model's conversion not counted), 418 GFLOP/s by one calibration after the run, 2026-12-01. Read
+the estimate as rough."""
 
 
 @dataclass(frozen=True)
