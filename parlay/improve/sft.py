@@ -247,7 +247,7 @@ class _Run:
                     [loss.item(), nll.item(), batch.attention.sum().item(), *rl_sums], device=acc.device
                 )
             if head is not None:
-                with torch.autocast(acc.device.type, enabled=False):
+                with no_autocast:
                     head.backward()
         max_norm = self.cfg.max_grad_norm or math.inf  # the norm is measured either way
         grad_norm = acc.clip_grad_norm_(params, max_norm)
@@ -358,7 +358,7 @@ def mixed_precision(model, device_type: str, bf16: bool):
 
     The weights the optimiser updates stay float32 (full fine-tuning's master weights, or LoRA's
     adapter, which peft keeps in float32 over a bf16 base); autocast casts them to bf16 once per
-    forward and the gradients flow back to them in float32. peft's own cast of an adapted layer's
+    context and the gradients flow back to them in float32. peft's own cast of an adapted layer's
     input to the adapter's dtype is turned off here: under autocast it is not needed, and without
     it the bf16 input the base layer already keeps for the backward pass is the adapter's too,
     instead of a float32 copy per adapted layer (measured on the quickstart's longest warm-start
