@@ -188,7 +188,9 @@ def run_trainer(args) -> dict:
         stats = train(examples, args.model, Path(tmp) / "model", cfg, seed=args.seed, epochs=args.epochs, lr=args.lr)
     rss = peak_rss_gb()
     model, tokenizer = sft._load_for_training(args.model, None, cfg, torch.float32)  # for the FLOP count only
-    rows, _, _ = batches.tokenize(examples, tokenizer, hf_layer.stop_ids(tokenizer, model.generation_config), 1024)
+    rows, _, _ = batches.tokenize(
+        examples, tokenizer, hf_layer.stop_ids(tokenizer, model.generation_config), cfg.max_length
+    )
     return {
         "stats": stats.model_dump(exclude={"losses", "grad_norms"}),
         "rss_gb": rss,

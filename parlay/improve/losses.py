@@ -85,8 +85,8 @@ class StepHead:
     and values, its gradient flows into the head directly, and ``backward`` has nothing to do (one
     micro-batch's head: ``shared_forward``)."""
 
-    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int, config, detached: bool) -> None:
-        self.kv, self.length, self.config, self.detached = kv, length, config, detached
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], detached: bool) -> None:
+        self.kv, self.detached = kv, detached
         self.leaves = [
             tuple(t.detach().float().requires_grad_(t.requires_grad) if detached else t for t in pair) for pair in kv
         ]
@@ -98,7 +98,12 @@ class StepHead:
 
         cache = DynamicCache(config=model.config)
         model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=torch.zeros_like(ids, dtype=torch.bool))
-        return cls([(layer.keys, layer.values) for layer in cache.layers], ids.shape[1], model.config, detached)
+        return cls([(layer.keys, layer.values) for layer in cache.layers], detached)
+
+    @property
+    def length(self) -> int:
+        """P: the head's tokens (its keys are [1, heads, P, head_dim])."""
+        return self.kv[0][0].shape[-2]
 
     def rest(self, model, batch: Batch) -> torch.Tensor:
         """The target logits [N, V] of ``batch``, whose first ``batch.shared`` tokens are the head."""
@@ -106,7 +111,7 @@ class StepHead:
 
         if batch.shared != self.length:
             raise ValueError(f"a micro-batch with a shared head of {batch.shared} tokens, the step's is {self.length}")
-        cache = DynamicCache(config=self.config)
+        cache = DynamicCache(config=model.config)
         for i, ((k, v), (leaf_k, leaf_v)) in enumerate(zip(self.kv, self.leaves, strict=True)):
             cache.update(leaf_k.to(k.dtype), leaf_v.to(v.dtype), i)
         cache.batch_repeat_interleave(batch.ids.shape[0])
