@@ -50,6 +50,7 @@ import torch
 from rollout import commit_label, peak_matmul_flops  # bench/ is on the path when a bench script runs
 
 from parlay.agents.machine import peak_rss_gb
+from parlay.improve.sft import micro_batch_budget
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,7 +303,7 @@ def _report(args, cfg, examples, peak, results, full, load, load_after) -> str:
     n = torch.get_num_threads()
     threads, dtype = f"{n} thread{'s' if n != 1 else ''}", str(_dtype(args.dtype)).removeprefix("torch.")
     tokens = first["tokens"] / first["steps"] if results else None
-    cut = cfg.train.micro_batch_tokens
+    cut = micro_batch_budget(cfg.train.micro_batch_tokens, _dtype(args.dtype))
     text = [
         f"\n## train — {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, commit {commit_label()}",
         f"Machine: {cpu} ({platform.machine()}), {threads}, torch {torch.__version__}, "

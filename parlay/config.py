@@ -188,13 +188,13 @@ class TrainConfig(_Section):
     )
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
-    micro_batch_tokens: int | None = Field(
-        1024,
-        ge=16,
+    micro_batch_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] | None = Field(
+        "auto",
         description="At most this many padded positions (rows × the longest row) per micro-batch: a micro-batch "
         "of long examples is cut into smaller ones, which bounds the activations kept for the backward pass. "
         "The step's examples and gradient stay the same (accumulation is exact; with lora_dropout > 0, or a model "
-        "whose own dropout is on, other dropout masks are drawn). null: batch_size rows always.",
+        "whose own dropout is on, other dropout masks are drawn). auto: 1024 where the compute dtype is 16-bit, "
+        "512 in float32 (the same bytes of activations); null: batch_size rows always.",
     )
     max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")
     max_grad_norm: float | None = Field(

@@ -478,6 +478,28 @@ def test_micro_batches_cut_to_a_token_budget_keep_the_gradient_of_one_big_batch(
     assert_one_big_batch(path, tokenizer, examples, weights, cfg, rec, stats)
 
 
+def test_the_automatic_token_budget_keeps_the_same_activation_bytes_in_every_dtype(tiny_lm, tmp_path, monkeypatch):
+    """``micro_batch_tokens: auto`` (the default) is 1024 positions of two bytes each: 1024 in bf16 and
+    float16, 512 in float32, which is what a float32 training hands to ``batches.plan``; a number is
+    itself, null leaves micro-batches whole, and anything else is refused when the config is read."""
+    from pydantic import ValidationError
+
+    from parlay.improve import sft
+
+    assert TrainConfig().micro_batch_tokens == "auto"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert sft.micro_batch_budget("auto", dtype) == 1024 * 2 // torch.empty(0, dtype=dtype).element_size()
+    assert sft.micro_batch_budget(300, torch.float32) == 300 and sft.micro_batch_budget(None, torch.bfloat16) is None
+    for bad in ("big", 8, 1.5):
+        with pytest.raises(ValidationError, match="micro_batch_tokens"):
+            TrainConfig(micro_batch_tokens=bad)
+    budgets, real = [], sft.plan
+    monkeypatch.setattr(sft, "plan", lambda *a, **k: budgets.append(a[7]) or real(*a, **k))
+    _, _, path = tiny_lm
+    train(mixed_examples("uniform")[:4], str(path), tmp_path / "out", TrainConfig(dtype="float32", epochs=1), seed=0)
+    assert budgets == [512]
+
+
 def test_a_token_budget_cuts_each_micro_batch_into_even_pieces_and_leaves_the_steps_as_drawn():
     """``batches.plan`` with ``max_tokens``: the same steps (examples, order, own-token counts) as
     without it, each micro-batch cut into consecutive pieces that keep to the budget (a row longer

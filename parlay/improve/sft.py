@@ -57,8 +57,9 @@ accelerate, so ``accelerate launch -m parlay sft …`` runs this same code on se
 DeepSpeed/FSDP through an accelerate config); in a single process it runs on CPU or one GPU (the
 shared head is used in a single process only). LoRA (peft) by default, every weight with ``lora:
 false``. Where the dtype is bf16, the trainable weights stay float32 and the compute is bf16
-(``mixed_precision``). Memory is bounded by ``train.micro_batch_tokens``: a step's micro-batches
-of long examples are cut smaller, which leaves the step and its gradient as they were. All
+(``mixed_precision``). Memory is bounded by ``train.micro_batch_tokens`` (``micro_batch_budget``):
+a step's micro-batches of long examples are cut smaller, which leaves the step and its gradient as
+they were. All
 randomness (LoRA's initialisation, the order of examples) comes from ``seed``; the caller's global
 random state is left as it was.
 """
@@ -142,6 +143,7 @@ class _Run:
         # Where the dtype is bf16, trainable weights stay float32 and the compute is bf16
         # (``mixed_precision``): full fine-tuning's master weights, LoRA's adapter.
         self.bf16 = self.dtype == torch.bfloat16
+        self.micro_batch_tokens = micro_batch_budget(cfg.micro_batch_tokens, self.dtype)
         # Accumulation is done here (``_step``), so accelerate neither divides nor counts micro-batches.
         self.accelerator = Accelerator(cpu=device == "cpu")
         self.scheme = weights.scheme if weights is not None else "uniform"
@@ -172,7 +174,7 @@ class _Run:
         gen = torch.Generator().manual_seed(self.seed)
         nproc = acc.num_processes
         steps = plan(
-            rows, cfg.batch_size, cfg.grad_accum, micro_steps, nproc, acc.process_index, gen, cfg.micro_batch_tokens
+            rows, cfg.batch_size, cfg.grad_accum, micro_steps, nproc, acc.process_index, gen, self.micro_batch_tokens
         )
 
         # 4. The optimiser: AdamW, linear warm-up whose first step already moves ((s+1)/(w+1) of the peak).
@@ -327,6 +329,17 @@ class _Run:
 
 
 # --------------------------------------------------------------------------- the model
+
+
+def micro_batch_budget(setting: int | str | None, dtype: torch.dtype) -> int | None:
+    """The most padded positions per micro-batch that ``train.micro_batch_tokens`` allows.
+
+    ``auto``: 1024 positions where the compute dtype is 16-bit, so 512 in float32 — the activations a
+    micro-batch keeps for its backward pass take about the same bytes in both (the warm start of
+    ``configs/cpu-quickstart.yaml`` peaks at 2.7 GB in bf16 and 2.3 GB in float32 this way in
+    ``bench/train.py``; 3.2 GB in float32 at 1024). An int is itself; None: micro-batches are not cut.
+    """
+    return 2048 // dtype.itemsize if setting == "auto" else setting
 
 
 def _load_for_training(base: str, adapter: str | None, cfg: TrainConfig, dtype: torch.dtype):
