@@ -536,6 +536,44 @@ def test_a_token_budget_cuts_each_micro_batch_into_even_pieces_and_leaves_the_st
     assert all(len(b) == 4 for s in one for b in s.micro_batches)  # nothing to cut
 
 
+def test_grouped_query_attention_trains_without_repeated_keys_and_values_and_the_same_gradient(tiny_lm):
+    """``sft.grouped_query_sdpa`` on a grouped-query model (4 query heads over 2 key/value heads) with
+    padded rows: transformers' ``repeat_kv`` is not called, and the loss and every weight's gradient
+    are transformers' default path's (which repeats them); the switch is set back afterwards."""
+    import os
+
+    from transformers.integrations import sdpa_attention
+
+    from parlay.improve import sft
+
+    model, _, _ = tiny_lm
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21, 8, 2], [0, 0, 0, 11, 4, 6, 19, 2]])
+    mask = torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    repeats, real = [], sdpa_attention.repeat_kv
+    sdpa_attention.repeat_kv = lambda x, n: repeats.append(n) or real(x, n)
+    try:
+        before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+        ref_loss, ref = loss_and_grads()
+        assert repeats, "transformers' default path repeats keys and values under a padding mask"
+        repeats.clear()
+        with sft.grouped_query_sdpa("cpu"):
+            loss, grads = loss_and_grads()
+        assert not repeats and os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == before
+    finally:
+        sdpa_attention.repeat_kv = real
+        model.zero_grad()
+    torch.testing.assert_close(loss, ref_loss)
+    for name, grad in ref.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_bf16_lora_keeps_no_copy_of_the_adapted_layers_inputs_and_the_same_gradient(tiny_lm):
     """``sft.mixed_precision`` on a bf16 base with peft's float32 adapter. What autograd keeps for
     the backward pass of one forward, counted against the base model's own (the adapter disabled):
