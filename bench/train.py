@@ -118,7 +118,7 @@ def run_candidate(args, targets: bool, sort: bool, share: bool) -> dict:
             positions += batch.ids.numel() - (len(picked) - 1) * batch.shared
             targets_n += len(batch.targets)
             start = time.perf_counter()
-            with sft.mixed_precision(model, "cpu", dtype == torch.bfloat16):  # as the trainer computes
+            with sft.mixed_precision(model, "cpu", dtype == torch.bfloat16):  # the trainer's dtypes
                 if batch.shared:
                     keep = batch.keep if targets else torch.ones_like(batch.keep)
                     logits = shared_forward(model, batch.__class__(**{**vars(batch), "keep": keep}))

@@ -188,13 +188,13 @@ class TrainConfig(_Section):
     )
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(2, ge=1, description="Micro-batches per optimiser step.")
-    micro_batch_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] | None = Field(
+    micro_batch_tokens: Annotated[StrictInt, Field(ge=16)] | Literal["auto"] | None = Field(
         "auto",
         description="At most this many padded positions (rows × the longest row) per micro-batch: a micro-batch "
         "of long examples is cut into smaller ones, which bounds the activations kept for the backward pass. "
         "The step's examples and gradient stay the same (accumulation is exact; with lora_dropout > 0, or a model "
         "whose own dropout is on, other dropout masks are drawn). auto: 1024 where the compute dtype is 16-bit, "
-        "512 in float32 (the same bytes of activations); null: batch_size rows always.",
+        "512 in float32 (the same bytes of activations); null: batch_size rows always. A resumed run may change it.",
     )
     max_length: int = Field(1024, ge=16, description="Longer examples are cut to this many tokens.")
     max_grad_norm: float | None = Field(
@@ -219,6 +219,13 @@ class TrainConfig(_Section):
     accelerate_args: list[str] = Field(default_factory=list, description="Extra `accelerate launch` arguments.")
     openai_base_model: str | None = Field(None, description="Model id to fine-tune (backend: openai).")
     poll_seconds: float = Field(30.0, gt=0.0, description="How often to poll an OpenAI job.")
+
+    @field_validator("micro_batch_tokens", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if value is None or value == "auto" or (type(value) is int and value >= 16):
+            return value
+        raise ValueError(f"expected auto, null or a whole number of positions ≥ 16, not {value!r}")
 
 
 class WarmStartConfig(_Section):

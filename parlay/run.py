@@ -30,6 +30,7 @@ the optional per-partner and held-out figures of version 3.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,10 @@ from parlay.specs import RunSpec, model_spec, parse_spec
 
 RUN_SCHEMA_VERSION = 3
 
-RESUMABLE_CHANGES = {"rounds", "early_stop", "tracking"}
-"""Settings a resumed run may change; any other difference from the saved config is refused."""
+RESUMABLE_CHANGES = {"rounds", "early_stop", "tracking", "train.micro_batch_tokens"}
+"""Settings a resumed run may change (a section, or one key in it); any other difference from the
+saved config is refused. ``train.micro_batch_tokens`` cuts micro-batches, not steps: the gradient
+stays as it was, so a run short of memory can lower it and go on."""
 
 
 class RunDirError(ValueError):
@@ -395,7 +398,7 @@ class RunDir:
         are saved. Returns the config to go on with."""
         saved = self.load_config()
         differ = _differences(saved.model_dump(), cfg.model_dump())
-        blocked = sorted(d for d in differ if d.split(".")[0] not in RESUMABLE_CHANGES)
+        blocked = sorted(d for d in differ if not covered(d, RESUMABLE_CHANGES))
         if blocked:
             allowed = ", ".join(sorted(RESUMABLE_CHANGES))
             raise ConfigError(
@@ -405,6 +408,12 @@ class RunDir:
         if differ:
             write_lines_atomic(self.config_file, [cfg.to_yaml()])
         return cfg
+
+
+def covered(key: str, keys: Iterable[str]) -> bool:
+    """Whether the dotted config key ``key`` is one of ``keys`` or lies in a section among them."""
+    keys = set(keys)
+    return key in keys or key.split(".")[0] in keys
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any
 from parlay.config import RunConfig
 from parlay.errors import ConfigError
 from parlay.files import write_lines_atomic
-from parlay.run import RESUMABLE_CHANGES, RunDir, _differences
+from parlay.run import RESUMABLE_CHANGES, RunDir, _differences, covered
 
 SEED_PREFIX = "seed-"
 MANIFEST = "seeds.json"
@@ -88,9 +88,9 @@ def seed_config(cfg: RunConfig, seed: int) -> RunConfig:
 
 def shared_differences(a: dict[str, Any], b: dict[str, Any], also: frozenset[str] = frozenset()) -> list[str]:
     """The dotted keys in which two configs (``model_dump`` dicts) differ, leaving out ``SEED_OWN``
-    and the top-level keys in ``also``."""
+    and the keys (or sections) in ``also``."""
     skip = SEED_OWN | also
-    return [d for d in _differences(a, b) if d.split(".")[0] not in skip]
+    return [d for d in _differences(a, b) if not covered(d, skip)]
 
 
 @dataclass(frozen=True)

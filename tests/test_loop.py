@@ -161,7 +161,11 @@ def test_resume_refuses_changed_settings_but_takes_more_rounds(parrot_lm, tmp_pa
         prepare_run(config(tmp_path, str(parrot_lm), rounds=0, rollout={"games": 5}), resume=True)
     with pytest.raises(ConfigError, match="no run here"):
         prepare_run(config(tmp_path / "elsewhere", str(parrot_lm)), resume=True)
-    history = Loop(prepare_run(config(tmp_path, str(parrot_lm), rounds=1), resume=True)).run()
+    with pytest.raises(ConfigError, match=r"in train\.lr;"):
+        prepare_run(config(tmp_path, str(parrot_lm), rounds=0, train={"lr": 5e-4}), resume=True)
+    # A lower micro-batch budget cuts micro-batches, not steps: a run short of memory goes on with it.
+    lowered = config(tmp_path, str(parrot_lm), rounds=1, train={"micro_batch_tokens": 64})
+    history = Loop(prepare_run(lowered, resume=True)).run()
     assert [r.round for r in history] == [0, 1]
 
 

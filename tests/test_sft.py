@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from transformers.utils.import_utils import is_torch_greater_or_equal
 
 from parlay.agents import load_agent
 from parlay.agents.hf_layer import TemplateError, assistant_mask, stop_ids
@@ -487,17 +488,18 @@ def test_the_automatic_token_budget_keeps_the_same_activation_bytes_in_every_dty
     from parlay.improve import sft
 
     assert TrainConfig().micro_batch_tokens == "auto"
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        assert sft.micro_batch_budget("auto", dtype) == 1024 * 2 // torch.empty(0, dtype=dtype).element_size()
+    budgets = {dtype: sft.micro_batch_budget("auto", dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32)}
+    assert budgets == {torch.bfloat16: 1024, torch.float16: 1024, torch.float32: 512}
     assert sft.micro_batch_budget(300, torch.float32) == 300 and sft.micro_batch_budget(None, torch.bfloat16) is None
-    for bad in ("big", 8, 1.5):
+    for bad in ("big", 8, 1.5, True):
         with pytest.raises(ValidationError, match="micro_batch_tokens"):
             TrainConfig(micro_batch_tokens=bad)
-    budgets, real = [], sft.plan
-    monkeypatch.setattr(sft, "plan", lambda *a, **k: budgets.append(a[7]) or real(*a, **k))
+    planned, real = [], sft.plan
+    monkeypatch.setattr(sft, "plan", lambda *a, **k: planned.append(a[7]) or real(*a, **k))
     _, _, path = tiny_lm
-    train(mixed_examples("uniform")[:4], str(path), tmp_path / "out", TrainConfig(dtype="float32", epochs=1), seed=0)
-    assert budgets == [512]
+    for i, cfg in enumerate([TrainConfig(dtype="float32"), TrainConfig(dtype="fp16", lora=False, lr=1e-4)]):
+        train(mixed_examples("uniform")[:4], str(path), tmp_path / f"out{i}", cfg, seed=0)
+    assert planned == [512, 512]  # full fine-tuning keeps float32 weights: its activations are float32
 
 
 def test_a_token_budget_cuts_each_micro_batch_into_even_pieces_and_leaves_the_steps_as_drawn():
@@ -536,17 +538,26 @@ def test_a_token_budget_cuts_each_micro_batch_into_even_pieces_and_leaves_the_st
     assert all(len(b) == 4 for s in one for b in s.micro_batches)  # nothing to cut
 
 
-def test_grouped_query_attention_trains_without_repeated_keys_and_values_and_the_same_gradient(tiny_lm):
+@pytest.mark.skipif(
+    not is_torch_greater_or_equal("2.13", accept_dev=True), reason="grouped_query_sdpa leaves older torch as it is"
+)
+def test_grouped_query_attention_trains_without_repeated_keys_and_values_and_the_same_gradient(
+    tiny_lm, tmp_path, monkeypatch
+):
     """``sft.grouped_query_sdpa`` on a grouped-query model (4 query heads over 2 key/value heads) with
-    padded rows: transformers' ``repeat_kv`` is not called, and the loss and every weight's gradient
-    are transformers' default path's (which repeats them); the switch is set back afterwards."""
+    padded rows: transformers' ``repeat_kv`` is not called, torch picks its flash kernel (not the
+    math one, which would make the copies itself), and the loss and every weight's gradient are
+    transformers' default path's (which repeats them); the switch is removed afterwards. The trainer
+    runs every step under it: no training forward repeats keys and values."""
     import os
 
+    from torch.nn.attention import SDPBackend
     from transformers.integrations import sdpa_attention
 
     from parlay.improve import sft
 
-    model, _, _ = tiny_lm
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    model, _, path = tiny_lm
     ids = torch.tensor([[5, 9, 14, 3, 7, 21, 8, 2], [0, 0, 0, 11, 4, 6, 19, 2]])
     mask = torch.tensor([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1]])
 
@@ -557,21 +568,24 @@ def test_grouped_query_attention_trains_without_repeated_keys_and_values_and_the
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     repeats, real = [], sdpa_attention.repeat_kv
-    sdpa_attention.repeat_kv = lambda x, n: repeats.append(n) or real(x, n)
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: repeats.append(torch.is_grad_enabled()) or real(x, n))
     try:
-        before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
         ref_loss, ref = loss_and_grads()
         assert repeats, "transformers' default path repeats keys and values under a padding mask"
         repeats.clear()
         with sft.grouped_query_sdpa("cpu"):
             loss, grads = loss_and_grads()
-        assert not repeats and os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA") == before
+        assert not repeats and "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
     finally:
-        sdpa_attention.repeat_kv = real
         model.zero_grad()
     torch.testing.assert_close(loss, ref_loss)
     for name, grad in ref.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    q, kv = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8)
+    assert torch._fused_sdp_choice(q, kv, kv, causal, 0.0, False, enable_gqa=True) == SDPBackend.FLASH_ATTENTION.value
+    train(mixed_examples("uniform")[:4], str(path), tmp_path / "out", step_config(True, 2, 2), seed=0)
+    assert True not in repeats  # (the trainer's scoring passes, without gradients, may repeat them)
 
 
 def test_bf16_lora_keeps_no_copy_of_the_adapted_layers_inputs_and_the_same_gradient(tiny_lm):

@@ -143,7 +143,10 @@ class _Run:
         # Where the dtype is bf16, trainable weights stay float32 and the compute is bf16
         # (``mixed_precision``): full fine-tuning's master weights, LoRA's adapter.
         self.bf16 = self.dtype == torch.bfloat16
-        self.micro_batch_tokens = micro_batch_budget(cfg.micro_batch_tokens, self.dtype)
+        # The dtype the activations are in: full fine-tuning without autocast computes in its float32
+        # weights' dtype.
+        compute = self.dtype if self.bf16 or cfg.lora else torch.float32
+        self.micro_batch_tokens = micro_batch_budget(cfg.micro_batch_tokens, compute)
         # Accumulation is done here (``_step``), so accelerate neither divides nor counts micro-batches.
         self.accelerator = Accelerator(cpu=device == "cpu")
         self.scheme = weights.scheme if weights is not None else "uniform"
@@ -332,7 +335,8 @@ class _Run:
 
 
 def micro_batch_budget(setting: int | str | None, dtype: torch.dtype) -> int | None:
-    """The most padded positions per micro-batch that ``train.micro_batch_tokens`` allows.
+    """The most padded positions per micro-batch that ``train.micro_batch_tokens`` allows, for
+    activations in ``dtype`` (the compute dtype: bf16 under autocast, else the trained weights').
 
     ``auto``: 1024 positions where the compute dtype is 16-bit, so 512 in float32 — the activations a
     micro-batch keeps for its backward pass take about the same bytes in both (the warm start of
@@ -393,31 +397,29 @@ def grouped_query_sdpa(device_type: str):
     """On CPU, transformers' SDPA attention attends to grouped-query keys and values as they are
     (``enable_gqa``) instead of repeating them to every query head, as it otherwise does whenever a
     padding mask is given; a training forward then keeps no repeated copies for its backward pass
-    (the quickstart's float32 warm start: peak 3.20 → 3.04 GB, 155 → 150 s, bench/RESULTS.md).
+    (the quickstart's float32 warm start cut at 1024 positions: peak 3.20 → 3.04 GB, 155 → 150 s,
+    docs/RESULTS.md).
 
     torch's CPU flash kernel takes a mask with grouped heads (checked with torch 2.13, so older
     versions are left as they are); with a mask, CUDA's kernels would fall back to the math kernel,
     so on other devices nothing changes. The switch is transformers' own,
-    ``TRANSFORMERS_SDPA_FORCE_GQA``, read at every attention call: it is set for the context and set
-    back after it (the environment is the process's: CPU attention in another thread meanwhile takes
-    the same path, which computes the same)."""
+    ``TRANSFORMERS_SDPA_FORCE_GQA``, read at every attention call: it is set for the context and
+    removed after it; a value the user set (``0`` turns this off) is left as it is. The environment
+    is the process's: CPU attention in another thread meanwhile takes the same path, which computes
+    the same up to rounding."""
     import os
 
     from transformers.utils.import_utils import is_torch_greater_or_equal
 
-    if device_type != "cpu" or not is_torch_greater_or_equal("2.13"):
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if device_type != "cpu" or not is_torch_greater_or_equal("2.13", accept_dev=True) or name in os.environ:
         yield
         return
-    name = "TRANSFORMERS_SDPA_FORCE_GQA"
-    before = os.environ.get(name)
     os.environ[name] = "1"
     try:
         yield
     finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
+        os.environ.pop(name, None)
 
 
 def _can_share_heads(model) -> bool:
