@@ -855,13 +855,22 @@ def report(
 @user_errors
 def doctor(
     seconds: Annotated[float, typer.Option(min=0.5, help="How long to measure the matmul rate.")] = 10.0,
+    dtype_name: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="The dtype to measure and estimate for: auto (what runs pick), float32 (e.g. the AVX2 class's "
+            "path on a bf16 machine), bf16.",
+        ),
+    ] = "auto",
 ) -> None:
     """What this machine computes with (CPU class, native bf16, the dtype `auto` picks, threads),
     its measured matmul rate, and the README main job's expected time here."""
+    from parlay.agents.hf_layer import pick_dtype
     from parlay.agents.machine import QUICKSTART, calibrate, describe, expected_minutes
 
     machine = describe()
-    dtype = machine.auto_dtype
+    dtype = machine.auto_dtype if dtype_name == "auto" else pick_dtype(dtype_name, "cuda" if machine.gpu else "cpu")
     console.print(machine.summary(), highlight=False)
     if not machine.gpu and not machine.native_bf16:
         console.print("bf16 would be emulated on this CPU (slow): runs train and play in float32", highlight=False)

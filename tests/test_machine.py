@@ -81,3 +81,18 @@ def test_doctor_says_what_train_will_use_and_warns_of_crowded_threads():
         assert f"GFLOP/s {reference.dtype} ({reference.machine}, commit {reference.commit})" in said
     assert f"{cores + 2} threads on {cores} usable cores" in done.stderr.replace("\n", " ")
     assert f"OMP_NUM_THREADS={cores}" in done.stderr.replace("\n", " ")
+
+
+def test_doctor_measures_and_estimates_the_dtype_asked_for():
+    """``--dtype float32`` measures float32 and scales the float32 reference (the AVX2 class's path,
+    estimated on any CPU); a dtype it does not know is an error naming the choices."""
+    cmd = [sys.executable, "-m", "parlay", "doctor", "--seconds", "0.5", "--dtype", "float32"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    said = " ".join(done.stdout.split())
+    assert "GFLOP/s in float32" in said
+    if not describe().gpu:
+        ref = QUICKSTART["float32"]
+        assert f"GFLOP/s float32 ({ref.machine}, commit {ref.commit})" in said
+    bad = subprocess.run([*cmd[:-1], "float8"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown dtype 'float8'" in " ".join(bad.stderr.split())
