@@ -59,9 +59,9 @@ shared head is used in a single process only). LoRA (peft) by default, every wei
 false``. Where the dtype is bf16, the trainable weights stay float32 and the compute is bf16
 (``mixed_precision``). Memory is bounded by ``train.micro_batch_tokens`` (``micro_batch_budget``):
 a step's micro-batches of long examples are cut smaller, which leaves the step and its gradient as
-they were. All
-randomness (LoRA's initialisation, the order of examples) comes from ``seed``; the caller's global
-random state is left as it was.
+they were; on CPU, grouped-query attention runs without repeated keys and values
+(``grouped_query_sdpa``). All randomness (LoRA's initialisation, the order of examples) comes from
+``seed``; the caller's global random state is left as it was.
 """
 
 from __future__ import annotations
@@ -340,8 +340,9 @@ def micro_batch_budget(setting: int | str | None, dtype: torch.dtype) -> int | N
 
     ``auto``: 1024 positions where the compute dtype is 16-bit, so 512 in float32 — the activations a
     micro-batch keeps for its backward pass take about the same bytes in both (the warm start of
-    ``configs/cpu-quickstart.yaml`` peaks at 2.7 GB in bf16 and 2.3 GB in float32 this way in
-    ``bench/train.py``; 3.2 GB in float32 at 1024). An int is itself; None: micro-batches are not cut.
+    ``configs/cpu-quickstart.yaml`` peaks at 2.6 GB in bf16 and 2.3 GB in float32 this way in
+    ``bench/train.py``; 3.04 GB in float32 at 1024, docs/RESULTS.md). An int is itself; None:
+    micro-batches are not cut.
     """
     return 2048 // dtype.itemsize if setting == "auto" else setting
 
