@@ -37,21 +37,23 @@ class Reference:
 QUICKSTART = {
     ref.dtype: ref
     for ref in (
-        Reference(30.0, 136.0, "float32", "AMD EPYC, AVX2+FMA, 2 cores", "36521b7"),
-        Reference(12.9, 418.0, "bfloat16", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores", "8f94fe4"),
+        Reference(19.0, 177.0, "float32", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores, float32 forced", "b761cf2"),
+        Reference(12.5, 409.0, "bfloat16", "AMD EPYC, AVX-512+AVX512-BF16, 2 cores", "fe7570c"),
     )
 }
 """The README's main job as last measured end to end with nothing else running (docs/RESULTS.md),
 per dtype ``auto`` picks: a machine's time is scaled from the reference of its own dtype, since
 the job is not matmul-bound to the same degree in both (in bf16, play is half the job and its
-attention is not a matmul). float32: seed 2 of the three-seed run on an AVX2 machine, whose rate
-by ``parlay doctor`` was 130-141 GFLOP/s (three calibrations after the run, 2026-12-01; the median
-taken); that machine's rate drifts (one 3-step training measurement read 16.0-20.7 s/step within
-40 minutes, bench/RESULTS.md). It predates the decoder's shared-prefix attention (0371d23), which
-plays faster, and the trainer's changes of 8f94fe4, which train faster, so the float32 estimate
-errs long. bfloat16: seed 0 of ``parlay train`` on a machine with AVX512-BF16 (the install and the
-model's conversion not counted), 418 GFLOP/s by one calibration after the run, 2026-12-01. Read
-the estimate as rough."""
+attention is not a matmul). float32: seed 0 of ``parlay train`` with ``--set rollout.dtype=float32
+--set train.dtype=float32`` on a machine with AVX512-BF16 (the path an AVX2-only CPU runs, on the
+code of 2026-12-01 night), 177 GFLOP/s in float32 by ``parlay doctor --dtype float32`` (the median
+of three calibrations after the run: 171-180). The one float32 run on an AVX2 machine (30.0 min at
+130-141 GFLOP/s, commit 36521b7) predates the decoder's and trainer's later changes: scaled from
+it, this machine's estimate was 23 min against the 19.0 measured. So an AVX2 machine's estimate is
+scaled from another class's run: its non-matmul work may scale worse than its matmul rate.
+bfloat16: seed 0 of ``parlay train`` on the same machine (the install and the model's conversion
+not counted), 409 GFLOP/s (the median of three calibrations after the run: 387-413), the same
+night. Read the estimate as rough."""
 
 
 @dataclass(frozen=True)
