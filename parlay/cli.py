@@ -866,11 +866,17 @@ def doctor(
 ) -> None:
     """What this machine computes with (CPU class, native bf16, the dtype `auto` picks, threads),
     its measured matmul rate, and the README main job's expected time here."""
+    import torch
+
     from parlay.agents.hf_layer import pick_dtype
     from parlay.agents.machine import QUICKSTART, calibrate, describe, expected_minutes
 
     machine = describe()
     dtype = machine.auto_dtype if dtype_name == "auto" else pick_dtype(dtype_name, "cuda" if machine.gpu else "cpu")
+    if dtype == torch.float16 and not machine.gpu:  # emulated on CPUs: one calibration matmul takes a minute
+        raise typer.BadParameter(
+            "a CPU computes float16 by emulation: measure auto, float32 or bf16", param_hint="--dtype"
+        )
     console.print(machine.summary(), highlight=False)
     if not machine.gpu and not machine.native_bf16:
         console.print("bf16 would be emulated on this CPU (slow): runs train and play in float32", highlight=False)

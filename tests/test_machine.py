@@ -96,3 +96,6 @@ def test_doctor_measures_and_estimates_the_dtype_asked_for():
         assert f"GFLOP/s float32 ({ref.machine}, commit {ref.commit})" in said
     bad = subprocess.run([*cmd[:-1], "float8"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown dtype 'float8'" in " ".join(bad.stderr.split())
+    if not describe().gpu:
+        emulated = subprocess.run([*cmd[:-1], "fp16"], capture_output=True, text=True)
+        assert emulated.returncode != 0 and "float16 by emulation" in " ".join(emulated.stderr.split())
