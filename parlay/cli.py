@@ -872,7 +872,7 @@ def doctor(
     from parlay.agents.machine import QUICKSTART, calibrate, describe, expected_minutes
 
     machine = describe()
-    dtype = machine.auto_dtype if dtype_name == "auto" else pick_dtype(dtype_name, "cuda" if machine.gpu else "cpu")
+    dtype = pick_dtype(dtype_name, "cuda" if machine.gpu else "cpu")  # auto: machine.auto_dtype
     if dtype == torch.float16 and not machine.gpu:  # emulated on CPUs: one calibration matmul takes a minute
         raise typer.BadParameter(
             "a CPU computes float16 by emulation: measure auto, float32 or bf16", param_hint="--dtype"

@@ -70,6 +70,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -408,8 +409,6 @@ def grouped_query_sdpa(device_type: str):
     removed after it; a value the user set (``0`` turns this off) is left as it is. The environment
     is the process's: CPU attention in another thread meanwhile takes the same path, which computes
     the same up to rounding."""
-    import os
-
     from transformers.utils.import_utils import is_torch_greater_or_equal
 
     name = "TRANSFORMERS_SDPA_FORCE_GQA"
